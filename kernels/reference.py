@@ -1,0 +1,218 @@
+"""Pure-torch references for every kernel in this package.
+
+Each function here has the same signature as its Triton launcher (`kernels/<op>.py`), so tests call
+both on the same random inputs, and the CPU path of the model runs these directly. They are written
+for clarity, not speed: per-sequence loops, materialized scores, fp32 math.
+
+Shapes use these letters: T tokens in the batch, S sequences, H heads, E experts, K experts per token,
+L cached tokens of one sequence, D latent width (kv_lora_rank + rope dim, 576 on real models),
+C kv_lora_rank (512), R rope dim (64), N qk_nope dim (128), V v head dim (128).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# norm and rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., W), weight (W,): x / rms(x) * weight, computed in fp32, returned in x.dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates adjacent pairs (x[2i], x[2i+1]) by angle i, as GGUF deepseek2 lays rope dims out.
+
+    x (T, ..., R); cos, sin (T, R/2) for each token's position.
+    """
+    shape = x.shape
+    pairs = x.float().reshape(shape[0], -1, shape[-1] // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    return rotated.reshape(shape).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention: shared softmax/mask, then the two exact forms of MLA over a paged latent cache
+
+
+def gather_latent(kv_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached latent rows of one sequence: (L, D), read through its block table."""
+    block_size = kv_cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = kv_cache[block_table_row[:num_blocks].long()]  # (nb, block_size, D)
+    return blocks.reshape(-1, kv_cache.shape[-1])[:length]
+
+
+def causal_attend(
+    scores: torch.Tensor, values: torch.Tensor, query_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax and weighted sum, shared by the naive and absorbed forms.
+
+    scores (H, Tq, L), already multiplied by the softmax scale; values (H or 1, L, Dv);
+    query_positions (Tq,): absolute position of each query; key j is visible iff j <= position.
+    Returns out (H, Tq, Dv) and the log-sum-exp (H, Tq), both fp32.
+    """
+    key_index = torch.arange(scores.shape[-1], device=scores.device)
+    hidden = key_index[None, :] > query_positions[:, None]  # (Tq, L)
+    scores = scores.float().masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return probs @ values.float(), lse
+
+
+def _sequence_spans(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
+    """Yields (query slice, total length, position of the first new token) for each sequence."""
+    for s in range(seq_lens.shape[0]):
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        total = int(seq_lens[s])
+        yield s, slice(start, end), total, total - (end - start)
+
+
+def mla_decode(
+    q: torch.Tensor,  # (T, H, D) absorbed queries: W_UK^T q_nope (C) then roped q_pe (R)
+    kv_cache: torch.Tensor,  # (num_blocks, block_size, D) latent cache, new tokens already written
+    block_table: torch.Tensor,  # (S, max_blocks) int32
+    seq_lens: torch.Tensor,  # (S,) int32: cached + new tokens per sequence
+    query_start_loc: torch.Tensor,  # (S+1,) int32: sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]
+    softmax_scale: float,
+    kv_lora_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA: MQA with K = latent row (D wide) and V = its first C values, shared by all heads.
+
+    Returns out (T, H, C) in q.dtype and lse (T, H) fp32. Queries of a sequence are its last new tokens,
+    causal among themselves.
+    """
+    T, H, _ = q.shape
+    out = torch.zeros(T, H, kv_lora_rank, dtype=torch.float32, device=q.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    for s, rows, total, first_new in _sequence_spans(seq_lens, query_start_loc):
+        if rows.stop == rows.start:
+            continue
+        latent = gather_latent(kv_cache, block_table[s], total).float()  # (L, D)
+        positions = torch.arange(first_new, total, device=q.device)
+        scores = torch.einsum("thd,ld->htl", q[rows].float(), latent) * softmax_scale
+        o, l = causal_attend(scores, latent[None, :, :kv_lora_rank], positions)
+        out[rows] = o.transpose(0, 1)
+        lse[rows] = l.transpose(0, 1)
+    return out.to(q.dtype), lse
+
+
+def mla_prefill(
+    q: torch.Tensor,  # (T, H, N + R): q_nope then roped q_pe
+    kv_cache: torch.Tensor,  # (num_blocks, block_size, C + R), new tokens already written
+    block_table: torch.Tensor,  # (S, max_blocks) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    query_start_loc: torch.Tensor,  # (S+1,) int32
+    w_uk: torch.Tensor,  # (H, N, C): k_nope_h = w_uk[h] @ c_kv
+    w_uv: torch.Tensor,  # (H, V, C): v_h = w_uv[h] @ c_kv
+    softmax_scale: float,
+    head_steps: list[tuple[int, int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decompressed ("naive", FlashMLA-2) MLA: K_nope and V per head from the latent cache, then
+    ordinary causal attention with K head dim N + R and V head dim V.
+
+    head_steps (from kernels.amb) bounds the per-step intermediate; each head's math is the same
+    whatever the steps, so the output does not depend on them. Returns out (T, H, V) in q.dtype and
+    lse (T, H) fp32.
+    """
+    T, H, _ = q.shape
+    kv_lora_rank = w_uk.shape[-1]
+    nope = w_uk.shape[1]
+    out = torch.zeros(T, H, w_uv.shape[1], dtype=torch.float32, device=q.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    for s, rows, total, first_new in _sequence_spans(seq_lens, query_start_loc):
+        if rows.stop == rows.start:
+            continue
+        latent = gather_latent(kv_cache, block_table[s], total).float()
+        c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
+        positions = torch.arange(first_new, total, device=q.device)
+        for h0, h1 in head_steps or [(0, H)]:
+            k_nope = torch.einsum("lc,hnc->hln", c_kv, w_uk[h0:h1].float())
+            values = torch.einsum("lc,hvc->hlv", c_kv, w_uv[h0:h1].float())
+            qh = q[rows, h0:h1].float()
+            scores = torch.einsum("thn,hln->htl", qh[..., :nope], k_nope)
+            scores = (scores + torch.einsum("thr,lr->htl", qh[..., nope:], k_pe)) * softmax_scale
+            o, l = causal_attend(scores, values, positions)
+            out[rows, h0:h1] = o.transpose(0, 1)
+            lse[rows, h0:h1] = l.transpose(0, 1)
+    return out.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixture of experts
+
+
+def moe_routing(
+    router_logits: torch.Tensor,  # (T, E)
+    bias: torch.Tensor | None,  # (E,) selection-only bias (V3 exp_probs_b), or None
+    top_k: int,
+    gating: str,  # "softmax" (V2) or "sigmoid" (V3)
+    num_groups: int,  # expert groups; 1 = no group limit
+    topk_groups: int,  # groups kept when num_groups > 1
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek router: weights (T, K) fp32 and expert ids (T, K) int64.
+
+    Groups are scored by their best expert under softmax gating (V2 group_limited_greedy) and by the
+    sum of their two best biased scores under sigmoid gating (V3 noaux_tc), as the reference code does.
+    """
+    logits = router_logits.float()
+    if gating == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif gating == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"unknown gating function {gating!r}")
+    choice = scores if bias is None else scores + bias.float()
+    T, E = choice.shape
+    if num_groups > 1:
+        grouped = choice.view(T, num_groups, E // num_groups)
+        if gating == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        kept = group_scores.topk(topk_groups, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # (T, Hd)
+    w_gate_up: torch.Tensor,  # (E, 2I, Hd): rows [0, I) gate, [I, 2I) up
+    w_down: torch.Tensor,  # (E, Hd, I)
+    topk_weights: torch.Tensor,  # (T, K) fp32
+    topk_ids: torch.Tensor,  # (T, K)
+) -> torch.Tensor:
+    """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1."""
+    inter = w_down.shape[-1]
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    x = hidden.float()
+    for k in range(topk_ids.shape[1]):
+        slot = torch.zeros_like(out)
+        for e in topk_ids[:, k].unique().tolist():
+            rows = (topk_ids[:, k] == e).nonzero().squeeze(1)
+            gate_up = x[rows] @ w_gate_up[e].float().t()
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            slot[rows] = (act @ w_down[e].float().t()) * topk_weights[rows, k, None].float()
+        out += slot
+    return out.to(hidden.dtype)
+
+
+def dense_mlp(
+    hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU MLP: down(silu(gate x) * up x). hidden (T, Hd); w_gate, w_up (I, Hd); w_down (Hd, I)."""
+    return F.linear(F.silu(F.linear(hidden, w_gate)) * F.linear(hidden, w_up), w_down)
