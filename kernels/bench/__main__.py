@@ -1,0 +1,18 @@
+import importlib
+import sys
+
+SUITES = {"attention": "kernels.bench.attention", "moe": "kernels.bench.moe"}
+
+
+def main() -> None:
+    names = sys.argv[1:2] or list(SUITES)
+    for name in names:
+        if name not in SUITES:
+            sys.exit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    rest = sys.argv[2:]
+    for name in names:
+        importlib.import_module(SUITES[name]).main(rest)
+
+
+if __name__ == "__main__":
+    main()
