@@ -83,11 +83,15 @@ def mla_decode(
     query_start_loc: torch.Tensor,  # (S+1,) int32: sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]
     softmax_scale: float,
     kv_lora_rank: int,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_kv_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA: MQA with K = latent row (D wide) and V = its first C values, shared by all heads.
 
     Returns out (T, H, C) in q.dtype and lse (T, H) fp32. Queries of a sequence are its last new tokens,
-    causal among themselves.
+    causal among themselves. max_query_len, max_seq_len and num_kv_splits are launch hints of the Triton
+    kernel (kernels/mla_decode.py); they do not change the result and are ignored here.
     """
     T, H, _ = q.shape
     out = torch.zeros(T, H, kv_lora_rank, dtype=torch.float32, device=q.device)

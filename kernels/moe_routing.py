@@ -1,0 +1,335 @@
+"""DeepSeek MoE routing, and the deterministic ordering of (token, slot) rows that the grouped GEMMs read.
+
+Routing (`moe_routing`, one kernel). One program scores BLOCK_T tokens; a row of the tile holds all E
+experts of one token, padded to BLOCK_E (a power of two) with -inf.
+  - scores: softmax over experts (V2) or sigmoid (V3), fp32;
+  - choice = scores + bias (V3 `exp_probs_b`; the bias picks experts, it never weighs them);
+  - groups (num_groups > 1): a group's score is its best choice (softmax, V2 group_limited_greedy) or
+    the sum of its two best (sigmoid, V3 noaux_tc); the topk_groups best groups stay, the rest go to -inf;
+  - top-k: K rounds of "take the maximum, lowest expert index on ties, knock it out". Ids come out in
+    descending choice order; weights are the unbiased scores of those experts, renormalised over the K
+    slots when asked, times `scale`.
+
+Ordering (`moe_align`, three kernels, no atomics). Rows are numbered r = t*K + k (token t, slot k),
+R = T*K of them. Every output below is a pure function of topk_ids, so the same ids give the same bits.
+  1. `_count_chunk_kernel`, one program per CHUNK rows: chunk_counts (num_chunks, E) int32, rows of each
+     expert in each chunk (a one-hot sum, no atomics).
+  2. `_scan_kernel`, one program: walks the chunks in order, giving chunk_offsets (num_chunks, E) int32
+     (rows of expert e in earlier chunks), expert_counts (E,) int32, each expert's run padded up to a
+     multiple of BLOCK_M, expert_start (E,) int32 (exclusive prefix sum of padded runs), and
+     tile_expert (max_tiles,) int32: the expert of each BLOCK_M tile, -1 for tiles past the last run.
+  3. `_scatter_kernel`, one program per chunk: row r of expert e goes to position
+     expert_start[e] + chunk_offsets[chunk, e] + (rows of e before r inside the chunk); so within an
+     expert rows keep increasing r (a stable sort by expert).
+  sorted_row_ids (max_tiles * BLOCK_M,) int32: row ids by expert; padding holds R (no such row).
+  max_tiles = cdiv(R, BLOCK_M) + min(E, R) bounds the used tiles for any routing, so every buffer size
+  depends on T, K, E and BLOCK_M alone (CUDA-graph friendly); unused tiles say -1 and their programs exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------------
+# routing
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # (T, E) any float dtype, row stride stride_logits
+    bias_ptr,  # (E,) fp32, read only when HAS_BIAS
+    weights_ptr,  # (T, K) fp32 out
+    ids_ptr,  # (T, K) int64 out
+    num_tokens,
+    num_experts,
+    stride_logits,
+    scale,
+    TOP_K: tl.constexpr,
+    USE_SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    token_ok = tokens < num_tokens
+    expert_ok = experts < num_experts
+    neg_inf = float("-inf")
+
+    logits = tl.load(
+        logits_ptr + tokens[:, None].to(tl.int64) * stride_logits + experts[None, :],
+        mask=token_ok[:, None] & expert_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    logits = tl.where(expert_ok[None, :], logits, neg_inf)  # (BLOCK_T, BLOCK_E)
+    if USE_SIGMOID:
+        scores = tl.sigmoid(logits)
+    else:
+        shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = shifted / tl.sum(shifted, axis=1)[:, None]
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + experts, mask=expert_ok, other=0.0)[None, :]
+    choice = tl.where(expert_ok[None, :], choice, neg_inf)
+
+    if NUM_GROUPS > 1:
+        group_of_expert = experts // (num_experts // NUM_GROUPS)  # (BLOCK_E,)
+        groups = tl.arange(0, BLOCK_G)
+        group_score = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_group = tl.where((group_of_expert == g)[None, :], choice, neg_inf)
+            best = tl.max(in_group, axis=1)
+            if USE_SIGMOID:
+                # Sum of the two best: knock out one copy of the best (lowest index), take the max again.
+                first = tl.min(tl.where(in_group == best[:, None], experts[None, :], BLOCK_E), axis=1)
+                second = tl.max(tl.where(experts[None, :] == first[:, None], neg_inf, in_group), axis=1)
+                best = best + second
+            group_score = tl.where(groups[None, :] == g, best[:, None], group_score)
+        keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
+        for _ in tl.static_range(TOPK_GROUPS):
+            best = tl.max(group_score, axis=1)
+            pick = tl.min(tl.where(group_score == best[:, None], groups[None, :], BLOCK_G), axis=1)
+            group_score = tl.where(groups[None, :] == pick[:, None], neg_inf, group_score)
+            keep = tl.where(group_of_expert[None, :] == pick[:, None], 1, keep)
+        choice = tl.where(keep != 0, choice, neg_inf)
+
+    slots = tl.arange(0, BLOCK_K)
+    top_weights = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    top_ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(choice, axis=1)
+        pick = tl.min(tl.where(choice == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        hit = experts[None, :] == pick[:, None]
+        weight = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        choice = tl.where(hit, neg_inf, choice)
+        top_weights = tl.where(slots[None, :] == k, weight[:, None], top_weights)
+        top_ids = tl.where(slots[None, :] == k, pick[:, None], top_ids)
+    if RENORMALIZE:
+        top_weights = top_weights / (tl.sum(top_weights, axis=1)[:, None] + 1e-20)
+    top_weights = top_weights * scale
+
+    out_offsets = tokens[:, None].to(tl.int64) * TOP_K + slots[None, :]
+    out_mask = token_ok[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out_offsets, top_weights, mask=out_mask)
+    tl.store(ids_ptr + out_offsets, top_ids.to(tl.int64), mask=out_mask)
+
+
+def moe_routing(
+    router_logits: torch.Tensor,  # (T, E)
+    bias: torch.Tensor | None,  # (E,) selection-only bias (V3 exp_probs_b), or None
+    top_k: int,
+    gating: str,  # "softmax" (V2) or "sigmoid" (V3)
+    num_groups: int,  # expert groups; 1 = no group limit
+    topk_groups: int,  # groups kept when num_groups > 1
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek router: weights (T, K) fp32 and expert ids (T, K) int64 (see the module header)."""
+    if gating not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown gating function {gating!r}")
+    assert router_logits.dim() == 2 and router_logits.stride(1) == 1, "router_logits must be (T, E), rows contiguous"
+    T, E = router_logits.shape
+    assert 1 <= top_k <= E, f"top_k {top_k} must be in [1, {E}]"
+    if num_groups > 1:
+        assert E % num_groups == 0, f"{E} experts do not split into {num_groups} groups"
+        assert 1 <= topk_groups <= num_groups
+        assert gating == "softmax" or E // num_groups >= 2, "sigmoid group scores need two experts a group"
+    if bias is not None:
+        assert bias.shape == (E,), f"bias {tuple(bias.shape)} must be ({E},)"
+        bias = bias.float().contiguous()
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
+    if T == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(E)
+    # Fewer tokens a program as E grows, to keep the (BLOCK_T, BLOCK_E) tile in registers.
+    block_t = max(1, min(16, 4096 // block_e, triton.next_power_of_2(T)))
+    _route_kernel[(triton.cdiv(T, block_t),)](
+        router_logits,
+        bias if bias is not None else weights,  # any pointer; never read without HAS_BIAS
+        weights,
+        ids,
+        T,
+        E,
+        router_logits.stride(0),
+        float(scale),
+        TOP_K=top_k,
+        USE_SIGMOID=gating == "sigmoid",
+        HAS_BIAS=bias is not None,
+        NUM_GROUPS=max(1, num_groups),
+        TOPK_GROUPS=topk_groups if num_groups > 1 else 1,
+        RENORMALIZE=bool(renormalize),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_G=triton.next_power_of_2(max(1, num_groups)),
+        BLOCK_K=triton.next_power_of_2(top_k),
+    )
+    return weights, ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# deterministic ordering by expert
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """Where each (token, slot) row sits in the expert-sorted, tile-padded order (module header)."""
+
+    sorted_row_ids: torch.Tensor  # (max_tiles * block_m,) int32; padding = num_rows
+    tile_expert: torch.Tensor  # (max_tiles,) int32; -1 = unused tile
+    expert_counts: torch.Tensor  # (E,) int32
+    num_rows: int  # R = T * K
+    block_m: int
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_expert.shape[0]
+
+
+def max_tiles_for(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the tiles any routing of num_rows rows over num_experts experts can fill."""
+    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
+@triton.jit
+def _count_chunk_kernel(
+    ids_ptr,  # (R,) expert of each row, any int dtype
+    chunk_counts_ptr,  # (num_chunks, E) int32 out
+    num_rows,
+    num_experts,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), tl.int32)
+    for sub in tl.range(0, CHUNK, SUB):
+        rows = chunk * CHUNK + sub + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + chunk * num_experts + experts, counts, mask=experts < num_experts)
+
+
+@triton.jit
+def _scan_kernel(
+    chunk_counts_ptr,  # (num_chunks, E) int32
+    chunk_offsets_ptr,  # (num_chunks, E) int32 out: rows of expert e in earlier chunks
+    expert_counts_ptr,  # (E,) int32 out
+    expert_start_ptr,  # (E,) int32 out: first sorted position of expert e
+    tile_expert_ptr,  # (max_tiles,) int32 out
+    num_chunks,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+):
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < num_experts
+    running = tl.zeros((BLOCK_E,), tl.int32)
+    for chunk in range(num_chunks):  # in order: this is what makes the sort stable
+        offsets = chunk * num_experts + experts
+        tl.store(chunk_offsets_ptr + offsets, running, mask=expert_ok)
+        running += tl.load(chunk_counts_ptr + offsets, mask=expert_ok, other=0)
+    tl.store(expert_counts_ptr + experts, running, mask=expert_ok)
+    padded = (running + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    expert_end = tl.cumsum(padded, axis=0)
+    tl.store(expert_start_ptr + experts, expert_end - padded, mask=expert_ok)
+    # Tile i starts at row i*BLOCK_M; its expert is the number of experts whose run ends at or before it.
+    ends = tl.where(expert_ok, expert_end, 2147483647)
+    for first in range(0, max_tiles, BLOCK_TILES):
+        tiles = first + tl.arange(0, BLOCK_TILES)
+        owner = tl.sum((ends[None, :] <= tiles[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(tile_expert_ptr + tiles, owner, mask=tiles < max_tiles)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr,  # (R,) expert of each row
+    chunk_offsets_ptr,  # (num_chunks, E) int32
+    expert_start_ptr,  # (E,) int32
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out, pre-filled with R
+    num_rows,
+    num_experts,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < num_experts
+    next_slot = tl.load(expert_start_ptr + experts, mask=expert_ok, other=0)
+    next_slot += tl.load(chunk_offsets_ptr + chunk * num_experts + experts, mask=expert_ok, other=0)
+    lane = tl.arange(0, SUB)
+    earlier = lane[None, :] < lane[:, None]  # (SUB, SUB): [j, i] is i before j
+    for sub in tl.range(0, CHUNK, SUB):
+        rows = chunk * CHUNK + sub + lane
+        row_ok = rows < num_rows
+        ids = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        one_hot = ids[:, None] == experts[None, :]  # (SUB, BLOCK_E)
+        base = tl.sum(tl.where(one_hot, next_slot[None, :], 0), axis=1)
+        rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+        tl.store(sorted_row_ids_ptr + base + rank, rows, mask=row_ok)
+        next_slot += tl.sum(one_hot.to(tl.int32), axis=0)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayout:
+    """Deterministic expert-sorted, tile-padded order of the rows of topk_ids (T, K); see the header."""
+    assert topk_ids.dim() == 2 and topk_ids.is_contiguous(), "topk_ids must be a contiguous (T, K)"
+    assert not topk_ids.dtype.is_floating_point
+    num_rows = topk_ids.numel()
+    device = topk_ids.device
+    max_tiles = max_tiles_for(num_rows, num_experts, block_m)
+    sorted_row_ids = torch.full((max_tiles * block_m,), num_rows, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    expert_counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    layout = MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m)
+    if num_rows == 0:
+        expert_counts.zero_()
+        return layout
+    block_e = triton.next_power_of_2(num_experts)
+    sub = 32 if block_e >= 128 else 64  # keeps the (SUB, BLOCK_E) one-hot small
+    chunk = max(sub, min(1024, triton.next_power_of_2(num_rows)))
+    num_chunks = triton.cdiv(num_rows, chunk)
+    chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
+    chunk_offsets = torch.empty_like(chunk_counts)
+    expert_start = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _count_chunk_kernel[(num_chunks,)](
+        topk_ids, chunk_counts, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e
+    )
+    _scan_kernel[(1,)](
+        chunk_counts,
+        chunk_offsets,
+        expert_counts,
+        expert_start,
+        tile_expert,
+        num_chunks,
+        num_experts,
+        max_tiles,
+        BLOCK_M=block_m,
+        BLOCK_E=block_e,
+        BLOCK_TILES=max(16, 4096 // block_e),
+    )
+    _scatter_kernel[(num_chunks,)](
+        topk_ids,
+        chunk_offsets,
+        expert_start,
+        sorted_row_ids,
+        num_rows,
+        num_experts,
+        CHUNK=chunk,
+        SUB=sub,
+        BLOCK_E=block_e,
+    )
+    return layout

@@ -1,0 +1,52 @@
+"""The control message of one micro-batch: what every stage needs to run its layers on it.
+
+Plain Python (lists, ints), so it is cheap to pickle through Ray and testable without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceChunk:
+    request_id: str
+    token_ids: list[int]  # the new tokens of this step (stage 0 embeds them)
+    num_cached: int  # tokens already in the KV cache: the first new token sits at this position
+    block_table: list[int]  # KV blocks of the sequence, covering num_cached + len(token_ids)
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_generated: int = 0  # tokens sampled so far (seeds the per-step generator)
+    score_targets: list[int] | None = None  # score(): the token that follows each new token (-1: none)
+    return_logits: bool = False  # full logits of every new token (tests, debugging)
+
+    @property
+    def num_new(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_cached + len(self.token_ids)
+
+
+@dataclass
+class MicroBatch:
+    batch_id: int
+    chunks: list[SequenceChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new for c in self.chunks)
+
+
+@dataclass
+class StepOutput:
+    """What the last stage returns: token ids for sampling chunks; log p(target) per new token for
+    scoring chunks; logits only when asked for."""
+
+    batch_id: int
+    sampled: dict[str, int]
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    logits: dict[str, object] = field(default_factory=dict)  # request id -> (num_new, vocab) array

@@ -1,0 +1,143 @@
+"""MLA attention of one layer over the paged latent cache, in both exact forms.
+
+- absorbed ("decode"): W_UK folded into the query, MQA over the 576-wide latent rows, W_UV applied to
+  the 512-wide result. Reads the small cache once for all heads: the choice for few new tokens.
+- naive ("prefill", decompressed, FlashMLA-2): K_nope and V per head from W_UK/W_UV times the cache,
+  then ordinary attention with head dims 192/128. Fewer FLOPs per (query, key) pair: the choice for
+  many new tokens. Its per-step intermediate is bounded by amb head steps.
+
+The naive form is the oracle of the absorbed one (tests compare them); both share the masked softmax
+in kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.amb import decompressed_kv_bytes_per_head, kq_bytes_per_head, plan_head_steps
+from kernels.reference import apply_rope_pairs, rms_norm
+from runtime.config import ModelConfig
+from workers import ops
+
+DEFAULT_DECODE_THRESHOLD = 128  # sequences with fewer new tokens take the absorbed path
+
+
+@dataclass
+class SequenceGroup:
+    """A subset of the micro-batch's sequences that takes one attention path."""
+
+    token_rows: torch.Tensor  # (Tg,) rows of the batch's tokens that belong to these sequences
+    block_table: torch.Tensor  # (Sg, max_blocks) int32
+    seq_lens: torch.Tensor  # (Sg,) int32
+    query_start_loc: torch.Tensor  # (Sg+1,) int32, into the group's own rows
+    max_seq_len: int
+    max_new_tokens: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Per micro-batch, built once by the stage and shared by all its layers."""
+
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64: flat cache row of each new token
+    cos: torch.Tensor  # (T, R/2)
+    sin: torch.Tensor  # (T, R/2)
+    absorbed: SequenceGroup | None
+    naive: SequenceGroup | None
+
+
+def build_group(
+    seq_indices: list[int],
+    num_new: list[int],
+    num_cached: list[int],
+    block_tables: list[list[int]],
+    row_starts: list[int],
+    device: torch.device,
+) -> SequenceGroup | None:
+    if not seq_indices:
+        return None
+    rows, starts, lens = [], [0], []
+    for s in seq_indices:
+        rows.extend(range(row_starts[s], row_starts[s] + num_new[s]))
+        starts.append(starts[-1] + num_new[s])
+        lens.append(num_cached[s] + num_new[s])
+    width = max(1, max(len(block_tables[s]) for s in seq_indices))
+    table = torch.zeros(len(seq_indices), width, dtype=torch.int32)
+    for i, s in enumerate(seq_indices):
+        table[i, : len(block_tables[s])] = torch.tensor(block_tables[s], dtype=torch.int32)
+    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)
+    return SequenceGroup(
+        token_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        block_table=table.to(device),
+        seq_lens=as_int32(lens),
+        query_start_loc=as_int32(starts),
+        max_seq_len=max(lens),
+        max_new_tokens=max(num_new[s] for s in seq_indices),
+    )
+
+
+class MLAAttention:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], amb_mib: float = 0.0):
+        self.cfg = cfg
+        self.amb_mib = amb_mib
+        self.wq = weights.get("attn.wq")
+        self.wq_a = weights.get("attn.wq_a")
+        self.q_norm = weights.get("attn.q_norm")
+        self.wq_b = weights.get("attn.wq_b")
+        self.wkv_a = weights["attn.wkv_a"]
+        self.kv_norm = weights["attn.kv_norm"]
+        self.w_uk = weights["attn.w_uk"]  # (H, N, C)
+        self.w_uv = weights["attn.w_uv"]  # (H, V, C)
+        self.wo = weights["attn.wo"]
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden); kv_cache (num_blocks, block_size, C + R), written in place for the new tokens."""
+        cfg = self.cfg
+        T, H = x.shape[0], cfg.num_heads
+        N, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        if self.wq is not None:
+            q = x @ self.wq.t()
+        else:
+            q = rms_norm(x @ self.wq_a.t(), self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
+        q = q.view(T, H, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :N], apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
+
+        latent = x @ self.wkv_a.t()
+        c_kv = rms_norm(latent[:, :C], self.kv_norm, cfg.rms_norm_eps)
+        k_pe = apply_rope_pairs(latent[:, None, C:], meta.cos, meta.sin)[:, 0]
+        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        flat_cache[meta.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+
+        out = x.new_empty(T, H, cfg.v_head_dim)
+        if meta.absorbed is not None:
+            group = meta.absorbed
+            rows = group.token_rows
+            q_latent = torch.einsum("thn,hnc->thc", q_nope[rows], self.w_uk)
+            q_absorbed = torch.cat((q_latent, q_pe[rows]), dim=-1).to(kv_cache.dtype)
+            out_latent, _ = ops.mla_decode(
+                q_absorbed, kv_cache, group.block_table, group.seq_lens, group.query_start_loc,
+                cfg.softmax_scale, C,
+            )
+            out[rows] = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), self.w_uv)
+        if meta.naive is not None:
+            group = meta.naive
+            rows = group.token_rows
+            q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
+            steps = plan_head_steps(H, self._bytes_per_head(group, x.device), self.amb_mib)
+            out[rows], _ = ops.mla_prefill(
+                q_full, kv_cache, group.block_table, group.seq_lens, group.query_start_loc,
+                self.w_uk, self.w_uv, cfg.softmax_scale, head_steps=steps,
+            )
+        return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
+
+    def _bytes_per_head(self, group: SequenceGroup, device: torch.device) -> int:
+        """The per-head intermediate of the path that will run: K*Q scores on the reference path,
+        the decompressed K/V on the fused one."""
+        cfg = self.cfg
+        if ops.uses_reference(device):
+            return kq_bytes_per_head(group.max_seq_len, group.max_new_tokens, 4)
+        return decompressed_kv_bytes_per_head(
+            group.max_seq_len, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_rope_head_dim, 2
+        )

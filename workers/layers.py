@@ -1,0 +1,110 @@
+"""DeepSeek layer math: decoder layer (MLA attention + dense MLP or MoE), and a shard of layers.
+
+A shard is what one pipeline stage owns: a range of layers, plus the embedding on the first stage and
+the final norm and output projection on the last. `forward` returns hidden states; `compute_logits`
+is separate so that only the last stage computes logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import dense_mlp, rms_norm
+from runtime.config import ModelConfig
+from workers import ops
+from workers.attention import AttentionMetadata, MLAAttention
+
+
+class MoEBlock:
+    """Router -> routed experts (fused gate|up, SiLU*up, down, weighted sum) -> plus shared experts."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.router = weights["moe.router"]  # (E, hidden), kept fp32: routing decides discrete choices
+        self.router_bias = weights.get("moe.router_bias")  # (E,) V3 only
+        self.w_gate_up = torch.cat((weights["moe.w_gate"], weights["moe.w_up"]), dim=1)  # (E, 2I, hidden)
+        self.w_down = weights["moe.w_down"]  # (E, hidden, I)
+        self.shared = [weights.get(f"shared.{n}") for n in ("w_gate", "w_up", "w_down")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        router_logits = x.float() @ self.router.t()
+        weights, ids = ops.moe_routing(
+            router_logits, self.router_bias, cfg.num_experts_per_token, cfg.gating,
+            cfg.num_expert_groups, cfg.num_expert_groups_used, cfg.expert_weights_norm,
+            cfg.expert_weights_scale,
+        )
+        out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        if self.shared[0] is not None:
+            out = out + dense_mlp(x, *self.shared)
+        return out
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, index: int, weights: dict[str, torch.Tensor], amb_mib: float):
+        self.cfg = cfg
+        self.index = index
+        self.attn_norm = weights["attn_norm"]
+        self.ffn_norm = weights["ffn_norm"]
+        self.attention = MLAAttention(cfg, weights, amb_mib)
+        if cfg.is_moe_layer(index):
+            self.moe: MoEBlock | None = MoEBlock(cfg, weights)
+        else:
+            self.moe = None
+            self.mlp = [weights[f"mlp.{n}"] for n in ("w_gate", "w_up", "w_down")]
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        x = x + self.attention.forward(rms_norm(x, self.attn_norm, eps), meta, kv_cache)
+        h = rms_norm(x, self.ffn_norm, eps)
+        return x + (self.moe.forward(h) if self.moe is not None else dense_mlp(h, *self.mlp))
+
+
+class ModelShard:
+    """Layers [first_layer, end_layer) of the model, with the embedding and/or the head if it has them."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        first_layer: int,
+        end_layer: int,
+        weights: dict[str, torch.Tensor],
+        amb_mib: float = 0.0,
+    ):
+        self.cfg = cfg
+        self.first_layer, self.end_layer = first_layer, end_layer
+        self.embed = weights.get("embed")
+        self.norm = weights.get("norm")
+        self.head = weights.get("head")
+        self.layers = []
+        for i in range(first_layer, end_layer):
+            prefix = f"layers.{i}."
+            own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            self.layers.append(DecoderLayer(cfg, i, own, amb_mib))
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.head is not None
+
+    def set_amb(self, amb_mib: float) -> None:
+        for layer in self.layers:
+            layer.attention.amb_mib = amb_mib
+
+    def forward(
+        self,
+        inputs: torch.Tensor,  # (T,) token ids on the first stage, else (T, hidden) from the previous stage
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # (num_layers_here, num_blocks, block_size, C + R)
+    ) -> torch.Tensor:
+        x = self.embed[inputs] if self.is_first else inputs
+        for local, layer in enumerate(self.layers):
+            x = layer.forward(x, meta, kv_cache[local])
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T, hidden) -> (T, vocab) fp32."""
+        return (rms_norm(hidden, self.norm, self.cfg.rms_norm_eps) @ self.head.t()).float()

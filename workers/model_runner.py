@@ -1,0 +1,147 @@
+"""One device's share of the model: its weights, its latent cache, and one micro-batch step.
+
+The pipeline's stage actor wraps this; the in-process engine uses it directly. It turns the driver's
+plain control message (MicroBatch) into tensors once per step, runs the shard's layers, and on the
+last stage turns hidden states into sampled tokens (or scores, or logits when asked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.norm_rope import rope_cos_sin, yarn_inv_freq
+from runtime.config import ModelConfig
+from runtime.gguf_model import GGUFModel
+from runtime.microbatch import MicroBatch, StepOutput
+from workers.attention import DEFAULT_DECODE_THRESHOLD, AttentionMetadata, build_group
+from workers.kv_cache import allocate_latent_cache, slot_mapping
+from workers.layers import ModelShard
+from workers.sampler import sample_token
+
+ATTENTION_MODES = ("auto", "absorbed", "naive")
+FP32_WEIGHTS = ("moe.router", "moe.router_bias")  # routing is a discrete choice: keep it exact
+
+
+def load_shard_weights(
+    model: GGUFModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Reads only this shard's tensors from the file (plus embedding / head where the shard has them)."""
+    cfg = model.config
+    weights: dict[str, torch.Tensor] = {}
+
+    def put(name: str, array) -> None:
+        keep_fp32 = any(name.endswith(n) for n in FP32_WEIGHTS) or array.ndim == 1
+        weights[name] = torch.from_numpy(array).to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+
+    if first_layer == 0:
+        put("embed", model.read("embed"))
+    for layer in range(first_layer, end_layer):
+        for name, array in model.read_layer(layer).items():
+            put(f"layers.{layer}.{name}", array)
+    if end_layer == cfg.num_layers:
+        put("norm", model.read("norm"))
+        put("head", model.read("head"))
+    return weights
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: GGUFModel,
+        first_layer: int,
+        end_layer: int,
+        num_kv_blocks: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        amb_mib: float = 0.0,
+        attention: str = "auto",
+        decode_threshold: int = DEFAULT_DECODE_THRESHOLD,
+    ):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.cfg: ModelConfig = model.config
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.block_size = block_size
+        self.attention_mode = attention
+        self.decode_threshold = decode_threshold
+        weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype)
+        self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib)
+        cfg = self.cfg
+        self.kv_cache = allocate_latent_cache(
+            end_layer - first_layer, num_kv_blocks, block_size, cfg.latent_dim, self.dtype, self.device
+        )
+        self.inv_freq = yarn_inv_freq(
+            cfg.qk_rope_head_dim, cfg.rope_freq_base, cfg.rope_scaling_factor, cfg.rope_original_context,
+            cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+        ).to(self.device)
+
+    # per micro-batch ----------------------------------------------------------------------------
+    def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
+        chunks = batch.chunks
+        positions, slots, row_starts = [], [], []
+        for c in chunks:
+            row_starts.append(len(positions))
+            positions.extend(range(c.num_cached, c.seq_len))
+            slots.extend(slot_mapping(c.block_table, c.num_cached, c.num_new, self.block_size))
+        absorbed, naive = [], []
+        for i, c in enumerate(chunks):
+            takes_absorbed = self.attention_mode == "absorbed" or (
+                self.attention_mode == "auto" and c.num_new < self.decode_threshold
+            )
+            (absorbed if takes_absorbed else naive).append(i)
+        args = (
+            [c.num_new for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks],
+            row_starts, self.device,
+        )
+        position_tensor = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        cos, sin = rope_cos_sin(position_tensor, self.inv_freq)
+        return AttentionMetadata(
+            positions=position_tensor,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            cos=cos,
+            sin=sin,
+            absorbed=build_group(absorbed, *args),
+            naive=build_group(naive, *args),
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: MicroBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs this shard on the batch. The first stage embeds the batch's token ids; later stages take
+        the previous stage's hidden states (T, hidden)."""
+        meta = self.build_metadata(batch)
+        if self.shard.is_first:
+            inputs = torch.tensor(
+                [t for c in batch.chunks for t in c.token_ids], dtype=torch.int64, device=self.device
+            )
+        else:
+            inputs = hidden_in.to(self.device, self.dtype)
+        return self.shard.forward(inputs, meta, self.kv_cache)
+
+    @torch.inference_mode()
+    def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
+        """Last stage: logits only where needed, then sampled tokens / scores / logits."""
+        out = StepOutput(batch_id=batch.batch_id, sampled={})
+        row = 0
+        for c in batch.chunks:
+            rows = slice(row, row + c.num_new)
+            row += c.num_new
+            if c.score_targets is not None or c.return_logits:
+                logits = self.shard.compute_logits(hidden[rows])
+                if c.return_logits:
+                    out.logits[c.request_id] = logits.cpu().numpy()
+                if c.score_targets is not None:
+                    out.scores[c.request_id] = score_targets(logits, c.score_targets)
+                last = logits[-1]
+            elif c.sample:
+                last = self.shard.compute_logits(hidden[rows.stop - 1 : rows.stop])[0]
+            if c.sample:
+                out.sampled[c.request_id] = sample_token(last, c.sampling, c.num_generated)
+        return out
+
+
+def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:
+    """log p(target_i) under row i of logits; targets of -1 (no following token) are skipped."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [float(logprobs[i, t]) for i, t in enumerate(targets) if t >= 0]

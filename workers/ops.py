@@ -1,0 +1,63 @@
+"""Which implementation runs each kernel: the Triton launcher on a GPU, the torch reference elsewhere.
+
+The two have the same signatures (kernels/reference.py mirrors kernels/<op>.py), so the model code
+calls these names and never branches on the device itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import torch
+
+from kernels import reference
+
+# kernel name -> module holding its Triton launcher of the same name
+TRITON_MODULES = {
+    "mla_decode": "kernels.mla_decode",
+    "mla_prefill": "kernels.mla_prefill",
+    "moe_routing": "kernels.moe_routing",
+    "fused_moe": "kernels.fused_moe",
+}
+
+
+def uses_reference(device: torch.device) -> bool:
+    """CPU tensors, or MLAPIPE_REFERENCE_KERNELS=1 (debugging on a GPU), take the torch references."""
+    return device.type != "cuda" or os.environ.get("MLAPIPE_REFERENCE_KERNELS") == "1"
+
+
+def _triton_impl(name: str):
+    try:  # importlib caches modules, so this is a dictionary lookup after the first call
+        module = importlib.import_module(TRITON_MODULES[name])
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def _pick(name: str, device: torch.device):
+    if not uses_reference(device):
+        impl = _triton_impl(name)
+        if impl is not None:
+            return impl
+    return getattr(reference, name)
+
+
+def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank):
+    impl = _pick("mla_decode", q.device)
+    return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank)
+
+
+def mla_prefill(q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=None):
+    impl = _pick("mla_prefill", q.device)
+    return impl(
+        q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=head_steps
+    )
+
+
+def moe_routing(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale):
+    impl = _pick("moe_routing", router_logits.device)
+    return impl(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale)
+
+
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
+    return _pick("fused_moe", hidden.device)(hidden, w_gate_up, w_down, topk_weights, topk_ids)
