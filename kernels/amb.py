@@ -48,3 +48,33 @@ def plan_head_steps(num_heads: int, bytes_per_head: int, budget_mib: float) -> l
     while num_steps < num_heads and math.ceil(num_heads / num_steps) * bytes_per_head > budget:
         num_steps += 1
     return split_heads(num_heads, num_steps)
+
+
+def prefill_bytes_per_head(num_kv_tokens: int, qk_nope_dim: int, v_dim: int, element_size: int) -> int:
+    """What the Triton prefill (kernels/mla_prefill.py) holds per head in one step: K_nope and V over the
+    gathered context. The rope key is shared by all heads and read from the latent, so it is not counted
+    per head (the latent gather, (L, C + R), does not depend on the steps)."""
+    return decompressed_kv_bytes_per_head(num_kv_tokens, qk_nope_dim, v_dim, 0, element_size)
+
+
+def plan_prefill_head_steps(
+    num_heads: int, num_kv_tokens: int, qk_nope_dim: int, v_dim: int, element_size: int, budget_mib: float
+) -> list[tuple[int, int]]:
+    """Head steps for the decompressed prefill under budget_mib (0 = unlimited); num_kv_tokens is the sum
+    of the prefill sequences' lengths (cached prefix plus new tokens)."""
+    per_head = prefill_bytes_per_head(num_kv_tokens, qk_nope_dim, v_dim, element_size)
+    return plan_head_steps(num_heads, per_head, budget_mib)
+
+
+def plan_reference_head_steps(
+    num_heads: int, num_kv_tokens: int, num_new_tokens: int, budget_mib: float, element_size: int = 4
+) -> list[tuple[int, int]]:
+    """Head steps for the materialized path (reference: fp32 K*Q scores) under budget_mib (seed PR 237)."""
+    return plan_head_steps(
+        num_heads, kq_bytes_per_head(num_kv_tokens, num_new_tokens, element_size), budget_mib
+    )
+
+
+def step_bytes(head_steps: list[tuple[int, int]], bytes_per_head: int) -> list[int]:
+    """The intermediate each step holds: its head count times bytes_per_head."""
+    return [(end - start) * bytes_per_head for start, end in head_steps]

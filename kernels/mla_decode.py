@@ -23,11 +23,12 @@ models), P page (block) size.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.mla_prefill import pin_if_requested
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -38,7 +39,7 @@ MIN_KEYS_PER_SPLIT = 256
 def decode_configs() -> list[triton.Config]:
     """Autotune space, keyed on the static dims (heads, latent widths), never on batch or context.
 
-    MLAPIPE_AUTOTUNE=0 pins the first config (fast, deterministic CI)."""
+    MLAPIPE_AUTOTUNE=0 pins the first config that fits (fast, deterministic CI)."""
     configs = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -49,7 +50,7 @@ def decode_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ]
-    return configs[:1] if os.environ.get("MLAPIPE_AUTOTUNE", "1") == "0" else configs
+    return configs
 
 
 def _prune_for_heads(configs, named_args, **kwargs):
@@ -57,7 +58,7 @@ def _prune_for_heads(configs, named_args, **kwargs):
     (Depends on the head count only, which is in the autotune key.)"""
     widest = max(16, triton.next_power_of_2(named_args["num_heads"]))
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= widest]
-    return fitting or configs[:1]
+    return pin_if_requested(fitting or configs[:1])
 
 
 @triton.autotune(

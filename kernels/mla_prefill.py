@@ -31,31 +31,29 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _pinned(configs: list[triton.Config]) -> list[triton.Config]:
-    """MLAPIPE_AUTOTUNE=0 pins the first config (fast, deterministic CI)."""
+def pin_if_requested(configs: list[triton.Config]) -> list[triton.Config]:
+    """MLAPIPE_AUTOTUNE=0 pins the first config (fast, deterministic CI). Applied while pruning, since
+    Triton skips pruning when only one config is declared."""
     return configs[:1] if os.environ.get("MLAPIPE_AUTOTUNE", "1") == "0" else configs
 
 
 def decompress_configs() -> list[triton.Config]:
-    return _pinned(
-        [
-            triton.Config({"BLOCK_L": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_L": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_L": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
-        ]
-    )
+    """Autotune spaces are keyed on static dims only, so a head step's size never changes a config."""
+    return [
+        triton.Config({"BLOCK_L": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_L": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_L": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
+    ]
 
 
 def attention_configs() -> list[triton.Config]:
-    return _pinned(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        ]
-    )
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ]
 
 
 def _fit_reduction_block(configs, named_args, **kwargs):
@@ -65,7 +63,11 @@ def _fit_reduction_block(configs, named_args, **kwargs):
     for config in configs:
         block = dict(config.kwargs, BLOCK_K=min(config.kwargs["BLOCK_K"], width))
         fitted.append(triton.Config(block, num_warps=config.num_warps, num_stages=config.num_stages))
-    return fitted
+    return pin_if_requested(fitted)
+
+
+def _prune_attention(configs, named_args, **kwargs):
+    return pin_if_requested(configs)
 
 
 @triton.autotune(
@@ -151,7 +153,11 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=attention_configs(), key=["NOPE_DIM", "ROPE_DIM", "V_DIM"])
+@triton.autotune(
+    configs=attention_configs(),
+    key=["NOPE_DIM", "ROPE_DIM", "V_DIM"],
+    prune_configs_by={"early_config_prune": _prune_attention},
+)
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr,  # (T, H, N + R)
@@ -206,7 +212,9 @@ def _prefill_attention_kernel(
     q_rows = q_ptr + (q_start + i).to(tl.int64) * stride_qt + head * stride_qh
     q_nope = tl.load(q_rows[:, None] + n[None, :], mask=row_valid[:, None], other=0.0)
     q_pe = tl.load(q_rows[:, None] + NOPE_DIM + r[None, :], mask=row_valid[:, None], other=0.0)
-    k_nope_ptrs = k_nope_ptr + step_head.to(tl.int64) * stride_kh + (kv_start + key)[:, None] * stride_kl + n[None, :]
+    k_nope_ptrs = (
+        k_nope_ptr + step_head.to(tl.int64) * stride_kh + (kv_start + key)[:, None] * stride_kl + n[None, :]
+    )
     k_pe_ptrs = latent_ptr + (kv_start + key)[:, None] * stride_lat + KV_LORA_RANK + r[None, :]
     v_ptrs = v_ptr + step_head.to(tl.int64) * stride_vh + (kv_start + key)[:, None] * stride_vl + d[None, :]
 
@@ -281,7 +289,8 @@ def mla_prefill(
     rope_dim = qk_dim - nope_dim
     if kv_cache.dim() != 3 or kv_cache.shape[-1] != kv_lora_rank + rope_dim:
         raise ValueError(
-            f"kv_cache must be (num_blocks, block_size, {kv_lora_rank + rope_dim}), got {tuple(kv_cache.shape)}"
+            f"kv_cache must be (num_blocks, block_size, {kv_lora_rank + rope_dim}), "
+            f"got {tuple(kv_cache.shape)}"
         )
     if w_uk.shape[0] != H or w_uv.shape != (H, v_dim, kv_lora_rank):
         raise ValueError(f"w_uk {tuple(w_uk.shape)} / w_uv {tuple(w_uv.shape)} do not match {H} heads")
@@ -327,7 +336,7 @@ def mla_prefill(
         values = torch.empty(step_heads, num_rows, v_dim, dtype=q.dtype, device=q.device)
         for weight, target in ((w_uk, k_nope), (w_uv, values)):
 
-            def decompress_grid(meta_args):
+            def decompress_grid(meta_args, step_heads=step_heads):
                 return (triton.cdiv(num_rows, meta_args["BLOCK_L"]), step_heads)
 
             _decompress_kernel[decompress_grid](
@@ -336,7 +345,7 @@ def mla_prefill(
                 KV_LORA_RANK=kv_lora_rank, OUT_DIM=target.shape[-1],
             )  # fmt: skip
 
-        def attention_grid(meta_args):
+        def attention_grid(meta_args, step_heads=step_heads):
             return (len(active) * step_heads, triton.cdiv(max_q_len, meta_args["BLOCK_M"]))
 
         _prefill_attention_kernel[attention_grid](

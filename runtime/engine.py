@@ -1,0 +1,181 @@
+"""Engine: the public API. Tokenize, schedule, run micro-batches, collect tokens, finish requests.
+
+    with Engine("model.gguf") as engine:
+        results = engine.generate(["text", [1, 2, 3]], SamplingParams(max_tokens=32))
+        engine.score([1, 2, 3, 4])  # log p(t_i | t_<i) for i >= 1
+
+A prompt given as token ids is used exactly as given; text follows the file's add_bos.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from runtime.block_manager import BlockManager
+from runtime.gguf_model import GGUFModel
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import Request, Scheduler
+from runtime.tokenizer import GGUFTokenizer
+
+Prompt = str | Sequence[int]
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot run (too long for the context, empty, token ids outside the vocab)."""
+
+
+class RequestFailed(RuntimeError):
+    """A request ended with an error (a pipeline stage failed); the message names the cause."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class StreamEvent:
+    token_id: int
+    text: str  # the text this token adds
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        n_ctx: int | None = None,
+        ubatch: int = 512,
+        block_size: int = 64,
+        kv_blocks: int | None = None,
+        max_seqs_per_batch: int = 256,
+        device: str | None = None,
+        amb: float = 0.0,
+        attention: str = "auto",
+    ):
+        self.model = GGUFModel(model)
+        self.config = self.model.config
+        self.tokenizer = GGUFTokenizer(self.model.metadata)
+        self.n_ctx = min(n_ctx or 4096, self.config.context_length)
+        blocks_per_seq = -(-self.n_ctx // block_size)
+        self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
+        if self.blocks.num_blocks < blocks_per_seq:
+            raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
+        from workers.local_executor import LocalExecutor  # the driver never imports GPU code at module level
+
+        self.executor = LocalExecutor(
+            self.model, self.blocks.num_blocks, block_size,
+            device=device or _default_device(), amb_mib=amb, attention=attention,
+        )
+        self.scheduler = Scheduler(
+            self.blocks, ubatch, self.n_ctx, self.executor.num_groups, max_seqs_per_batch,
+            self.tokenizer.eos_token_id,
+        )
+        self._ids = itertools.count()
+
+    # requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False) -> str:
+        token_ids = self._prompt_ids(prompt)
+        request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
+        self.scheduler.add(request)
+        return request.request_id
+
+    def step(self) -> tuple[list[Request], list[Request]]:
+        """Runs what can run now; returns (requests that got a token, requests that finished)."""
+        while (batch := self.scheduler.schedule()) is not None:
+            self.executor.submit(batch)
+        advanced, finished = [], []
+        for output in self.executor.collect():
+            got, done = self.scheduler.update(output)
+            advanced += got
+            finished += done
+        return advanced, finished
+
+    # conveniences -------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.add_request(p, params) for p in prompts]
+        done: dict[str, Request] = {}
+        while len(done) < len(ids):
+            for request in self.step()[1]:
+                done[request.request_id] = request
+        return [self._output(done[i]) for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        request_id = self.add_request(prompt, params)
+        request, emitted, text = None, 0, ""
+        while request is None or not request.finished:
+            advanced, finished = self.step()
+            for r in advanced + finished:
+                if r.request_id == request_id:
+                    request = r
+            if request is None:
+                continue
+            _raise_if_failed(request)
+            for token in request.output_token_ids[emitted:]:
+                emitted += 1
+                full = self.tokenizer.decode(request.output_token_ids[:emitted])
+                if full.endswith("\ufffd") and not request.finished:
+                    full = text  # an incomplete UTF-8 sequence: wait for the bytes that complete it
+                yield StreamEvent(token, full[len(text) :])
+                text = full
+
+    def score(self, token_ids: Sequence[int]) -> list[float]:
+        """log p(t_i | t_<i) for i = 1..n-1 (perplexity is exp(-mean))."""
+        request_id = self.add_request(list(token_ids), score_only=True)
+        while True:
+            for request in self.step()[1]:
+                if request.request_id == request_id:
+                    _raise_if_failed(request)
+                    return request.scores
+
+    # lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.scheduler.abort_all("engine closed")
+        self.executor.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # helpers ------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not token_ids:
+            raise PromptError("empty prompt")
+        bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise PromptError(f"token ids {bad[:5]} outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(token_ids) >= self.n_ctx:
+            raise PromptError(
+                f"prompt is {len(token_ids)} tokens, longer than the context allows: n_ctx={self.n_ctx} "
+                f"(the model supports up to {self.config.context_length}; raise n_ctx or shorten the prompt)"
+            )
+        return token_ids
+
+    def _output(self, request: Request) -> RequestOutput:
+        _raise_if_failed(request)
+        return RequestOutput(
+            request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+            self.tokenizer.decode(request.output_token_ids), request.finish_reason,
+        )
+
+
+def _raise_if_failed(request: Request) -> None:
+    if request.finish_reason and request.finish_reason.startswith("error"):
+        raise RequestFailed(f"request {request.request_id} failed: {request.finish_reason[7:]}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

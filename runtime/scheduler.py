@@ -1,0 +1,231 @@
+"""Which tokens run next. Pure Python: no torch, no Ray.
+
+Requests wait, then run: their prompt in chunks of at most `ubatch` tokens per micro-batch, then one
+decode token per step. Up to `num_groups` micro-batches are in flight at once (one per pipeline stage,
+"pipeline copies"); a request belongs to at most one of them, because its next token needs the last.
+KV blocks are allocated as chunks are scheduled; when they run out, the most recently admitted
+request that is not in flight is preempted (its blocks freed, its tokens recomputed later).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.block_manager import BlockManager
+from runtime.microbatch import MicroBatch, SequenceChunk, StepOutput
+from runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    score_only: bool = False  # score(): run the prompt, return log p of each next token, sample nothing
+    output_token_ids: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose latent KV is in the cache
+    in_flight: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "scored" | "error: ..."
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        ubatch: int,
+        n_ctx: int,
+        num_groups: int = 1,
+        max_seqs_per_batch: int = 256,
+        eos_token_id: int | None = None,
+    ):
+        if ubatch < 1:
+            raise ValueError(f"ubatch must be at least 1, got {ubatch}")
+        self.blocks = block_manager
+        self.ubatch = ubatch
+        self.n_ctx = n_ctx
+        self.num_groups = num_groups
+        self.max_seqs_per_batch = max_seqs_per_batch
+        self.eos_token_id = eos_token_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.in_flight: dict[int, MicroBatch] = {}
+        self._batch_ids = itertools.count()
+        self._requests: dict[str, Request] = {}  # every unfinished request by id
+
+    # queue --------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_free_groups(self) -> int:
+        return self.num_groups - len(self.in_flight)
+
+    # scheduling ---------------------------------------------------------------------------------
+    def schedule(self) -> MicroBatch | None:
+        """The next micro-batch from requests not already in flight, or None if nothing can run."""
+        if self.num_free_groups <= 0:
+            return None
+        budget = self.ubatch
+        chunks: list[SequenceChunk] = []
+        # Decode tokens first (cheap, latency-bound), spread evenly over the free groups.
+        decodable = [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed == 1]
+        decode_cap = -(-len(decodable) // self.num_free_groups) if decodable else 0
+        for request in decodable[:decode_cap]:
+            if budget <= 0 or len(chunks) >= self.max_seqs_per_batch:
+                break
+            budget -= self._take(request, 1, chunks)
+        # Then prompt chunks of running requests, then newly admitted ones.
+        for request in [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed > 1]:
+            budget = self._add_prefill(request, budget, chunks)
+        while self.waiting and budget > 0 and len(chunks) < self.max_seqs_per_batch:
+            request = self.waiting[0]
+            size = min(budget, request.num_tokens - request.num_computed)
+            if not self.blocks.can_allocate(request.request_id, request.num_computed + size):
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            budget = self._add_prefill(request, budget, chunks)
+        if not chunks:
+            return None
+        batch = MicroBatch(next(self._batch_ids), chunks)
+        self.in_flight[batch.batch_id] = batch
+        return batch
+
+    def _add_prefill(self, request: Request, budget: int, chunks: list[SequenceChunk]) -> int:
+        if budget <= 0 or len(chunks) >= self.max_seqs_per_batch or request.in_flight:
+            return budget
+        return budget - self._take(request, min(budget, request.num_tokens - request.num_computed), chunks)
+
+    def _take(self, request: Request, size: int, chunks: list[SequenceChunk]) -> int:
+        """Puts `size` tokens of the request into the batch if their KV blocks can be had; returns the
+        tokens taken (0 or size). In flight from here on, so later passes and preemption skip it."""
+        if not self._reserve(request, request.num_computed + size):
+            return 0
+        chunks.append(self._chunk(request, size))
+        request.in_flight = True
+        return size
+
+    def _reserve(self, request: Request, num_tokens: int) -> bool:
+        """Allocates blocks for num_tokens, preempting newer idle requests if the cache is full."""
+        while not self.blocks.can_allocate(request.request_id, num_tokens):
+            victim = next((r for r in reversed(self.running) if not r.in_flight and r is not request), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        self.blocks.allocate(request.request_id, num_tokens)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free(request.request_id)
+        request.num_computed = 0
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+
+    def _chunk(self, request: Request, size: int) -> SequenceChunk:
+        start, end = request.num_computed, request.num_computed + size
+        tokens = request.all_token_ids
+        reaches_end = end == request.num_tokens
+        targets = None
+        if request.score_only:
+            targets = [tokens[i + 1] if i + 1 < len(tokens) else -1 for i in range(start, end)]
+        return SequenceChunk(
+            request_id=request.request_id,
+            token_ids=tokens[start:end],
+            num_cached=start,
+            block_table=self.blocks.table(request.request_id),
+            sample=reaches_end and not request.score_only,
+            sampling=request.sampling,
+            num_generated=len(request.output_token_ids),
+            score_targets=targets,
+        )
+
+    # results ------------------------------------------------------------------------------------
+    def update(self, output: StepOutput, now: float | None = None) -> tuple[list[Request], list[Request]]:
+        """Applies a finished micro-batch. Returns (requests that got a token, requests that finished)."""
+        now = time.monotonic() if now is None else now
+        batch = self.in_flight.pop(output.batch_id)
+        advanced, finished = [], []
+        for chunk in batch.chunks:
+            request = self._get(chunk.request_id)
+            request.in_flight = False
+            request.num_computed += chunk.num_new
+            request.scores.extend(output.scores.get(chunk.request_id, ()))
+            if request.score_only and request.num_computed == request.num_tokens:
+                request.finish_reason = "scored"
+            elif chunk.request_id in output.sampled:
+                self._append_token(request, output.sampled[chunk.request_id], now)
+                advanced.append(request)
+            if request.finished:
+                self._release(request)
+                finished.append(request)
+        return advanced, finished
+
+    def _append_token(self, request: Request, token: int, now: float) -> None:
+        request.output_token_ids.append(token)
+        request.first_token_time = request.first_token_time or now
+        request.last_token_time = now
+        params = request.sampling
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            request.finish_reason = "stop"
+        elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.n_ctx:
+            request.finish_reason = "length"
+
+    def fail_batch(self, batch_id: int, reason: str) -> list[Request]:
+        """A micro-batch was lost (a stage failed): its requests finish with the error."""
+        batch = self.in_flight.pop(batch_id)
+        failed = []
+        for chunk in batch.chunks:
+            request = self._get(chunk.request_id)
+            request.in_flight = False
+            request.finish_reason = f"error: {reason}"
+            self._release(request)
+            failed.append(request)
+        return failed
+
+    def abort_all(self, reason: str) -> list[Request]:
+        """Finishes every unfinished request with an error (engine shutdown or failure)."""
+        aborted = [r for batch_id in list(self.in_flight) for r in self.fail_batch(batch_id, reason)]
+        idle = [*self.running, *self.waiting]
+        aborted += idle
+        for request in idle:
+            request.finish_reason = f"error: {reason}"
+            self.blocks.free(request.request_id)
+        self._requests.clear()
+        self.running.clear()
+        self.waiting.clear()
+        return aborted
+
+    def _release(self, request: Request) -> None:
+        self.blocks.free(request.request_id)
+        self._requests.pop(request.request_id, None)
+        if request in self.running:
+            self.running.remove(request)
+
+    def _get(self, request_id: str) -> Request:
+        return self._requests[request_id]
