@@ -85,7 +85,8 @@ def choose_block_m(num_rows: int, num_experts: int, batch_invariant: bool) -> in
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [
-        triton.Config(dict(BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s) for n, k, w, s in pairs
+        triton.Config(dict(BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
+        for n, k, w, s in pairs
     ]
 
 
@@ -315,10 +316,14 @@ def fused_moe(
     )
     if tiles:
         meta = tiles.meta()
-        _gate_up_kernel[(num_tiles * triton.cdiv(inter, tiles.block_n),)](*gate_up_args, BLOCK_M=block_m, **meta)
+        _gate_up_kernel[(num_tiles * triton.cdiv(inter, tiles.block_n),)](
+            *gate_up_args, BLOCK_M=block_m, **meta
+        )
         _down_kernel[(num_tiles * triton.cdiv(H, tiles.block_n),)](*down_args, BLOCK_M=block_m, **meta)
     else:
-        _gate_up_autotuned[lambda m: (num_tiles * triton.cdiv(inter, m["BLOCK_N"]),)](*gate_up_args, BLOCK_M=block_m)
+        _gate_up_autotuned[lambda m: (num_tiles * triton.cdiv(inter, m["BLOCK_N"]),)](
+            *gate_up_args, BLOCK_M=block_m
+        )
         _down_autotuned[lambda m: (num_tiles * triton.cdiv(H, m["BLOCK_N"]),)](*down_args, BLOCK_M=block_m)
 
     block_h = min(1024, triton.next_power_of_2(H))
@@ -334,5 +339,7 @@ def selected_configs() -> dict[str, dict]:
     chosen = {}
     for name, tuner in (("gate_up", _gate_up_autotuned), ("down", _down_autotuned)):
         for key, config in tuner.cache.items():
-            chosen[f"{name}{key}"] = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            chosen[f"{name}{key}"] = dict(
+                config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            )
     return chosen

@@ -136,7 +136,9 @@ def moe_routing(
     """DeepSeek router: weights (T, K) fp32 and expert ids (T, K) int64 (see the module header)."""
     if gating not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown gating function {gating!r}")
-    assert router_logits.dim() == 2 and router_logits.stride(1) == 1, "router_logits must be (T, E), rows contiguous"
+    assert router_logits.dim() == 2 and router_logits.stride(1) == 1, (
+        "router_logits must be (T, E), rows contiguous"
+    )
     T, E = router_logits.shape
     assert 1 <= top_k <= E, f"top_k {top_k} must be in [1, {E}]"
     if num_groups > 1:

@@ -210,7 +210,9 @@ def test_fused_moe_matches_loop(T, H, I, E, K, dtype):
     assert out.dtype == dtype and out.shape == (T, H)
     assert relative_error(out, loop_fused_moe(hidden, w_gate_up, w_down, weights, ids)) < TOLERANCE[dtype]
     reference_out = reference.fused_moe(hidden.float(), w_gate_up.float(), w_down.float(), weights, ids)
-    torch.testing.assert_close(out.float(), reference_out, atol=TOLERANCE[dtype] * 20, rtol=TOLERANCE[dtype] * 20)
+    torch.testing.assert_close(
+        out.float(), reference_out, atol=TOLERANCE[dtype] * 20, rtol=TOLERANCE[dtype] * 20
+    )
 
 
 def test_fused_moe_all_tokens_to_one_expert_and_unused_experts():
@@ -238,7 +240,9 @@ def test_routing_then_experts_end_to_end():
     """The model's call sequence: V3-style routing feeding the fused experts."""
     T, H, I, E, K = 10, 32, 16, 16, 4
     hidden, w_gate_up, w_down = random_experts(T, H, I, E, torch.float32)
-    weights, ids = moe_routing(torch.randn(T, E, device=DEVICE), torch.randn(E, device=DEVICE), K, "sigmoid", 4, 2, True, 2.5)
+    weights, ids = moe_routing(
+        torch.randn(T, E, device=DEVICE), torch.randn(E, device=DEVICE), K, "sigmoid", 4, 2, True, 2.5
+    )
     out = fused_moe(hidden, w_gate_up, w_down, weights, ids)
     assert relative_error(out, loop_fused_moe(hidden, w_gate_up, w_down, weights, ids)) < 1e-5
 
