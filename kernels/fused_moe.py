@@ -92,7 +92,7 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 def gate_up_configs() -> list[triton.Config]:
     """GEMM 1 space (BLOCK_N, BLOCK_K, warps, stages); each program holds two B tiles (gate and up)."""
-    return _configs([(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4)])
+    return _configs([(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 64, 4, 4)])
 
 
 def down_configs() -> list[triton.Config]:

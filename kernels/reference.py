@@ -138,12 +138,16 @@ def mla_prefill(
         c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
         positions = torch.arange(first_new, total, device=q.device)
         for h0, h1 in head_steps or [(0, H)]:
-            k_nope = torch.einsum("lc,hnc->hln", c_kv, w_uk[h0:h1].float())
-            values = torch.einsum("lc,hvc->hlv", c_kv, w_uv[h0:h1].float())
-            qh = q[rows, h0:h1].float()
-            scores = torch.einsum("thn,hln->htl", qh[..., :nope], k_nope)
-            scores = (scores + torch.einsum("thr,lr->htl", qh[..., nope:], k_pe)) * softmax_scale
-            o, l = causal_attend(scores, values, positions)
+            # Explicit per-head batched products (never folded into one wide GEMM, whose blocking could
+            # depend on the step's head count), so the bits of a head do not depend on head_steps.
+            step = h1 - h0
+            c_kv_h = c_kv.expand(step, -1, -1)  # (h, L, C)
+            k_nope = torch.bmm(c_kv_h, w_uk[h0:h1].float().transpose(1, 2))  # (h, L, N)
+            values = torch.bmm(c_kv_h, w_uv[h0:h1].float().transpose(1, 2))  # (h, L, V)
+            qh = q[rows, h0:h1].float().transpose(0, 1)  # (h, Tq, N + R)
+            scores = torch.bmm(qh[..., :nope], k_nope.transpose(1, 2))
+            scores = scores + torch.bmm(qh[..., nope:], k_pe.t().expand(step, -1, -1))
+            o, l = causal_attend(scores * softmax_scale, values, positions)
             out[rows, h0:h1] = o.transpose(0, 1)
             lse[rows, h0:h1] = l.transpose(0, 1)
     return out.to(q.dtype), lse
