@@ -10,7 +10,9 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, streaming it")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
-    src.add_argument("--demo", action="store_true", help="a tiny random DeepSeek-V3-style model, built on first use")
+    src.add_argument(
+        "--demo", action="store_true", help="a tiny random DeepSeek-V3-style model, built on first use"
+    )
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--max-tokens", type=int, default=64)
     p.add_argument("--temp", type=float, default=0.0)
@@ -64,14 +66,18 @@ def cmd_inspect(args) -> int:
     print(f"parameters: {model.num_parameters:,}")
     for dtype, size in (("bf16/f16", 2), ("f32", 4)):
         per_token = cfg.latent_kv_bytes_per_token(size)
-        print(f"latent KV per token ({dtype}): {per_token:,} bytes "
-              f"({cfg.num_layers} layers x {cfg.latent_dim} x {size}); "
-              f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB")
+        print(
+            f"latent KV per token ({dtype}): {per_token:,} bytes "
+            f"({cfg.num_layers} layers x {cfg.latent_dim} x {size}); "
+            f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
+    parser = argparse.ArgumentParser(
+        prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_inspect(sub)

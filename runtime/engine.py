@@ -70,17 +70,27 @@ class Engine:
         from workers.local_executor import LocalExecutor  # the driver never imports GPU code at module level
 
         self.executor = LocalExecutor(
-            self.model, self.blocks.num_blocks, block_size,
-            device=device or _default_device(), amb_mib=amb, attention=attention,
+            self.model,
+            self.blocks.num_blocks,
+            block_size,
+            device=device or _default_device(),
+            amb_mib=amb,
+            attention=attention,
         )
         self.scheduler = Scheduler(
-            self.blocks, ubatch, self.n_ctx, self.executor.num_groups, max_seqs_per_batch,
+            self.blocks,
+            ubatch,
+            self.n_ctx,
+            self.executor.num_groups,
+            max_seqs_per_batch,
             self.tokenizer.eos_token_id,
         )
         self._ids = itertools.count()
 
     # requests -----------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False
+    ) -> str:
         token_ids = self._prompt_ids(prompt)
         request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
         self.scheduler.add(request)
@@ -98,7 +108,9 @@ class Engine:
         return advanced, finished
 
     # conveniences -------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.add_request(p, params) for p in prompts]
@@ -165,8 +177,11 @@ class Engine:
     def _output(self, request: Request) -> RequestOutput:
         _raise_if_failed(request)
         return RequestOutput(
-            request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-            self.tokenizer.decode(request.output_token_ids), request.finish_reason,
+            request.request_id,
+            request.prompt_token_ids,
+            list(request.output_token_ids),
+            self.tokenizer.decode(request.output_token_ids),
+            request.finish_reason,
         )
 
 

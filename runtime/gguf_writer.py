@@ -16,8 +16,11 @@ import gguf
 import numpy as np
 
 ARCH = "deepseek2"
-WEIGHT_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "BF16": gguf.GGMLQuantizationType.BF16,
-                "Q8_0": gguf.GGMLQuantizationType.Q8_0}
+WEIGHT_TYPES = {
+    "F32": gguf.GGMLQuantizationType.F32,
+    "BF16": gguf.GGMLQuantizationType.BF16,
+    "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
 MLA_LAYOUTS = ("kv_b", "k_b_v_b")
 
 # HF name (after "model.layers.N.") -> GGUF name (after "blk.N.")
@@ -59,7 +62,12 @@ class Vocab:
 def _metadata(cfg: Mapping[str, Any], layout: str) -> list[tuple[str, str, Any]]:
     """(kind, key, value) for every deepseek2 key the model needs, from an HF config dict."""
     heads = cfg["num_attention_heads"]
-    nope, rope, v, c = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    nope, rope, v, c = (
+        cfg["qk_nope_head_dim"],
+        cfg["qk_rope_head_dim"],
+        cfg["v_head_dim"],
+        cfg["kv_lora_rank"],
+    )
     v3 = cfg.get("topk_method") == "noaux_tc" or cfg.get("scoring_func") == "sigmoid"
     items: list[tuple[str, str, Any]] = [
         ("u32", "context_length", cfg["max_position_embeddings"]),
@@ -84,14 +92,21 @@ def _metadata(cfg: Mapping[str, Any], layout: str) -> list[tuple[str, str, Any]]
         ("u32", "expert_gating_func", 2 if v3 else 1),
     ]
     if layout == "k_b_v_b":  # llama.cpp's newer files: lengths of the absorbed form, per-head under *_mla
-        items += [("u32", "attention.key_length", c + rope), ("u32", "attention.value_length", c),
-                  ("u32", "attention.key_length_mla", nope + rope), ("u32", "attention.value_length_mla", v)]
+        items += [
+            ("u32", "attention.key_length", c + rope),
+            ("u32", "attention.value_length", c),
+            ("u32", "attention.key_length_mla", nope + rope),
+            ("u32", "attention.value_length_mla", v),
+        ]
     else:
         items += [("u32", "attention.key_length", nope + rope), ("u32", "attention.value_length", v)]
     if cfg.get("q_lora_rank"):
         items.append(("u32", "attention.q_lora_rank", cfg["q_lora_rank"]))
     if cfg.get("n_group") and cfg.get("topk_method") in ("group_limited_greedy", "noaux_tc"):
-        items += [("u32", "expert_group_count", cfg["n_group"]), ("u32", "expert_group_used_count", cfg["topk_group"])]
+        items += [
+            ("u32", "expert_group_count", cfg["n_group"]),
+            ("u32", "expert_group_used_count", cfg["topk_group"]),
+        ]
     rope_params = cfg["rope_parameters"]
     if rope_params.get("rope_type") == "yarn":
         items += [
@@ -151,7 +166,12 @@ def write_gguf(
     tmp = f"{path}.tmp{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, ARCH)
     writer.add_name(cfg.get("name", "tiny deepseek2"))
-    adders = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool, "str": writer.add_string}
+    adders = {
+        "u32": writer.add_uint32,
+        "f32": writer.add_float32,
+        "bool": writer.add_bool,
+        "str": writer.add_string,
+    }
     for kind, key, value in _metadata(cfg, layout):
         adders[kind](f"{ARCH}.{key}", value)
     writer.add_tokenizer_model("gpt2")

@@ -99,7 +99,8 @@ class Scheduler:
         for request in decodable[:decode_cap]:
             if budget <= 0 or len(chunks) >= self.max_seqs_per_batch:
                 break
-            budget -= self._take(request, 1, chunks)
+            if request.num_computed == request.num_tokens - 1:  # else preempted by an earlier one
+                budget -= self._take(request, 1, chunks)
         # Then prompt chunks of running requests, then newly admitted ones.
         for request in [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed > 1]:
             budget = self._add_prefill(request, budget, chunks)

@@ -65,23 +65,59 @@ def tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict[str, Any]:
     """HF config dict. "v2": V2-Lite-like (no q-LoRA, softmax, greedy top-k); "v3": q-LoRA, sigmoid with
     bias, 4 groups keep 2, renormalised, scale 2.5. Dims are multiples of 32 so Q8_0 applies everywhere."""
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, moe_intermediate_size=32, first_k_dense_replace=1,
-        max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
-                         "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "beta_fast": 32, "beta_slow": 1},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
     )
     if kind == "v2":
-        cfg = common | dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
-                            topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-                            n_group=None, topk_group=None)
+        cfg = common | dict(
+            q_lora_rank=None,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=2,
+            topk_method="greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            n_group=None,
+            topk_group=None,
+        )
     elif kind == "v3":
-        cfg = common | dict(q_lora_rank=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
-                            topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-                            routed_scaling_factor=2.5, n_group=4, topk_group=2)
+        cfg = common | dict(
+            q_lora_rank=32,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            n_group=4,
+            topk_group=2,
+        )
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose v2 or v3")
     return cfg | overrides
@@ -92,7 +128,12 @@ def random_state_dict(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     have clear margins (so greedy choices are not decided by rounding)."""
     rng = np.random.default_rng(seed)
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    nope, rope, v, c = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    nope, rope, v, c = (
+        cfg["qk_nope_head_dim"],
+        cfg["qk_rope_head_dim"],
+        cfg["v_head_dim"],
+        cfg["kv_lora_rank"],
+    )
 
     def linear(out_dim: int, in_dim: int, gain: float = 1.0) -> np.ndarray:
         return (rng.standard_normal((out_dim, in_dim)) * gain / np.sqrt(in_dim)).astype(np.float32)
@@ -125,7 +166,9 @@ def random_state_dict(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
         sd[p + "mlp.gate.weight"] = linear(experts, hidden, 2.0)
         if cfg.get("topk_method") == "noaux_tc":
-            sd[p + "mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(experts)).astype(np.float32)
+            sd[p + "mlp.gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(experts)).astype(
+                np.float32
+            )
         sd[p + "mlp.experts.gate_up_proj"] = np.stack([linear(2 * inter, hidden) for _ in range(experts)])
         sd[p + "mlp.experts.down_proj"] = np.stack([linear(hidden, inter, 0.5) for _ in range(experts)])
         shared = inter * cfg["n_shared_experts"]
@@ -139,8 +182,12 @@ def random_state_dict(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
 
 
 def write_tiny_model(
-    path: str | os.PathLike, kind: str = "v3", seed: int = 0, weight_type: str = "F32",
-    layout: str = "kv_b", **overrides: Any,
+    path: str | os.PathLike,
+    kind: str = "v3",
+    seed: int = 0,
+    weight_type: str = "F32",
+    layout: str = "kv_b",
+    **overrides: Any,
 ) -> str:
     vocab = build_vocab()
     cfg = tiny_config(kind, len(vocab.tokens), **overrides)

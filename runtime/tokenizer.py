@@ -44,7 +44,9 @@ def deepseek_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
             f"unsupported pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZER_SPLITS)})"
         )
     splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZER_SPLITS[pre]]
-    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
 
 
 class GGUFTokenizer:
@@ -57,7 +59,9 @@ class GGUFTokenizer:
         merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
         vocab = {tok: i for i, tok in enumerate(tokens)}
         self._tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        self._tok.pre_tokenizer = deepseek_pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "deepseek-v3")))
+        self._tok.pre_tokenizer = deepseek_pre_tokenizer(
+            str(metadata.get("tokenizer.ggml.pre", "deepseek-v3"))
+        )
         self._tok.decoder = decoders.ByteLevel()
         special = [
             AddedToken(tokens[i], special=True, normalized=False)

@@ -13,7 +13,9 @@ def hf_model(cfg: dict, state_dict: dict[str, np.ndarray]):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     is_v3 = cfg.get("topk_method") == "noaux_tc"
-    config_cls, model_cls = (DeepseekV3Config, DeepseekV3ForCausalLM) if is_v3 else (DeepseekV2Config, DeepseekV2ForCausalLM)
+    config_cls, model_cls = (
+        (DeepseekV3Config, DeepseekV3ForCausalLM) if is_v3 else (DeepseekV2Config, DeepseekV2ForCausalLM)
+    )
     hf_cfg = config_cls(**cfg)
     hf_cfg._attn_implementation = "eager"
     model = model_cls(hf_cfg).eval()

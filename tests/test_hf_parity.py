@@ -32,7 +32,9 @@ def _prompt(vocab_size: int, length: int = PROMPT_LEN, seed: int = 7) -> list[in
 
 def _our_logits(path: str, token_ids: list[int], attention: str = "auto") -> torch.Tensor:
     model = GGUFModel(path)
-    runner = ModelRunner(model, 0, model.config.num_layers, num_kv_blocks=4, block_size=16, attention=attention)
+    runner = ModelRunner(
+        model, 0, model.config.num_layers, num_kv_blocks=4, block_size=16, attention=attention
+    )
     batch = MicroBatch(0, [SequenceChunk("r", token_ids, 0, [2, 0], sample=False, return_logits=True)])
     return torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"])
 
@@ -60,7 +62,9 @@ def test_f32_logits_scores_and_greedy_tokens_match_hf(checkpoint, vocab, layout,
 
         ours = engine.generate([prompt], SamplingParams(max_tokens=32, ignore_eos=True))[0].token_ids
     with torch.no_grad():
-        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, PROMPT_LEN:]
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[
+            0, PROMPT_LEN:
+        ]
     assert len(ours) == 32
     assert ours == theirs.tolist()
 

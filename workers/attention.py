@@ -117,8 +117,13 @@ class MLAAttention:
             q_latent = torch.einsum("thn,hnc->thc", q_nope[rows], self.w_uk)
             q_absorbed = torch.cat((q_latent, q_pe[rows]), dim=-1).to(kv_cache.dtype)
             out_latent, _ = ops.mla_decode(
-                q_absorbed, kv_cache, group.block_table, group.seq_lens, group.query_start_loc,
-                cfg.softmax_scale, C,
+                q_absorbed,
+                kv_cache,
+                group.block_table,
+                group.seq_lens,
+                group.query_start_loc,
+                cfg.softmax_scale,
+                C,
             )
             out[rows] = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), self.w_uv)
         if meta.naive is not None:
@@ -127,8 +132,15 @@ class MLAAttention:
             q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
             steps = plan_head_steps(H, self._bytes_per_head(group, x.device), self.amb_mib)
             out[rows], _ = ops.mla_prefill(
-                q_full, kv_cache, group.block_table, group.seq_lens, group.query_start_loc,
-                self.w_uk, self.w_uv, cfg.softmax_scale, head_steps=steps,
+                q_full,
+                kv_cache,
+                group.block_table,
+                group.seq_lens,
+                group.query_start_loc,
+                self.w_uk,
+                self.w_uv,
+                cfg.softmax_scale,
+                head_steps=steps,
             )
         return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
 

@@ -15,7 +15,9 @@ def allocate_latent_cache(
 ) -> torch.Tensor:
     """(num_layers, num_blocks, block_size, latent_dim). Filled with NaN on allocation so that a read of
     a slot nothing wrote shows up in the output instead of passing silently."""
-    return torch.full((num_layers, num_blocks, block_size, latent_dim), float("nan"), dtype=dtype, device=device)
+    return torch.full(
+        (num_layers, num_blocks, block_size, latent_dim), float("nan"), dtype=dtype, device=device
+    )
 
 
 def slot_mapping(block_table: list[int], first_position: int, count: int, block_size: int) -> list[int]:

@@ -30,8 +30,13 @@ class MoEBlock:
         cfg = self.cfg
         router_logits = x.float() @ self.router.t()
         weights, ids = ops.moe_routing(
-            router_logits, self.router_bias, cfg.num_experts_per_token, cfg.gating,
-            cfg.num_expert_groups, cfg.num_expert_groups_used, cfg.expert_weights_norm,
+            router_logits,
+            self.router_bias,
+            cfg.num_experts_per_token,
+            cfg.gating,
+            cfg.num_expert_groups,
+            cfg.num_expert_groups_used,
+            cfg.expert_weights_norm,
             cfg.expert_weights_scale,
         )
         out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)

@@ -73,8 +73,12 @@ class ModelRunner:
             end_layer - first_layer, num_kv_blocks, block_size, cfg.latent_dim, self.dtype, self.device
         )
         self.inv_freq = yarn_inv_freq(
-            cfg.qk_rope_head_dim, cfg.rope_freq_base, cfg.rope_scaling_factor, cfg.rope_original_context,
-            cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+            cfg.qk_rope_head_dim,
+            cfg.rope_freq_base,
+            cfg.rope_scaling_factor,
+            cfg.rope_original_context,
+            cfg.yarn_beta_fast,
+            cfg.yarn_beta_slow,
         ).to(self.device)
 
     # per micro-batch ----------------------------------------------------------------------------
@@ -92,8 +96,11 @@ class ModelRunner:
             )
             (absorbed if takes_absorbed else naive).append(i)
         args = (
-            [c.num_new for c in chunks], [c.num_cached for c in chunks], [c.block_table for c in chunks],
-            row_starts, self.device,
+            [c.num_new for c in chunks],
+            [c.num_cached for c in chunks],
+            [c.block_table for c in chunks],
+            row_starts,
+            self.device,
         )
         position_tensor = torch.tensor(positions, dtype=torch.int64, device=self.device)
         cos, sin = rope_cos_sin(position_tensor, self.inv_freq)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+
 import torch
 
 from kernels import reference
@@ -47,7 +48,9 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scal
     return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank)
 
 
-def mla_prefill(q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=None):
+def mla_prefill(
+    q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=None
+):
     impl = _pick("mla_prefill", q.device)
     return impl(
         q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=head_steps
