@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_routing import moe_align
+from kernels.moe_routing import MoeLayout, moe_align
 
 CONFIG_ENV = "MLAPIPE_MOE_CONFIG"
 BATCH_INVARIANT_ENV = "MLAPIPE_MOE_BATCH_INVARIANT"
@@ -251,6 +251,57 @@ def pinned_tiles(device: torch.device) -> MoeTiles | None:
     return None
 
 
+def gate_up_silu(
+    hidden: torch.Tensor,  # (T, H)
+    w_gate_up: torch.Tensor,  # (E, 2I, H)
+    layout: MoeLayout,
+    top_k: int,
+    tiles: MoeTiles | None,  # None: autotune
+) -> torch.Tensor:
+    """GEMM 1: act (P, I) = silu(gate) * up of every sorted row (zeros on padding)."""
+    inter = w_gate_up.shape[1] // 2
+    num_tiles, block_m = layout.max_tiles, layout.block_m
+    act = torch.empty(num_tiles * block_m, inter, dtype=hidden.dtype, device=hidden.device)
+    args = (
+        hidden, w_gate_up, act, layout.sorted_row_ids, layout.tile_expert, layout.num_rows, top_k,
+        hidden.shape[1], inter, num_tiles, hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
+        act.stride(0),
+    )  # fmt: skip
+    if tiles:
+        assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"
+        _gate_up_kernel[(num_tiles * triton.cdiv(inter, tiles.block_n),)](
+            *args, BLOCK_M=block_m, **tiles.meta()
+        )
+    else:
+        grid = lambda meta: (num_tiles * triton.cdiv(inter, meta["BLOCK_N"]),)
+        _gate_up_autotuned[grid](*args, BLOCK_M=block_m)
+    return act
+
+
+def down_weighted(
+    act: torch.Tensor,  # (P, I)
+    w_down: torch.Tensor,  # (E, H, I)
+    layout: MoeLayout,
+    topk_weights: torch.Tensor,  # (T, K)
+    tiles: MoeTiles | None,  # None: autotune
+) -> torch.Tensor:
+    """GEMM 2: slot_out (R, H) = routing weight * down(act) of every real row, at its row id."""
+    H, inter = w_down.shape[1], w_down.shape[2]
+    num_tiles, block_m = layout.max_tiles, layout.block_m
+    slot_out = torch.empty(layout.num_rows, H, dtype=act.dtype, device=act.device)
+    weights = topk_weights.float().contiguous()
+    args = (
+        act, w_down, slot_out, layout.sorted_row_ids, layout.tile_expert, weights, layout.num_rows, H, inter,
+        num_tiles, act.stride(0), w_down.stride(0), w_down.stride(1), slot_out.stride(0),
+    )  # fmt: skip
+    if tiles:
+        assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"
+        _down_kernel[(num_tiles * triton.cdiv(H, tiles.block_n),)](*args, BLOCK_M=block_m, **tiles.meta())
+    else:
+        _down_autotuned[lambda meta: (num_tiles * triton.cdiv(H, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m)
+    return slot_out
+
+
 def fused_moe(
     hidden: torch.Tensor,  # (T, Hd)
     w_gate_up: torch.Tensor,  # (E, 2I, Hd): rows [0, I) gate, [I, 2I) up
@@ -277,55 +328,8 @@ def fused_moe(
     batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "1") != "0"
     block_m = tiles.block_m if tiles else choose_block_m(T * K, E, batch_invariant)
     layout = moe_align(topk_ids.contiguous(), E, block_m)
-    num_tiles = layout.max_tiles
-    act = torch.empty(num_tiles * block_m, inter, dtype=hidden.dtype, device=hidden.device)
-    slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
-    weights = topk_weights.float().contiguous()
-
-    gate_up_args = (
-        hidden,
-        w_gate_up,
-        act,
-        layout.sorted_row_ids,
-        layout.tile_expert,
-        T * K,
-        K,
-        H,
-        inter,
-        num_tiles,
-        hidden.stride(0),
-        w_gate_up.stride(0),
-        w_gate_up.stride(1),
-        act.stride(0),
-    )
-    down_args = (
-        act,
-        w_down,
-        slot_out,
-        layout.sorted_row_ids,
-        layout.tile_expert,
-        weights,
-        T * K,
-        H,
-        inter,
-        num_tiles,
-        act.stride(0),
-        w_down.stride(0),
-        w_down.stride(1),
-        slot_out.stride(0),
-    )
-    if tiles:
-        meta = tiles.meta()
-        _gate_up_kernel[(num_tiles * triton.cdiv(inter, tiles.block_n),)](
-            *gate_up_args, BLOCK_M=block_m, **meta
-        )
-        _down_kernel[(num_tiles * triton.cdiv(H, tiles.block_n),)](*down_args, BLOCK_M=block_m, **meta)
-    else:
-        _gate_up_autotuned[lambda m: (num_tiles * triton.cdiv(inter, m["BLOCK_N"]),)](
-            *gate_up_args, BLOCK_M=block_m
-        )
-        _down_autotuned[lambda m: (num_tiles * triton.cdiv(H, m["BLOCK_N"]),)](*down_args, BLOCK_M=block_m)
-
+    act = gate_up_silu(hidden, w_gate_up, layout, K, tiles)
+    slot_out = down_weighted(act, w_down, layout, topk_weights, tiles)
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

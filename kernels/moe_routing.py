@@ -10,17 +10,19 @@ experts of one token, padded to BLOCK_E (a power of two) with -inf.
     descending choice order; weights are the unbiased scores of those experts, renormalised over the K
     slots when asked, times `scale`.
 
-Ordering (`moe_align`, three kernels, no atomics). Rows are numbered r = t*K + k (token t, slot k),
-R = T*K of them. Every output below is a pure function of topk_ids, so the same ids give the same bits.
+Ordering (`moe_align`, no atomics; one kernel when R <= 1024, else three). Rows are numbered
+r = t*K + k (token t, slot k), R = T*K of them. Every output below is a pure function of topk_ids, so the same ids give the same bits.
   1. `_count_chunk_kernel`, one program per CHUNK rows: chunk_counts (num_chunks, E) int32, rows of each
      expert in each chunk (a one-hot sum, no atomics).
-  2. `_scan_kernel`, one program: walks the chunks in order, giving chunk_offsets (num_chunks, E) int32
-     (rows of expert e in earlier chunks), expert_counts (E,) int32, each expert's run padded up to a
-     multiple of BLOCK_M, expert_start (E,) int32 (exclusive prefix sum of padded runs), and
-     tile_expert (max_tiles,) int32: the expert of each BLOCK_M tile, -1 for tiles past the last run.
+  2. `_scan_kernel`, one program: walks the chunks in order for expert_counts (E,) int32; pads each
+     expert's run up to a multiple of BLOCK_M; expert_start (E,) = exclusive prefix sum of padded runs;
+     writes tile_expert (max_tiles,) int32 (the expert of each BLOCK_M tile, -1 past the last run) and R
+     at every padding position; chunk_offsets (num_chunks, E) int32 = expert_start[e] + rows of expert e
+     in earlier chunks.
   3. `_scatter_kernel`, one program per chunk: row r of expert e goes to position
-     expert_start[e] + chunk_offsets[chunk, e] + (rows of e before r inside the chunk); so within an
-     expert rows keep increasing r (a stable sort by expert).
+     chunk_offsets[chunk, e] + (rows of e before r inside the chunk); so within an expert rows keep
+     increasing r (a stable sort by expert). Padding and real positions are disjoint: no fill, no race.
+  `_align_one_chunk_kernel` runs the same three steps (shared @triton.jit helpers) in one program.
   sorted_row_ids (max_tiles * BLOCK_M,) int32: row ids by expert; padding holds R (no such row).
   max_tiles = cdiv(R, BLOCK_M) + min(E, R) bounds the used tiles for any routing, so every buffer size
   depends on T, K, E and BLOCK_M alone (CUDA-graph friendly); unused tiles say -1 and their programs exit.
@@ -203,76 +205,68 @@ def max_tiles_for(num_rows: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _count_chunk_kernel(
-    ids_ptr,  # (R,) expert of each row, any int dtype
-    chunk_counts_ptr,  # (num_chunks, E) int32 out
-    num_rows,
-    num_experts,
-    CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    chunk = tl.program_id(0)
+def _chunk_histogram(ids_ptr, chunk, num_rows, CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(BLOCK_E,) int32: rows of each expert among rows [chunk*CHUNK, (chunk+1)*CHUNK)."""
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), tl.int32)
     for sub in tl.range(0, CHUNK, SUB):
         rows = chunk * CHUNK + sub + tl.arange(0, SUB)
         ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(chunk_counts_ptr + chunk * num_experts + experts, counts, mask=experts < num_experts)
+    return counts
 
 
 @triton.jit
-def _scan_kernel(
-    chunk_counts_ptr,  # (num_chunks, E) int32
-    chunk_offsets_ptr,  # (num_chunks, E) int32 out: rows of expert e in earlier chunks
+def _plan_tiles(
+    expert_counts,  # (BLOCK_E,) int32 tensor: rows of each expert, all chunks
     expert_counts_ptr,  # (E,) int32 out
-    expert_start_ptr,  # (E,) int32 out: first sorted position of expert e
     tile_expert_ptr,  # (max_tiles,) int32 out
-    num_chunks,
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out: only padding positions are written here
+    num_rows,
     num_experts,
     max_tiles,
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
 ):
+    """Pads each expert's run to BLOCK_M, writes counts, tile owners and padding; returns expert_start."""
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < num_experts
-    running = tl.zeros((BLOCK_E,), tl.int32)
-    for chunk in range(num_chunks):  # in order: this is what makes the sort stable
-        offsets = chunk * num_experts + experts
-        tl.store(chunk_offsets_ptr + offsets, running, mask=expert_ok)
-        running += tl.load(chunk_counts_ptr + offsets, mask=expert_ok, other=0)
-    tl.store(expert_counts_ptr + experts, running, mask=expert_ok)
-    padded = (running + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    tl.store(expert_counts_ptr + experts, expert_counts, mask=expert_ok)
+    padded = (expert_counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     expert_end = tl.cumsum(padded, axis=0)
-    tl.store(expert_start_ptr + experts, expert_end - padded, mask=expert_ok)
+    expert_start = expert_end - padded
+    real_end = expert_start + expert_counts  # positions [real_end, expert_end) are padding
     # Tile i starts at row i*BLOCK_M; its expert is the number of experts whose run ends at or before it.
     ends = tl.where(expert_ok, expert_end, 2147483647)
+    lane = tl.arange(0, BLOCK_M)
     for first in range(0, max_tiles, BLOCK_TILES):
         tiles = first + tl.arange(0, BLOCK_TILES)
         owner = tl.sum((ends[None, :] <= tiles[:, None] * BLOCK_M).to(tl.int32), axis=1)
-        owner = tl.where(owner < num_experts, owner, -1)
-        tl.store(tile_expert_ptr + tiles, owner, mask=tiles < max_tiles)
+        used = owner < num_experts
+        tl.store(tile_expert_ptr + tiles, tl.where(used, owner, -1), mask=tiles < max_tiles)
+        owner_real_end = tl.sum(tl.where(experts[None, :] == owner[:, None], real_end[None, :], 0), axis=1)
+        positions = tiles[:, None] * BLOCK_M + lane[None, :]  # (BLOCK_TILES, BLOCK_M)
+        is_padding = used[:, None] & (positions >= owner_real_end[:, None])
+        tl.store(
+            sorted_row_ids_ptr + positions, tl.full(positions.shape, 0, tl.int32) + num_rows, mask=is_padding
+        )
+    return expert_start
 
 
 @triton.jit
-def _scatter_kernel(
-    ids_ptr,  # (R,) expert of each row
-    chunk_offsets_ptr,  # (num_chunks, E) int32
-    expert_start_ptr,  # (E,) int32
-    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out, pre-filled with R
+def _scatter_chunk(
+    ids_ptr,
+    sorted_row_ids_ptr,
+    next_slot,  # (BLOCK_E,) int32 tensor: sorted position of the chunk's first row of each expert
+    chunk,
     num_rows,
-    num_experts,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    """Writes each row id of the chunk at next_slot[its expert] + (its expert's rows before it)."""
     experts = tl.arange(0, BLOCK_E)
-    expert_ok = experts < num_experts
-    next_slot = tl.load(expert_start_ptr + experts, mask=expert_ok, other=0)
-    next_slot += tl.load(chunk_offsets_ptr + chunk * num_experts + experts, mask=expert_ok, other=0)
     lane = tl.arange(0, SUB)
     earlier = lane[None, :] < lane[:, None]  # (SUB, SUB): [j, i] is i before j
     for sub in tl.range(0, CHUNK, SUB):
@@ -286,6 +280,96 @@ def _scatter_kernel(
         next_slot += tl.sum(one_hot.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _align_one_chunk_kernel(
+    ids_ptr,  # (R,) expert of each row, R <= CHUNK
+    expert_counts_ptr,  # (E,) int32 out
+    tile_expert_ptr,  # (max_tiles,) int32 out
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out
+    num_rows,
+    num_experts,
+    max_tiles,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+):
+    """Decode-sized batches: all three steps in one program, one launch."""
+    counts = _chunk_histogram(ids_ptr, 0, num_rows, CHUNK, SUB, BLOCK_E)
+    expert_start = _plan_tiles(
+        counts, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
+        BLOCK_M, BLOCK_E, BLOCK_TILES,
+    )  # fmt: skip
+    _scatter_chunk(ids_ptr, sorted_row_ids_ptr, expert_start, 0, num_rows, CHUNK, SUB, BLOCK_E)
+
+
+@triton.jit
+def _count_chunk_kernel(
+    ids_ptr,  # (R,) expert of each row, any int dtype
+    chunk_counts_ptr,  # (num_chunks, E) int32 out
+    num_rows,
+    num_experts,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    counts = _chunk_histogram(ids_ptr, chunk, num_rows, CHUNK, SUB, BLOCK_E)
+    tl.store(chunk_counts_ptr + chunk * num_experts + experts, counts, mask=experts < num_experts)
+
+
+@triton.jit
+def _scan_kernel(
+    chunk_counts_ptr,  # (num_chunks, E) int32
+    chunk_offsets_ptr,  # (num_chunks, E) int32 out: first sorted position of expert e's rows of a chunk
+    expert_counts_ptr,  # (E,) int32 out
+    tile_expert_ptr,  # (max_tiles,) int32 out
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out: padding positions
+    num_chunks,
+    num_rows,
+    num_experts,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+):
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < num_experts
+    totals = tl.zeros((BLOCK_E,), tl.int32)
+    for chunk in range(num_chunks):
+        totals += tl.load(chunk_counts_ptr + chunk * num_experts + experts, mask=expert_ok, other=0)
+    expert_start = _plan_tiles(
+        totals, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
+        BLOCK_M, BLOCK_E, BLOCK_TILES,
+    )  # fmt: skip
+    running = expert_start
+    for chunk in range(num_chunks):  # in order: this is what makes the sort stable
+        offsets = chunk * num_experts + experts
+        tl.store(chunk_offsets_ptr + offsets, running, mask=expert_ok)
+        running += tl.load(chunk_counts_ptr + offsets, mask=expert_ok, other=0)
+
+
+@triton.jit
+def _scatter_kernel(
+    ids_ptr,  # (R,) expert of each row
+    chunk_offsets_ptr,  # (num_chunks, E) int32
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out: real rows
+    num_rows,
+    num_experts,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    next_slot = tl.load(
+        chunk_offsets_ptr + chunk * num_experts + experts, mask=experts < num_experts, other=0
+    )
+    _scatter_chunk(ids_ptr, sorted_row_ids_ptr, next_slot, chunk, num_rows, CHUNK, SUB, BLOCK_E)
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayout:
     """Deterministic expert-sorted, tile-padded order of the rows of topk_ids (T, K); see the header."""
     assert topk_ids.dim() == 2 and topk_ids.is_contiguous(), "topk_ids must be a contiguous (T, K)"
@@ -293,45 +377,37 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
     num_rows = topk_ids.numel()
     device = topk_ids.device
     max_tiles = max_tiles_for(num_rows, num_experts, block_m)
-    sorted_row_ids = torch.full((max_tiles * block_m,), num_rows, dtype=torch.int32, device=device)
+    # No fill: padding positions of used tiles are written by _plan_tiles, real ones by the scatter, and
+    # positions of unused tiles are never read (their tile says -1).
+    sorted_row_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=device)
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
     expert_counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     layout = MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m)
     if num_rows == 0:
         expert_counts.zero_()
+        tile_expert.fill_(-1)
         return layout
     block_e = triton.next_power_of_2(num_experts)
     sub = 32 if block_e >= 128 else 64  # keeps the (SUB, BLOCK_E) one-hot small
     chunk = max(sub, min(1024, triton.next_power_of_2(num_rows)))
     num_chunks = triton.cdiv(num_rows, chunk)
+    plan = dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_TILES=max(16, 2048 // max(block_e, block_m)))
+    if num_chunks == 1:
+        _align_one_chunk_kernel[(1,)](
+            topk_ids, expert_counts, tile_expert, sorted_row_ids, num_rows, num_experts, max_tiles,
+            CHUNK=chunk, SUB=sub, **plan,
+        )  # fmt: skip
+        return layout
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
-    expert_start = torch.empty(num_experts, dtype=torch.int32, device=device)
     _count_chunk_kernel[(num_chunks,)](
         topk_ids, chunk_counts, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e
     )
     _scan_kernel[(1,)](
-        chunk_counts,
-        chunk_offsets,
-        expert_counts,
-        expert_start,
-        tile_expert,
-        num_chunks,
-        num_experts,
-        max_tiles,
-        BLOCK_M=block_m,
-        BLOCK_E=block_e,
-        BLOCK_TILES=max(16, 4096 // block_e),
-    )
+        chunk_counts, chunk_offsets, expert_counts, tile_expert, sorted_row_ids, num_chunks, num_rows,
+        num_experts, max_tiles, **plan,
+    )  # fmt: skip
     _scatter_kernel[(num_chunks,)](
-        topk_ids,
-        chunk_offsets,
-        expert_start,
-        sorted_row_ids,
-        num_rows,
-        num_experts,
-        CHUNK=chunk,
-        SUB=sub,
-        BLOCK_E=block_e,
+        topk_ids, chunk_offsets, sorted_row_ids, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e
     )
     return layout

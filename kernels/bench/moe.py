@@ -19,8 +19,15 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
-from kernels.fused_moe import BATCH_INVARIANT_ENV, fused_moe, selected_configs
-from kernels.moe_routing import moe_routing
+from kernels.fused_moe import (
+    BATCH_INVARIANT_ENV,
+    MoeTiles,
+    down_weighted,
+    fused_moe,
+    gate_up_silu,
+    selected_configs,
+)
+from kernels.moe_routing import moe_align, moe_routing
 
 MODELS = {
     # hidden, expert ffn, experts, used, gating, groups, kept groups, renormalize, scale
@@ -137,20 +144,84 @@ def bench_model(name: str, args, copy_gbs: float, mm_tflops: float) -> dict[str,
     return tables
 
 
+# (block_m, block_n, block_k, warps, stages) tried by --sweep, each GEMM timed alone
+SWEEP_TILES = [
+    (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 128, 8, 3),
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+]  # fmt: skip
+
+
+def sweep(args, mm_tflops: float) -> list[list]:
+    """Each GEMM alone under each pinned tile, at prefill sizes: which row tile and shape win."""
+    rows = []
+    for name in args.models.split(","):
+        m = MODELS[name]
+        w_gate_up, w_down = make_experts(m)
+        for T in [int(t) for t in args.sweep_tokens.split(",")]:
+            hidden = torch.randn(T, m["H"], device="cuda", dtype=torch.bfloat16)
+            weights, ids = route(m, T)
+            gemm_flop = 2 * T * m["K"] * m["H"] * m["I"]  # GEMM 1 does twice this, GEMM 2 once
+            for block_m in (64, 128):
+                layout = moe_align(ids, m["E"], block_m)
+                padded = int((layout.tile_expert >= 0).sum()) * block_m
+                for tile in (t for t in SWEEP_TILES if t[0] == block_m):
+                    tiles = MoeTiles(*tile)
+                    try:
+                        act = gate_up_silu(hidden, w_gate_up, layout, m["K"], tiles)
+                        ms1 = median_ms(
+                            functools.partial(gate_up_silu, hidden, w_gate_up, layout, m["K"], tiles)
+                        )
+                    except Exception as error:  # too much shared memory for this shape
+                        ms1 = float("nan")
+                        print(f"{name} T={T} {tile} gate_up: {type(error).__name__}")
+                        act = gate_up_silu(hidden, w_gate_up, layout, m["K"], MoeTiles(block_m, 64, 64, 4, 3))
+                    try:
+                        ms2 = median_ms(functools.partial(down_weighted, act, w_down, layout, weights, tiles))
+                    except Exception as error:
+                        ms2 = float("nan")
+                        print(f"{name} T={T} {tile} down: {type(error).__name__}")
+                    rows.append(
+                        [name, T, ",".join(map(str, tile)), f"{padded / (T * m['K']):.2f}", f"{ms1:.3f}",
+                         f"{200 * gemm_flop / ms1 / 1e9 / mm_tflops:.0f}%", f"{ms2:.3f}",
+                         f"{100 * gemm_flop / ms2 / 1e9 / mm_tflops:.0f}%"]
+                    )  # fmt: skip
+                    print(rows[-1], flush=True)
+        del w_gate_up, w_down
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench moe")
     parser.add_argument("--tokens", default="1,16,128,512,2048,8192")
     parser.add_argument("--models", default="v3,v2-lite")
     parser.add_argument("--variant-tokens", default="1,16,128", help="T at which to time the variant tile")
     parser.add_argument("--no-variant", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="first time each GEMM under pinned tiles")
+    parser.add_argument("--sweep-tokens", default="2048,8192")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     copy_gbs, mm_tflops = copy_bandwidth_gbs(), matmul_tflops()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
+    sweep_rows = sweep(args, mm_tflops) if args.sweep else []
     tables = [bench_model(name, args, copy_gbs, mm_tflops) for name in args.models.split(",")]
     torch.cuda.empty_cache()
 
+    if sweep_rows:
+        print("\n## Sweep: each GEMM alone under a pinned tile (% of the matmul rate on real rows)\n")
+        header = [
+            "model",
+            "T",
+            "bm,bn,bk,warps,stages",
+            "padded/real rows",
+            "gate_up ms",
+            "%",
+            "down ms",
+            "%",
+        ]
+        print(markdown_table(header, sweep_rows))
     print("\nautotune picks:", selected_configs())
     print(f"\n## Fused MoE on {device} (baseline: {tables[0]['baseline']})")
     print(f"copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s, measured in this run. GB/s: bytes of")
