@@ -32,9 +32,8 @@ def _prompt(vocab_size: int, length: int = PROMPT_LEN, seed: int = 7) -> list[in
 
 def _our_logits(path: str, token_ids: list[int], attention: str = "auto") -> torch.Tensor:
     model = GGUFModel(path)
-    runner = ModelRunner(
-        model, 0, model.config.num_layers, num_kv_blocks=4, block_size=16, attention=attention
-    )
+    runner = ModelRunner(model, 0, model.config.num_layers, attention=attention)
+    runner.allocate_kv_cache(num_blocks=4, block_size=16)
     batch = MicroBatch(0, [SequenceChunk("r", token_ids, 0, [2, 0], sample=False, return_logits=True)])
     return torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"])
 

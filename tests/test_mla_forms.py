@@ -19,7 +19,9 @@ def model(request, tmp_path_factory):
 
 
 def _runner(model, **options) -> ModelRunner:
-    return ModelRunner(model, 0, model.config.num_layers, num_kv_blocks=16, block_size=BLOCK, **options)
+    runner = ModelRunner(model, 0, model.config.num_layers, **options)
+    runner.allocate_kv_cache(num_blocks=16, block_size=BLOCK)
+    return runner
 
 
 def _logits(runner, token_ids, num_cached=0, table=(5, 2, 9, 0), batch_id=0):

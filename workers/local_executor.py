@@ -11,9 +11,8 @@ class LocalExecutor:
     num_groups = 1
 
     def __init__(self, model: GGUFModel, num_kv_blocks: int, block_size: int, **runner_options):
-        self.runner = ModelRunner(
-            model, 0, model.config.num_layers, num_kv_blocks, block_size, **runner_options
-        )
+        self.runner = ModelRunner(model, 0, model.config.num_layers, **runner_options)
+        self.runner.allocate_kv_cache(num_kv_blocks, block_size)
         self._done: list[StepOutput] = []
 
     def submit(self, batch: MicroBatch) -> None:

@@ -50,8 +50,6 @@ class ModelRunner:
         model: GGUFModel,
         first_layer: int,
         end_layer: int,
-        num_kv_blocks: int,
-        block_size: int,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         amb_mib: float = 0.0,
@@ -63,15 +61,13 @@ class ModelRunner:
         self.cfg: ModelConfig = model.config
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.block_size = block_size
         self.attention_mode = attention
         self.decode_threshold = decode_threshold
         weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype)
         self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib)
         cfg = self.cfg
-        self.kv_cache = allocate_latent_cache(
-            end_layer - first_layer, num_kv_blocks, block_size, cfg.latent_dim, self.dtype, self.device
-        )
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = 0
         self.inv_freq = yarn_inv_freq(
             cfg.qk_rope_head_dim,
             cfg.rope_freq_base,
@@ -80,6 +76,15 @@ class ModelRunner:
             cfg.yarn_beta_fast,
             cfg.yarn_beta_slow,
         ).to(self.device)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
+        """Allocates this shard's paged latent cache; returns its size in bytes."""
+        layers = self.shard.end_layer - self.shard.first_layer
+        self.block_size = block_size
+        self.kv_cache = allocate_latent_cache(
+            layers, num_blocks, block_size, self.cfg.latent_dim, self.dtype, self.device
+        )
+        return self.kv_cache.numel() * self.kv_cache.element_size()
 
     # per micro-batch ----------------------------------------------------------------------------
     def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
