@@ -14,10 +14,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from runtime.block_manager import BlockManager
+from runtime.errors import StageFailed
 from runtime.gguf_model import GGUFModel
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Request, Scheduler
 from runtime.tokenizer import GGUFTokenizer
+
+TRANSPORTS = ("nccl", "gloo", "grpc")
 
 Prompt = str | Sequence[int]
 
@@ -50,14 +53,20 @@ class Engine:
         self,
         model: str,
         *,
-        n_ctx: int | None = None,
+        pipeline: int = 1,
+        devices: str | None = None,  # "cuda" or "cpu"; default: cuda when available
+        amb: float | Sequence[float] = 0.0,  # MiB; one value for all stages or one per stage
         ubatch: int = 512,
+        n_ctx: int | None = None,
+        transport: str | None = None,  # "nccl" | "gloo" | "grpc"; default: the fastest available
+        address: str | None = None,  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
+        split: Sequence[float] | None = None,  # layers per stage in proportion, like llama.cpp's -ts
+        use_ray: bool | None = None,  # default: only when pipeline > 1 or an address is given
         block_size: int = 64,
         kv_blocks: int | None = None,
         max_seqs_per_batch: int = 256,
-        device: str | None = None,
-        amb: float = 0.0,
         attention: str = "auto",
+        deadline_s: float = 120.0,
     ):
         self.model = GGUFModel(model)
         self.config = self.model.config
@@ -67,16 +76,25 @@ class Engine:
         self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
         if self.blocks.num_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
-        from workers.local_executor import LocalExecutor  # the driver never imports GPU code at module level
+        device = devices or _default_device()
+        runner_options = {"attention": attention}
+        self.plan = None
+        if use_ray or (use_ray is None and (pipeline > 1 or address)):
+            self.executor = self._start_pipeline(
+                pipeline, device, amb, ubatch, transport, address, split, deadline_s, runner_options
+            )
+        else:
+            from workers.local_executor import LocalExecutor  # the driver imports GPU code only here
 
-        self.executor = LocalExecutor(
-            self.model,
-            self.blocks.num_blocks,
-            block_size,
-            device=device or _default_device(),
-            amb_mib=amb,
-            attention=attention,
-        )
+            amb_mib = amb if isinstance(amb, (int, float)) else amb[0]
+            self.executor = LocalExecutor(
+                self.model,
+                self.blocks.num_blocks,
+                block_size,
+                device=device,
+                amb_mib=amb_mib,
+                **runner_options,
+            )
         self.scheduler = Scheduler(
             self.blocks,
             ubatch,
@@ -86,11 +104,56 @@ class Engine:
             self.tokenizer.eos_token_id,
         )
         self._ids = itertools.count()
+        self._failure: str | None = None
+
+    def _start_pipeline(
+        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, options
+    ):
+        from runtime.pipeline import RayPipeline, StageSpec
+        from runtime.planner import check_fits, plan_for_model
+
+        transport = transport or ("nccl" if device == "cuda" else "gloo")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        element_size = 2 if device == "cuda" else 4
+        plan = plan_for_model(
+            self.model,
+            num_stages,
+            split=split,
+            amb_mib=amb,
+            ubatch=ubatch,
+            n_ctx=self.n_ctx,
+            num_kv_tokens=self.blocks.num_blocks * self.blocks.block_size,
+            element_size=element_size,
+            kv_element_size=element_size,
+        )
+        self.plan = plan
+
+        def check_plan(device_infos):
+            check_fits(plan, [d["free_bytes"] for d in device_infos], [d["device"] for d in device_infos])
+
+        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in plan.stages]
+        return RayPipeline(
+            self.model.path,
+            stages,
+            use_gpu=device == "cuda",
+            transport=transport,
+            num_kv_blocks=self.blocks.num_blocks,
+            block_size=self.blocks.block_size,
+            deadline_s=deadline_s,
+            address=address,
+            check_plan=check_plan,
+            runner_options=options,
+        )
 
     # requests -----------------------------------------------------------------------------------
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False
     ) -> str:
+        if self._failure:
+            raise RequestFailed(
+                f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
+            )
         token_ids = self._prompt_ids(prompt)
         request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
         self.scheduler.add(request)
@@ -101,7 +164,12 @@ class Engine:
         while (batch := self.scheduler.schedule()) is not None:
             self.executor.submit(batch)
         advanced, finished = [], []
-        for output in self.executor.collect():
+        try:
+            outputs = self.executor.collect()
+        except StageFailed as failure:  # the pipeline is gone: nothing queued can run any more
+            self._failure = str(failure)
+            return [], self.scheduler.abort_all(self._failure)
+        for output in outputs:
             got, done = self.scheduler.update(output)
             advanced += got
             finished += done

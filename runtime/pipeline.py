@@ -1,0 +1,200 @@
+"""The Ray pipeline: stage actors in a placement group, wired by a transport, fed micro-batches.
+
+Every micro-batch's control message goes to every stage as one actor call (Ray runs an actor's calls
+in submission order, so stages see batches in the same order); activations travel stage to stage over
+the transport, never through Ray. Up to one micro-batch per stage is in flight, so all stages work at
+once. Each batch has a deadline: a stage that dies or hangs fails the batches in flight with an error
+naming the stage, and the pipeline shuts itself down instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from runtime.errors import StageFailed
+from runtime.microbatch import MicroBatch, StepOutput
+
+log = logging.getLogger("mlapipe.pipeline")
+
+
+@dataclass
+class StageSpec:
+    first_layer: int
+    end_layer: int
+    amb_mib: float
+
+
+def ensure_ray(address: str | None) -> None:
+    """Joins the cluster at `address` (or RAY_ADDRESS), else starts a local one: the embedded default."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"address": address} if address else {}
+    ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+
+
+class RayPipeline:
+    def __init__(
+        self,
+        model_path: str,
+        stages: list[StageSpec],
+        *,
+        use_gpu: bool,
+        transport: str,
+        num_kv_blocks: int,
+        block_size: int,
+        deadline_s: float = 120.0,
+        address: str | None = None,
+        check_plan=None,  # callable(list of device infos) raising before any weight is loaded
+        runner_options: dict | None = None,
+    ):
+        from workers.stage import StageWorker
+
+        ensure_ray(address)
+        self.num_groups = len(stages)
+        self.deadline_s = deadline_s
+        self.transport = transport
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
+        self._pg = placement_group([bundle] * len(stages), strategy="PACK")
+        ray.get(self._pg.ready(), timeout=deadline_s)
+        actor_cls = ray.remote(StageWorker)
+        self.actors = [
+            actor_cls.options(
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=bundle["CPU"],
+                max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i
+                ),
+            ).remote(i, len(stages))
+            for i in range(len(stages))
+        ]
+        self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
+        try:
+            self.devices = self._get([a.init_device.remote(use_gpu) for a in self.actors])
+            if check_plan is not None:
+                check_plan(self.devices)
+            options = runner_options or {}
+            self._get(
+                [
+                    a.load_layers.remote(model_path, s.first_layer, s.end_layer, amb_mib=s.amb_mib, **options)
+                    for a, s in zip(self.actors, stages)
+                ]
+            )
+            self._get([a.allocate_kv_cache.remote(num_kv_blocks, block_size) for a in self.actors])
+            self._connect(transport)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _get(self, refs, timeout: float | None = None):
+        return ray.get(refs, timeout=timeout or max(self.deadline_s, 300.0))
+
+    def _connect(self, transport: str) -> None:
+        if len(self.actors) == 1:
+            return
+        if transport in ("nccl", "gloo"):
+            port = self._get(self.actors[0].free_port.remote())
+            master = f"{self.devices[0]['ip']}:{port}"
+            self._get([a.connect_torch.remote(transport, master, self.deadline_s) for a in self.actors])
+        elif transport == "grpc":
+            addresses = self._get([a.serve_grpc.remote(self.deadline_s) for a in self.actors])
+            self._get([a.connect_grpc.remote(addr) for a, addr in zip(self.actors[:-1], addresses[1:])])
+        else:
+            raise ValueError(f"unknown transport {transport!r}")
+
+    # executor interface (same as LocalExecutor) -------------------------------------------------
+    def submit(self, batch: MicroBatch) -> None:
+        refs = [a.run_batch.remote(batch) for a in self.actors]
+        self._pending[batch.batch_id] = (refs, time.monotonic() + self.deadline_s)
+
+    def collect(self) -> list[StepOutput]:
+        """Waits until at least one micro-batch finishes (if any is in flight) and returns the outputs
+        of all that have. Raises StageFailed, naming the stage, on an error or a missed deadline."""
+        while self._pending:
+            earliest = min(deadline for _, deadline in self._pending.values())
+            unresolved = {
+                ref: (batch_id, stage)
+                for batch_id, (refs, _) in self._pending.items()
+                for stage, ref in enumerate(refs)
+                if ref is not None
+            }
+            first, _ = ray.wait(
+                list(unresolved), num_returns=1, timeout=max(0.0, earliest - time.monotonic())
+            )
+            if not first:
+                self._fail_on_deadline()
+            ready, _ = ray.wait(list(unresolved), num_returns=len(unresolved), timeout=0, fetch_local=False)
+            outputs = []
+            for ref in ready:
+                batch_id, stage = unresolved[ref]
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # Ray wraps the stage's exception, or reports the actor's death
+                    self._fail(stage, _short(e))
+                refs, _ = self._pending[batch_id]
+                refs[stage] = None  # resolved: never waited on again
+                if stage == len(refs) - 1:
+                    outputs.append(result)
+                    del self._pending[batch_id]
+            if outputs:
+                return outputs
+        return []
+
+    def _fail_on_deadline(self) -> None:
+        stage = self._find_dead_stage()
+        reason = (
+            "the actor died"
+            if stage is not None
+            else f"no result within the {self.deadline_s:.0f} s deadline"
+        )
+        self._fail(stage if stage is not None else self._slowest_stage(), reason)
+
+    def _find_dead_stage(self) -> int | None:
+        for stage, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ping.remote(), timeout=5)
+            except Exception:
+                return stage
+        return None
+
+    def _slowest_stage(self) -> int:
+        """The first stage still working on the oldest batch in flight."""
+        refs, _ = min(self._pending.values(), key=lambda item: item[1])
+        return next((stage for stage, ref in enumerate(refs) if ref is not None), len(refs) - 1)
+
+    def _fail(self, stage: int, reason: str) -> None:
+        batch_ids = list(self._pending)
+        device = self.devices[stage]["device"] if stage < len(getattr(self, "devices", [])) else "?"
+        self.shutdown()
+        raise StageFailed(stage, device, reason, batch_ids)
+
+    def stats(self) -> list[dict]:
+        return self._get([a.stats.remote() for a in self.actors], timeout=30)
+
+    def shutdown(self) -> None:
+        self._pending.clear()
+        for actor in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(actor, no_restart=True)
+        self.actors = []
+        if getattr(self, "_pg", None) is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self._pg)
+            self._pg = None
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return text[-1] if text else type(error).__name__
