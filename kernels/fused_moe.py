@@ -92,7 +92,7 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 def gate_up_configs() -> list[triton.Config]:
     """GEMM 1 space (BLOCK_N, BLOCK_K, warps, stages); each program holds two B tiles (gate and up)."""
-    return _configs([(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 64, 4, 4)])
+    return _configs([(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3)])
 
 
 def down_configs() -> list[triton.Config]:
@@ -132,6 +132,7 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # the reduction dim is a multiple of BLOCK_K (set by the heuristics below)
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -151,10 +152,15 @@ def _gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
-        k_ok = ks < hidden_size - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:  # no mask along the reduction: the loop's loads stay simple
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            gate = tl.load(gate_ptrs, mask=col_ok[None, :], other=0.0)
+            up = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < hidden_size - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc_gate = tl.dot(a, gate, acc_gate)
         acc_up = tl.dot(a, up, acc_up)
         a_ptrs += BLOCK_K
@@ -185,6 +191,7 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # the reduction dim is a multiple of BLOCK_K (set by the heuristics below)
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -201,9 +208,13 @@ def _down_kernel(
     w_ptrs = w_down_ptr + expert.to(tl.int64) * stride_w_e + cols[None, :] * stride_w_n + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, inter_size, BLOCK_K):
-        k_ok = ks < inter_size - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < inter_size - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -233,6 +244,12 @@ def _sum_slots_kernel(
     tl.store(out_ptr + tokens[:, None].to(tl.int64) * hidden_size + cols[None, :], acc, mask=mask)
 
 
+_gate_up_kernel = triton.heuristics({"EVEN_K": lambda args: args["hidden_size"] % args["BLOCK_K"] == 0})(
+    _gate_up_kernel
+)
+_down_kernel = triton.heuristics({"EVEN_K": lambda args: args["inter_size"] % args["BLOCK_K"] == 0})(
+    _down_kernel
+)
 _gate_up_autotuned = triton.autotune(configs=gate_up_configs(), key=["hidden_size", "inter_size", "BLOCK_M"])(
     _gate_up_kernel
 )

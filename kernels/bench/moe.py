@@ -126,7 +126,9 @@ def bench_model(name: str, args, copy_gbs: float, mm_tflops: float) -> dict[str,
         tflops = 2 * T * m["K"] * 3 * m["H"] * m["I"] / ms / 1e9
         tables["main"].append(
             [name, T, hit, f"{ms:.3f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%", f"{tflops:.0f}",
-             f"{100 * tflops / mm_tflops:.0f}%", f"{base_ms:.3f}", f"{base_ms / ms:.2f}", f"{graph_ms:.3f}"]
+             f"{100 * tflops / mm_tflops:.0f}%", f"{base_ms:.3f}", f"{base_ms / ms:.2f}", f"{graph_ms:.3f}",
+             f"{100 * hit * expert_bytes / graph_ms / 1e6 / copy_gbs:.0f}%",
+             f"{100 * 2 * T * m['K'] * 3 * m['H'] * m['I'] / graph_ms / 1e9 / mm_tflops:.0f}%"]
         )  # fmt: skip
         print(tables["main"][-1], flush=True)
         shared_ms = median_ms(functools.partial(reference.dense_mlp, hidden, *shared))
@@ -227,7 +229,8 @@ def main(argv: list[str]) -> None:
     print(f"copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s, measured in this run. GB/s: bytes of")
     print("the hit experts' weights over time. graph ms: the same call replayed in a CUDA graph.\n")
     header = ["model", "T", "hit", "ms", "GB/s", "% copy", "TFLOP/s", "% mm", "torch ms", "torch/ours"]
-    print(markdown_table(header + ["graph ms"], [row for t in tables for row in t["main"]]))
+    header += ["graph ms", "graph % copy", "graph % mm"]
+    print(markdown_table(header, [row for t in tables for row in t["main"]]))
     if any(t["variant"] for t in tables):
         print("\n## Batch invariance cost (decode tile 64 rows vs batch-variant 16 rows)\n")
         header = ["model", "T", "invariant ms", "variant ms", "cost", "same bits"]
