@@ -40,3 +40,13 @@ def _seed_everything():
         torch.manual_seed(0)
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the pipeline tests, sized like the CI machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
