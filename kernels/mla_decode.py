@@ -9,9 +9,8 @@ Algorithm (FlashDecoding over a latent cache shared by all heads):
   512 values. So a tile is read once for BLOCK_M rows; that reuse is the point of MQA. Online softmax in
   base 2 (the scale folded with log2 e); a row sees key j iff j <= its position, which makes chunks of a
   few new tokens causal among themselves.
-  With one split the kernel writes the output and the log-sum-exp directly; with several it writes fp32
-  partials (T, H, splits, C) and (T, H, splits), and a second kernel merges them exactly:
-  lse = log sum_k exp(lse_k), out = sum_k exp(lse_k - lse) out_k.
+  The kernel writes fp32 partials (T, H, splits, C) and (T, H, splits), and a second kernel merges them
+  exactly: lse = log sum_k exp(lse_k), out = sum_k exp(lse_k - lse) out_k.
 
 Never-read guarantees (tested with NaN-poisoned slots and out-of-range table entries): block-table
 entries are loaded only for keys below the sequence length, and cache rows only for those keys.
@@ -31,7 +30,7 @@ import triton.language as tl
 from kernels.mla_prefill import pin_if_requested
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it
 # Smallest share of the context worth a split of its own: below it the merge costs more than it saves.
 MIN_KEYS_PER_SPLIT = 256
 
@@ -49,6 +48,11 @@ def decode_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        # deeper pipelines: more cache bytes in flight per multiprocessor for the memory-bound shapes
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3),
     ]
     return configs
 
@@ -73,7 +77,7 @@ def _mla_decode_kernel(
     block_table_ptr,  # (S, max_blocks) int32
     seq_lens_ptr,  # (S,) int32
     query_start_loc_ptr,  # (S + 1,) int32
-    out_ptr,  # (T, H, splits, C): fp32 partials, or the final output with one split
+    out_ptr,  # (T, H, splits, C) fp32 partials
     lse_ptr,  # (T, H, splits) fp32
     stride_qt,
     stride_qh,
@@ -132,8 +136,16 @@ def _mla_decode_kernel(
     for tile_start in tl.range(kv_start, kv_end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         key_valid = keys < kv_end
-        block_ids = tl.load(table_row + keys // PAGE_SIZE, mask=key_valid, other=0)
-        kv_rows = kv_ptr + block_ids.to(tl.int64) * stride_kvb + (keys % PAGE_SIZE) * stride_kvp
+        if PAGE_SIZE % BLOCK_N == 0:
+            # The tile lies inside one page (tile_start < kv_end <= seq_len, so the page is in use): one
+            # scalar table read, contiguous rows, and a load the software pipeliner can run ahead.
+            block_id = tl.load(table_row + tile_start // PAGE_SIZE).to(tl.int64)
+            kv_rows = (
+                kv_ptr + block_id * stride_kvb + (tile_start % PAGE_SIZE + tl.arange(0, BLOCK_N)) * stride_kvp
+            )
+        else:
+            block_ids = tl.load(table_row + keys // PAGE_SIZE, mask=key_valid, other=0)
+            kv_rows = kv_ptr + block_ids.to(tl.int64) * stride_kvb + (keys % PAGE_SIZE) * stride_kvp
         # other=0 for keys past the end: their slots may hold NaN, and 0 * NaN would leak through p @ V.
         k_nope = tl.load(kv_rows[:, None] + c[None, :], mask=key_valid[:, None], other=0.0)
         k_pe = tl.load(kv_rows[:, None] + KV_LORA_RANK + r[None, :], mask=key_valid[:, None], other=0.0)
@@ -273,11 +285,10 @@ def mla_decode(
             num_seqs, nominal_row_blocks, max_seq_len, _multiprocessor_count(q.device)
         )
 
-    if num_kv_splits == 1:
-        target_out, target_lse = out.unsqueeze(2), lse.unsqueeze(2)  # (T, H, 1, C), (T, H, 1)
-    else:
-        target_out = torch.empty(T, H, num_kv_splits, kv_lora_rank, dtype=torch.float32, device=q.device)
-        target_lse = torch.empty(T, H, num_kv_splits, dtype=torch.float32, device=q.device)
+    # fp32 partials even for one split: the autotune key includes argument dtypes, and one partial type
+    # keeps one tuned config per head count; the merge of a single split is a cheap cast.
+    target_out = torch.empty(T, H, num_kv_splits, kv_lora_rank, dtype=torch.float32, device=q.device)
+    target_lse = torch.empty(T, H, num_kv_splits, dtype=torch.float32, device=q.device)
 
     def grid(meta):
         return (num_seqs, triton.cdiv(H * max_query_len, meta["BLOCK_M"]), num_kv_splits)
@@ -308,26 +319,25 @@ def mla_decode(
         ROPE_DIM=rope_dim,
         PAGE_SIZE=kv_cache.shape[1],
     )
-    if num_kv_splits > 1:
-        block_h = min(16, triton.next_power_of_2(H))
-        _merge_splits_kernel[(T, triton.cdiv(H, block_h))](
-            target_out,
-            target_lse,
-            out,
-            lse,
-            H,
-            num_kv_splits,
-            target_out.stride(0),
-            target_out.stride(1),
-            target_out.stride(2),
-            target_lse.stride(0),
-            target_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            KV_LORA_RANK=kv_lora_rank,
-            BLOCK_H=block_h,
-            BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
-            num_warps=4,
-        )
+    block_h = min(16, triton.next_power_of_2(H))
+    _merge_splits_kernel[(T, triton.cdiv(H, block_h))](
+        target_out,
+        target_lse,
+        out,
+        lse,
+        H,
+        num_kv_splits,
+        target_out.stride(0),
+        target_out.stride(1),
+        target_out.stride(2),
+        target_lse.stride(0),
+        target_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        KV_LORA_RANK=kv_lora_rank,
+        BLOCK_H=block_h,
+        BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
+        num_warps=4,
+    )
     return out, lse

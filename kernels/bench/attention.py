@@ -217,8 +217,15 @@ def prefill_table(mm_tflops, generator, quick) -> list[list[object]]:
 
 
 def threshold_table(generator) -> list[list[object]]:
-    """Decode path vs prefill path for 8 sequences with 4k cached tokens each and n new tokens (V3)."""
-    heads, batch, prefix = 128, 8, 4096
+    """Decode path vs prefill path for 8 sequences with 4k cached tokens each and n new tokens."""
+    rows = []
+    for model, heads in MODELS.items():
+        rows += [[model, *row] for row in threshold_rows(heads, generator)]
+    return rows
+
+
+def threshold_rows(heads: int, generator: torch.Generator) -> list[list[object]]:
+    batch, prefix = 8, 4096
     w_uk = (torch.randn(heads, NOPE_DIM, KV_LORA_RANK, device="cuda") / 512**0.5).to(DTYPE)
     w_uv = (torch.randn(heads, V_DIM, KV_LORA_RANK, device="cuda") / 512**0.5).to(DTYPE)
     rows = []
@@ -270,10 +277,8 @@ def main(argv: list[str]) -> None:
     print("\n".join(chosen_configs()))
 
     print(f"\n## {props.name}: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s\n")
-    print(
-        "decode vs prefill path, V3, 8 sequences x 4096 cached + n new tokens (ms, with W_UK/W_UV absorption)"
-    )
-    print(markdown_table(["new tokens", "decode ms", "prefill ms", "faster"], threshold))
+    print("decode vs prefill path, 8 sequences x 4096 cached + n new tokens (ms, with W_UK/W_UV absorption)")
+    print(markdown_table(["model", "new tokens", "decode ms", "prefill ms", "faster"], threshold))
     print("\nabsorbed decode (one new token per sequence)")
     print(markdown_table(DECODE_HEADER, decode))
     print("\ndecompressed prefill (one sequence, causal, no prefix)")
