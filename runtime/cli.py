@@ -1,4 +1,4 @@
-"""mlapipe command line: generate | inspect."""
+"""mlapipe command line: generate | batch | inspect."""
 
 from __future__ import annotations
 
@@ -27,6 +27,79 @@ def _add_generate(sub) -> None:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
     p.add_argument("-m", "--model", required=True)
+    p.add_argument("--pipeline", type=int, default=None, help="also print the memory plan of N stages")
+    p.add_argument(
+        "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
+    )
+    p.add_argument("--ubatch", type=int, default=512, help="tokens per micro-batch")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="run prompts from a JSONL file, writing each result as it finishes")
+    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt": text or token ids, ...}')
+    p.add_argument("--output", required=True, help="JSONL results; re-running skips ids already in it")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="default max tokens per request")
+    p.add_argument("--temp", type=float, default=0.0, help="default temperature")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_engine_options(p)
+
+
+def _add_engine_options(p) -> None:
+    """Options passed to Engine only when given, so the engine's own defaults apply otherwise."""
+    p.add_argument("--pipeline", type=int, default=None, help="pipeline stages")
+    p.add_argument(
+        "--amb", type=_amb_values, default=None, help="attention max batch in MiB, or one per stage"
+    )
+    p.add_argument("--ubatch", type=int, default=None, help="tokens per micro-batch")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
+    p.add_argument("--transport", default=None, help="nccl | gloo | grpc (default: the fastest available)")
+    p.add_argument(
+        "--address", default=None, help="an existing Ray cluster (else RAY_ADDRESS or a local one)"
+    )
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _amb_values(text: str) -> float | list[float]:
+    values = _float_list(text)
+    return values[0] if len(values) == 1 else values
+
+
+def engine_options(args) -> dict:
+    """Engine keywords from the options the user gave; refuses ones this Engine does not take yet."""
+    import inspect
+
+    from runtime.engine import Engine
+
+    given = {
+        "pipeline": args.pipeline,
+        "amb": args.amb,
+        "ubatch": args.ubatch,
+        "n_ctx": args.ctx_size,
+        "split": args.split,
+        "transport": args.transport,
+        "address": args.address,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    accepted = inspect.signature(Engine).parameters
+    unknown = [key for key in given if key not in accepted]
+    if unknown:
+        raise ValueError(f"this engine does not support {', '.join(unknown)} yet")
+    return given
 
 
 def cmd_generate(args) -> int:
@@ -71,6 +144,52 @@ def cmd_inspect(args) -> int:
             f"({cfg.num_layers} layers x {cfg.latent_dim} x {size}); "
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
+    if args.pipeline is not None:
+        from runtime.planner import plan_for_model
+
+        # Same default as Engine: 4096 tokens, capped by the model's trained context.
+        n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+        plan = plan_for_model(
+            model, args.pipeline, split=args.split, amb_mib=args.amb, ubatch=args.ubatch, num_kv_tokens=n_ctx
+        )
+        print(f"pipeline plan (n_ctx {n_ctx}, ubatch {args.ubatch}, bf16 weights and KV):")
+        print(plan.format())
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from runtime.batch import describe_failures, read_done_ids, read_requests, run_batch
+    from runtime.engine import Engine
+    from runtime.sampling_params import SamplingParams
+    from runtime.tiny_models import demo_model_path
+
+    defaults = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    items = read_requests(args.input, defaults)  # bad lines fail here, before the model loads
+    done = read_done_ids(args.output)
+    if all(item.request_id in done for item in items):
+        print(f"[all {len(items)} requests already done; {args.output}]", file=sys.stderr)
+        return 0
+    path = demo_model_path() if args.demo else args.model
+    try:
+        with Engine(path, **engine_options(args)) as engine:
+            summary = run_batch(engine, items, args.output, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"mlapipe: interrupted; results finished so far are in {args.output}; "
+            "re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"[{summary.written} written, {summary.skipped} already done, {len(summary.failed)} failed; "
+        f"{args.output}]",
+        file=sys.stderr,
+    )
+    if summary.failed:
+        print(f"mlapipe: error: {describe_failures(summary)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_batch(sub)
     _add_inspect(sub)
     args = parser.parse_args(argv)
     from runtime.engine import PromptError
@@ -87,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.tokenizer import TokenizerError
 
     try:
-        return {"generate": cmd_generate, "inspect": cmd_inspect}[args.command](args)
+        return {"generate": cmd_generate, "batch": cmd_batch, "inspect": cmd_inspect}[args.command](args)
     except (ModelFileError, PromptError, TokenizerError, ValueError) as e:
         print(f"mlapipe: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,312 @@
+"""Pipeline planner: layer split by bytes or by user proportion, per-stage memory under amb, refusals."""
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from kernels.amb import MIB
+from runtime.config import ModelConfig
+from runtime.planner import (
+    PlanError,
+    check_fits,
+    layer_weight_bytes,
+    plan_for_model,
+    plan_pipeline,
+    split_layers,
+)
+
+
+def v2_lite_config(**overrides) -> ModelConfig:
+    """DeepSeek-V2-Lite's shape (BACKGROUND.md), built without a file."""
+    values = dict(
+        num_layers=27,
+        hidden_size=2048,
+        vocab_size=102400,
+        context_length=163840,
+        rms_norm_eps=1e-6,
+        num_heads=16,
+        q_lora_rank=0,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        intermediate_size=10944,
+        num_dense_layers=1,
+        num_experts=64,
+        num_experts_per_token=6,
+        num_shared_experts=2,
+        expert_intermediate_size=1408,
+        expert_weights_scale=1.0,
+        expert_weights_norm=False,
+        gating="softmax",
+        num_expert_groups=1,
+        num_expert_groups_used=1,
+        rope_freq_base=10000.0,
+        rope_scaling_factor=40.0,
+        rope_original_context=4096,
+        yarn_log_multiplier=0.0707,
+    )
+    return ModelConfig(**(values | overrides))
+
+
+def _stage_totals(ranges, layer_bytes, embed, head):
+    totals = [sum(layer_bytes[a:b]) for a, b in ranges]
+    totals[0] += embed
+    totals[-1] += head
+    return totals
+
+
+def _brute_force_best(layer_bytes, embed, head, num_stages):
+    n, best = len(layer_bytes), math.inf
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        ends = [*cuts, n]
+        ranges = list(zip([0, *cuts], ends))
+        best = min(best, max(_stage_totals(ranges, layer_bytes, embed, head)))
+    return best
+
+
+def _assert_contiguous_cover(ranges, num_layers):
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_layers
+    for (_, end), (first, _) in itertools.pairwise(ranges):
+        assert end == first
+    assert all(end - first >= 1 for first, end in ranges)
+
+
+# layer split ----------------------------------------------------------------------------------------
+def test_equal_layers_split_evenly():
+    assert split_layers([10] * 8, 0, 0, 2) == [(0, 4), (4, 8)]
+    assert split_layers([10] * 9, 0, 0, 3) == [(0, 3), (3, 6), (6, 9)]
+
+
+def test_embedding_and_output_take_layers_off_the_end_stages():
+    # stage 0 holds the 20-byte embedding, so it gets 3 layers to stage 1's 5: 50 / 50
+    assert split_layers([10] * 8, 20, 0, 2) == [(0, 3), (3, 8)]
+    assert split_layers([10] * 8, 0, 20, 2) == [(0, 5), (5, 8)]
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 5])
+def test_split_minimises_the_heaviest_stage(num_stages):
+    rng = random.Random(num_stages)
+    for _ in range(20):
+        layer_bytes = [rng.randint(1, 100) for _ in range(rng.randint(num_stages, 10))]
+        embed, head = rng.randint(0, 200), rng.randint(0, 200)
+        ranges = split_layers(layer_bytes, embed, head, num_stages)
+        _assert_contiguous_cover(ranges, len(layer_bytes))
+        heaviest = max(_stage_totals(ranges, layer_bytes, embed, head))
+        assert heaviest == _brute_force_best(layer_bytes, embed, head, num_stages)
+
+
+def test_every_stage_gets_a_layer_even_when_one_is_huge():
+    # A giant embedding would leave stage 0 nothing if bytes alone decided.
+    assert split_layers([1] * 4, 10**9, 0, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert split_layers([1] * 3, 10**9, 10**9, 3) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_user_split_follows_proportions_like_tensor_split():
+    assert split_layers([1] * 27, 0, 0, 2, split=[3, 1]) == [(0, 21), (21, 27)]  # 20.25 -> 21
+    assert split_layers([1] * 8, 0, 0, 2, split=[1, 1]) == [(0, 4), (4, 8)]
+    # the bytes do not matter once the user splits
+    assert split_layers([100, 1, 1, 1], 0, 0, 2, split=[1, 1]) == [(0, 2), (2, 4)]
+    assert split_layers([1] * 6, 0, 0, 3, split=[0.5, 0.25, 0.25]) == [(0, 3), (3, 5), (5, 6)]
+
+
+def test_user_split_still_gives_every_stage_a_layer():
+    # 100:1:1 over 4 layers gives ends 4, 4, 4; boundaries are pushed apart
+    ranges = split_layers([1] * 4, 0, 0, 3, split=[100, 1, 1])
+    assert ranges == [(0, 2), (2, 3), (3, 4)]
+    ranges = split_layers([1] * 5, 0, 0, 3, split=[1, 1, 100])
+    _assert_contiguous_cover(ranges, 5)
+    assert ranges[-1] == (2, 5)
+
+
+def test_any_user_split_covers_all_layers_with_at_least_one_each():
+    rng = random.Random(1)
+    for _ in range(200):
+        num_layers = rng.randint(1, 12)
+        num_stages = rng.randint(1, num_layers)
+        split = [rng.choice([0.01, 0.5, 1, 3, 100]) for _ in range(num_stages)]
+        _assert_contiguous_cover(split_layers([1] * num_layers, 0, 0, num_stages, split), num_layers)
+
+
+@pytest.mark.parametrize(
+    "num_stages, split, message",
+    [
+        (5, None, "5 pipeline stages for 4 layers"),
+        (0, None, "at least one stage"),
+        (2, [1, 1, 1], "3 values for 2 pipeline stages"),
+        (2, [1, 0], "must be positive"),
+    ],
+)
+def test_impossible_splits_are_refused(num_stages, split, message):
+    with pytest.raises(ValueError, match=message):
+        split_layers([1] * 4, 0, 0, num_stages, split)
+
+
+# memory plan ------------------------------------------------------------------------------------------
+def _plan(num_stages=2, **options):
+    cfg = v2_lite_config()
+    layer_bytes = [100 * MIB] * cfg.num_layers
+    options = {"num_kv_tokens": 32768, "ubatch": 512} | options
+    return plan_pipeline(cfg, layer_bytes, 200 * MIB, 200 * MIB, num_stages, **options)
+
+
+def test_kv_is_tokens_times_latent_times_layers():
+    plan = _plan(num_stages=3, num_kv_tokens=1000)
+    for stage in plan.stages:
+        assert stage.kv_bytes == 1000 * 576 * 2 * stage.num_layers
+    assert sum(s.num_layers for s in plan.stages) == 27
+
+
+def test_weights_include_embedding_first_and_output_last():
+    plan = _plan(num_stages=3)
+    first, middle, last = plan.stages
+    assert first.weight_bytes == first.num_layers * 100 * MIB + 200 * MIB and first.has_embed
+    assert middle.weight_bytes == middle.num_layers * 100 * MIB
+    assert last.weight_bytes == last.num_layers * 100 * MIB + 200 * MIB and last.has_head
+
+
+def test_lower_amb_lowers_compute_bytes_and_takes_more_head_steps():
+    unlimited, medium, tiny = (_plan(amb_mib=amb).stages[0] for amb in (0, 64, 0.001))
+    assert unlimited.num_head_steps == 1 < medium.num_head_steps < tiny.num_head_steps == 16
+    assert unlimited.compute_bytes > medium.compute_bytes > tiny.compute_bytes
+    # 32768 tokens x (128 + 64 + 128) x 2 bytes = 20 MiB per head: all 16 heads are 320 MiB, so 64 MiB
+    # allows 3 heads per step, 6 steps; amb changes only the attention part, never weights or KV
+    assert medium.num_head_steps == 6
+    assert unlimited.compute_bytes - medium.compute_bytes == (16 - 3) * 20 * MIB
+    assert unlimited.weight_bytes == tiny.weight_bytes and unlimited.kv_bytes == tiny.kv_bytes
+
+
+def test_amb_per_stage():
+    plan = _plan(num_stages=2, amb_mib=[0, 64])
+    assert [s.amb_mib for s in plan.stages] == [0, 64]
+    assert [s.num_head_steps for s in plan.stages] == [1, 6]
+    assert "amb unlimited, 1 head step)" in plan.format()
+    assert "amb 64 MiB, 6 head steps)" in plan.format()
+    with pytest.raises(ValueError, match="3 amb values"):
+        _plan(num_stages=2, amb_mib=[0, 64, 64])
+
+
+def test_attention_is_sized_for_one_sequence_not_the_whole_cache():
+    whole = _plan(num_kv_tokens=4 * 32768)
+    one_sequence = _plan(num_kv_tokens=4 * 32768, n_ctx=32768)
+    assert whole.stages[0].kv_bytes == one_sequence.stages[0].kv_bytes
+    assert whole.stages[0].compute_bytes > one_sequence.stages[0].compute_bytes
+
+
+def test_larger_ubatch_grows_moe_and_logits_buffers():
+    small, large = _plan(amb_mib=1, ubatch=256), _plan(amb_mib=1, ubatch=2048)
+    for a, b in zip(small.stages, large.stages):
+        assert b.compute_bytes > a.compute_bytes
+    # the last stage holds ubatch x vocab fp32 logits: 2048 x 102400 x 4 = 800 MiB
+    assert large.stages[-1].compute_bytes >= 800 * MIB > large.stages[0].compute_bytes
+
+
+def test_format_reads_like_buffer_lines():
+    text = _plan(num_stages=2, amb_mib=256).format()
+    lines = text.splitlines()
+    assert lines[0].startswith("stage 0 (layers 0-")
+    assert ", embed): weights " in lines[0] and ", output): weights " in lines[1]
+    for line in lines[:2]:
+        assert (
+            " MiB, KV " in line
+            and " MiB, compute " in line
+            and "(amb 256 MiB, " in line
+            and ", total " in line
+        )
+    assert lines[-1].startswith("pipeline: 2 stage(s), total ")
+
+
+# fitting -----------------------------------------------------------------------------------------------
+def test_check_fits_passes_when_everything_fits():
+    plan = _plan(num_stages=2)
+    check_fits(plan, [s.total_bytes for s in plan.stages], ["cuda:0", "cuda:1"])
+
+
+def test_check_fits_names_the_device_the_numbers_and_the_remedies():
+    plan = _plan(num_stages=2, amb_mib=0)
+    short = plan.stages[1]
+    free = [plan.stages[0].total_bytes, short.total_bytes - 300 * MIB]
+    with pytest.raises(PlanError) as error:
+        check_fits(plan, free, ["cuda:0 (NVIDIA H200)", "cuda:1 (NVIDIA H200)"])
+    message = str(error.value)
+    assert "stage 1" in message and "cuda:1 (NVIDIA H200)" in message and "cuda:0" not in message
+    assert f"needs {short.total_bytes / MIB:.2f} MiB" in message
+    assert f"{free[1] / MIB:.2f} MiB free" in message and "short by 300.00 MiB" in message
+    for remedy in ("amb", "ubatch", "n_ctx", "more pipeline stages"):
+        assert remedy in message
+
+
+def test_check_fits_wants_one_free_value_per_stage():
+    with pytest.raises(ValueError, match="2 stages, 1 free-memory values"):
+        check_fits(_plan(num_stages=2), [1 << 40], ["cuda:0"])
+
+
+# from a GGUF file ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from runtime.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("planner") / "tiny.gguf", "v3", num_hidden_layers=4)
+
+
+def test_layer_weight_bytes_counts_matrices_at_element_size_and_vectors_in_fp32(tiny_model):
+    from runtime.gguf_model import GGUFModel
+
+    model = GGUFModel(tiny_model)
+    cfg = model.config
+    layers, embed, head = layer_weight_bytes(model, element_size=2)
+    assert len(layers) == cfg.num_layers
+    assert embed == cfg.vocab_size * cfg.hidden_size * 2
+    assert head == cfg.vocab_size * cfg.hidden_size * 2 + cfg.hidden_size * 4  # output + final norm
+    vectors = sum(math.prod(t.shape) for t in model.tensors.values() if len(t.shape) == 1)
+    routers = sum(math.prod(t.shape) for n, t in model.tensors.items() if n.endswith("moe.router"))
+    assert routers > 0
+    assert sum(layers) + embed + head == 2 * model.num_parameters + 2 * (vectors + routers)
+    # a MoE layer outweighs the leading dense one
+    assert layers[1] > layers[0]
+
+
+def test_plan_for_model_matches_plan_pipeline(tiny_model):
+    from runtime.gguf_model import GGUFModel
+
+    model = GGUFModel(tiny_model)
+    plan = plan_for_model(model, 2, num_kv_tokens=256, amb_mib=0.01)
+    assert [s.num_layers for s in plan.stages] and sum(s.num_layers for s in plan.stages) == 4
+    assert all(s.num_head_steps == model.config.num_heads for s in plan.stages)
+
+
+def _inspect(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "inspect", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+
+
+def test_inspect_prints_the_plan_after_the_usual_output(tiny_model):
+    plain = _inspect("-m", tiny_model)
+    done = _inspect("-m", tiny_model, "--pipeline", "2", "--amb", "0,0.01", "--ubatch", "64", "-c", "256")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(plain.stdout)  # the existing output is unchanged, the plan follows it
+    plan_lines = done.stdout[len(plain.stdout) :].splitlines()
+    assert plan_lines[0] == "pipeline plan (n_ctx 256, ubatch 64, bf16 weights and KV):"
+    assert plan_lines[1].startswith("stage 0 (layers 0-") and "embed" in plan_lines[1]
+    assert "amb unlimited, 1 head step)" in plan_lines[1]
+    assert plan_lines[2].startswith("stage 1 (layers ") and "-3, output)" in plan_lines[2]
+    assert "(amb 0.01 MiB, 4 head steps)" in plan_lines[2]
+
+
+def test_inspect_split_and_bad_pipeline(tiny_model):
+    done = _inspect("-m", tiny_model, "--pipeline", "2", "--split", "3,1")
+    assert done.returncode == 0, done.stderr
+    assert "stage 0 (layers 0-2, embed)" in done.stdout and "stage 1 (layers 3-3, output)" in done.stdout
+    bad = _inspect("-m", tiny_model, "--pipeline", "5")
+    assert bad.returncode == 2
+    assert "mlapipe: error: 5 pipeline stages for 4 layers" in bad.stderr
