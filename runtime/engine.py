@@ -67,6 +67,7 @@ class Engine:
         max_seqs_per_batch: int = 256,
         attention: str = "auto",
         deadline_s: float = 120.0,
+        placement: str = "PACK",  # Ray placement strategy of the stages
     ):
         self.model = GGUFModel(model)
         self.config = self.model.config
@@ -81,7 +82,16 @@ class Engine:
         self.plan = None
         if use_ray or (use_ray is None and (pipeline > 1 or address)):
             self.executor = self._start_pipeline(
-                pipeline, device, amb, ubatch, transport, address, split, deadline_s, runner_options
+                pipeline,
+                device,
+                amb,
+                ubatch,
+                transport,
+                address,
+                split,
+                deadline_s,
+                placement,
+                runner_options,
             )
         else:
             from workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -107,7 +117,7 @@ class Engine:
         self._failure: str | None = None
 
     def _start_pipeline(
-        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, options
+        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options
     ):
         from runtime.pipeline import RayPipeline, StageSpec
         from runtime.planner import check_fits, plan_for_model
@@ -143,6 +153,7 @@ class Engine:
             deadline_s=deadline_s,
             address=address,
             check_plan=check_plan,
+            placement=placement,
             runner_options=options,
         )
 

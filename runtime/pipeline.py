@@ -54,6 +54,7 @@ class RayPipeline:
         deadline_s: float = 120.0,
         address: str | None = None,
         check_plan=None,  # callable(list of device infos) raising before any weight is loaded
+        placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         runner_options: dict | None = None,
     ):
         from workers.stage import StageWorker
@@ -63,7 +64,7 @@ class RayPipeline:
         self.deadline_s = deadline_s
         self.transport = transport
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
-        self._pg = placement_group([bundle] * len(stages), strategy="PACK")
+        self._pg = placement_group([bundle] * len(stages), strategy=placement)
         ray.get(self._pg.ready(), timeout=deadline_s)
         actor_cls = ray.remote(StageWorker)
         self.actors = [

@@ -55,6 +55,7 @@ class StageWorker:
             "free_bytes": free,
             "total_bytes": total,
             "ip": _node_ip(),
+            "node_id": _node_id(),
             "pid": os.getpid(),
         }
 
@@ -146,6 +147,12 @@ def _available_host_memory() -> int:
     except OSError:
         pass
     return 0
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _node_ip() -> str:
