@@ -83,9 +83,9 @@ def test_reference_run_writes_every_field(reference):
     assert reference[2]["prompt_tokens"] == 3  # token ids are used as given
 
 
-def _batch_command(input_path, output_path, model_path, slow_steps=False):
+def _batch_command(input_path, output_path, model_path, *extra_args, slow_steps=False):
     argv = ["batch", "--input", input_path, "--output", output_path, "-m", model_path]
-    argv += ["-n", str(DEFAULT_MAX_TOKENS)]
+    argv += ["-n", str(DEFAULT_MAX_TOKENS), *extra_args]
     # Slowing each engine step makes the interruption land mid-run however fast the machine is.
     patch = (
         "import time, runtime.engine as e; step = e.Engine.step; "
@@ -103,6 +103,16 @@ def test_cli_output_matches_the_in_process_run(model_path, reference, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "4 written" in done.stderr
+    assert _by_id(_read_results(output)) == reference
+
+
+@pytest.mark.slow
+def test_two_stage_pipeline_writes_the_same_results(model_path, reference, tmp_path):
+    output = tmp_path / "out.jsonl"
+    input_path = _write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    command = _batch_command(input_path, str(output), model_path, "--pipeline", "2")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
     assert _by_id(_read_results(output)) == reference
 
 
