@@ -16,12 +16,11 @@ padding = R; tile_expert (max_tiles,), -1 = unused tile).
 Determinism and batch invariance. No atomics and no split over the reduction dimension: every output
 element is one program's fp32 dot over H (GEMM 1) or I (GEMM 2) in increasing order, then the fixed
 slot sum. A row's bits therefore depend only on its own token, its expert's weights and the tile
-config. Every config the launcher can pick (both autotune spaces) uses BLOCK_M >= 64 and 4 or 8 warps,
-so Triton emits Hopper wgmma for all of them; wgmma chains k16 steps into one accumulator whatever the
-BLOCK_N/BLOCK_K, so all of them give the same bits (a GPU test checks this), and neither the batch
-size nor autotune's timing-dependent pick changes the result. MLAPIPE_MOE_BATCH_INVARIANT=0 allows a
-BLOCK_M=16 decode tile (mma.sync on Hopper), which may round differently; kernels/NOTES-moe.md gives its
-measured cost.
+config, never on the other rows of the batch. The configs the launcher can pick (both autotune spaces,
+BLOCK_M 64 or 128) were checked on an H200 to give identical bits (a GPU test pins a spread of them), so
+neither the batch size nor autotune's timing-dependent pick changes the result. MLAPIPE_MOE_BATCH_INVARIANT=0
+allows a BLOCK_M=16 decode tile (mma.sync rather than wgmma), which the numerics do not promise to match;
+on the H200 it matched too and was no faster (kernels/NOTES-moe.md).
 
 Tiles: BLOCK_M is chosen from rows per expert (decode-sized 64, prefill-sized 128); BLOCK_N, BLOCK_K,
 warps and stages are autotuned keyed on (H, I, BLOCK_M), never on T. MLAPIPE_MOE_CONFIG =
