@@ -18,6 +18,7 @@ from runtime.errors import StageFailed
 from runtime.gguf_model import GGUFModel
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Request, Scheduler
+from runtime.shapes import RandomModel, is_random_spec
 from runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
@@ -69,9 +70,10 @@ class Engine:
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
     ):
-        self.model = GGUFModel(model)
+        random_weights = is_random_spec(model)
+        self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
-        self.tokenizer = GGUFTokenizer(self.model.metadata)
+        self.tokenizer = None if random_weights else GGUFTokenizer(self.model.metadata)
         self.n_ctx = min(n_ctx or 4096, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
         self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
@@ -111,7 +113,7 @@ class Engine:
             self.n_ctx,
             self.executor.num_groups,
             max_seqs_per_batch,
-            self.tokenizer.eos_token_id,
+            self.tokenizer.eos_token_id if self.tokenizer else None,
         )
         self._ids = itertools.count()
         self._failure: str | None = None
@@ -240,6 +242,8 @@ class Engine:
 
     # helpers ------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise PromptError(f"{self.model.path} has no tokenizer: give prompts as token ids")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not token_ids:
             raise PromptError("empty prompt")
@@ -259,7 +263,7 @@ class Engine:
             request.request_id,
             request.prompt_token_ids,
             list(request.output_token_ids),
-            self.tokenizer.decode(request.output_token_ids),
+            self.tokenizer.decode(request.output_token_ids) if self.tokenizer else "",
             request.finish_reason,
         )
 

@@ -7,12 +7,15 @@ last stage turns hidden states into sampled tokens (or scores, or logits when as
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from kernels.norm_rope import rope_cos_sin, yarn_inv_freq
 from runtime.config import ModelConfig
 from runtime.gguf_model import GGUFModel
 from runtime.microbatch import MicroBatch, StepOutput
+from runtime.shapes import RandomModel, is_random_spec
 from workers.attention import DEFAULT_DECODE_THRESHOLD, AttentionMetadata, build_group
 from workers.kv_cache import allocate_latent_cache, slot_mapping
 from workers.layers import ModelShard
@@ -26,6 +29,8 @@ def load_shard_weights(
     model: GGUFModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Reads only this shard's tensors from the file (plus embedding / head where the shard has them)."""
+    if isinstance(model, RandomModel):
+        return random_shard_weights(model, first_layer, end_layer, device, dtype)
     cfg = model.config
     weights: dict[str, torch.Tensor] = {}
 
@@ -42,6 +47,51 @@ def load_shard_weights(
         put("norm", model.read("norm"))
         put("head", model.read("head"))
     return weights
+
+
+def random_shard_weights(
+    model: RandomModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights of the shard's tensors, made on the device (a 16B-parameter shape never
+    exists on the host). Scaled by 1/sqrt(fan-in) so activations and routing stay realistic."""
+    cfg = model.config
+    wanted = [n for n in model.tensors if not n.startswith("layers.")]
+    wanted = [
+        n
+        for n in wanted
+        if (n == "embed" and first_layer == 0) or (n != "embed" and end_layer == cfg.num_layers)
+    ]
+    wanted += [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and first_layer <= int(n.split(".")[1]) < end_layer
+    ]
+    weights = {}
+    for name in wanted:
+        shape = model.tensors[name].shape
+        keep_fp32 = len(shape) == 1 or any(name.endswith(n) for n in FP32_WEIGHTS)
+        # one generator per tensor, seeded by its name: the same weights whatever the stage split
+        generator = torch.Generator(device=device).manual_seed(
+            model.seed * 1_000_003 + zlib.crc32(name.encode())
+        )
+        t = torch.empty(shape, device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        if name.endswith("router_bias"):
+            t.normal_(0.0, 0.01, generator=generator)
+        elif len(shape) == 1:
+            t.fill_(1.0)  # norm weights
+        else:
+            t.normal_(0.0, 1.0 if name == "embed" else shape[-1] ** -0.5, generator=generator)
+        weights[name] = t
+    H, N = cfg.num_heads, cfg.qk_nope_head_dim
+    for layer in range(first_layer, end_layer):
+        kv_b = weights.pop(f"layers.{layer}.attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
+        weights[f"layers.{layer}.attn.w_uk"] = kv_b[:, :N].contiguous()
+        weights[f"layers.{layer}.attn.w_uv"] = kv_b[:, N:].contiguous()
+    return weights
+
+
+def open_model(model_path: str) -> GGUFModel | RandomModel:
+    return RandomModel(model_path) if is_random_spec(model_path) else GGUFModel(model_path)
 
 
 class ModelRunner:

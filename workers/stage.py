@@ -61,10 +61,9 @@ class StageWorker:
 
     def load_layers(self, model_path: str, first_layer: int, end_layer: int, **runner_options) -> int:
         """Reads only this stage's tensors from the GGUF; returns the number of layers loaded."""
-        from runtime.gguf_model import GGUFModel
-        from workers.model_runner import ModelRunner
+        from workers.model_runner import ModelRunner, open_model
 
-        model = GGUFModel(model_path)
+        model = open_model(model_path)
         self.runner = ModelRunner(model, first_layer, end_layer, device=self.device, **runner_options)
         self.hidden_size = model.config.hidden_size
         return end_layer - first_layer
