@@ -147,12 +147,23 @@ def cmd_inspect(args) -> int:
     if args.pipeline is not None:
         from runtime.planner import plan_for_model
 
-        # Same default as Engine: 4096 tokens, capped by the model's trained context.
+        # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
+        # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
         n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+        kv_tokens = 4 * -(-n_ctx // 64) * 64
         plan = plan_for_model(
-            model, args.pipeline, split=args.split, amb_mib=args.amb, ubatch=args.ubatch, num_kv_tokens=n_ctx
+            model,
+            args.pipeline,
+            split=args.split,
+            amb_mib=args.amb,
+            ubatch=args.ubatch,
+            n_ctx=n_ctx,
+            num_kv_tokens=kv_tokens,
         )
-        print(f"pipeline plan (n_ctx {n_ctx}, ubatch {args.ubatch}, bf16 weights and KV):")
+        print(
+            f"pipeline plan (n_ctx {n_ctx}, KV cache {kv_tokens} tokens, ubatch {args.ubatch}, "
+            "bf16 weights and KV):"
+        )
         print(plan.format())
     return 0
 

@@ -296,7 +296,7 @@ def test_inspect_prints_the_plan_after_the_usual_output(tiny_model):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(plain.stdout)  # the existing output is unchanged, the plan follows it
     plan_lines = done.stdout[len(plain.stdout) :].splitlines()
-    assert plan_lines[0] == "pipeline plan (n_ctx 256, ubatch 64, bf16 weights and KV):"
+    assert plan_lines[0] == "pipeline plan (n_ctx 256, KV cache 1024 tokens, ubatch 64, bf16 weights and KV):"
     assert plan_lines[1].startswith("stage 0 (layers 0-") and "embed" in plan_lines[1]
     assert "amb unlimited, 1 head step)" in plan_lines[1]
     assert plan_lines[2].startswith("stage 1 (layers ") and "-3, output)" in plan_lines[2]
