@@ -1,9 +1,11 @@
-"""mlapipe command line: generate | batch | inspect."""
+"""mlapipe command line: generate | batch | bench | inspect."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from runtime import bench
 
 
 def _add_generate(sub) -> None:
@@ -19,9 +21,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
-    p.add_argument("--amb", type=float, default=0.0, help="attention max batch in MiB (0 = unlimited)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_engine_options(p)
 
 
 def _add_inspect(sub) -> None:
@@ -111,7 +112,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
-    with Engine(path, n_ctx=args.ctx_size, amb=args.amb) as engine:
+    with Engine(path, **engine_options(args)) as engine:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -212,13 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_batch(sub)
     _add_inspect(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     from runtime.engine import PromptError
     from runtime.gguf_model import ModelFileError
     from runtime.tokenizer import TokenizerError
 
     try:
-        return {"generate": cmd_generate, "batch": cmd_batch, "inspect": cmd_inspect}[args.command](args)
+        commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}
+        return commands[args.command](args)
     except (ModelFileError, PromptError, TokenizerError, ValueError) as e:
         print(f"mlapipe: error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,15 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return sum(c.num_new for c in self.chunks)
 
+    @property
+    def chunk_ends(self) -> list[int]:
+        """Row after each chunk's last token in the batch's token order."""
+        ends, total = [], 0
+        for c in self.chunks:
+            total += c.num_new
+            ends.append(total)
+        return ends
+
 
 @dataclass
 class StepOutput:

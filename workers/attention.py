@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.amb import decompressed_kv_bytes_per_head, kq_bytes_per_head, plan_head_steps
+from kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
 from kernels.reference import apply_rope_pairs, rms_norm
 from runtime.config import ModelConfig
 from workers import ops
@@ -34,6 +34,7 @@ class SequenceGroup:
     query_start_loc: torch.Tensor  # (Sg+1,) int32, into the group's own rows
     max_seq_len: int
     max_new_tokens: int
+    total_seq_len: int  # cached + new tokens over the group's sequences
 
 
 @dataclass
@@ -75,6 +76,7 @@ def build_group(
         query_start_loc=as_int32(starts),
         max_seq_len=max(lens),
         max_new_tokens=max(num_new[s] for s in seq_indices),
+        total_seq_len=sum(lens),
     )
 
 
@@ -124,13 +126,15 @@ class MLAAttention:
                 group.query_start_loc,
                 cfg.softmax_scale,
                 C,
+                max_query_len=group.max_new_tokens,
+                max_seq_len=group.max_seq_len,
             )
             out[rows] = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), self.w_uv)
         if meta.naive is not None:
             group = meta.naive
             rows = group.token_rows
             q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
-            steps = plan_head_steps(H, self._bytes_per_head(group, x.device), self.amb_mib)
+            steps = self._head_steps(group, x.device)
             out[rows], _ = ops.mla_prefill(
                 q_full,
                 kv_cache,
@@ -144,12 +148,14 @@ class MLAAttention:
             )
         return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
 
-    def _bytes_per_head(self, group: SequenceGroup, device: torch.device) -> int:
-        """The per-head intermediate of the path that will run: K*Q scores on the reference path,
-        the decompressed K/V on the fused one."""
+    def _head_steps(self, group: SequenceGroup, device: torch.device) -> list[tuple[int, int]]:
+        """amb head steps for the path that will run: the K*Q scores of the longest sequence on the
+        reference path, the decompressed K/V of all the group's sequences on the fused one."""
         cfg = self.cfg
         if ops.uses_reference(device):
-            return kq_bytes_per_head(group.max_seq_len, group.max_new_tokens, 4)
-        return decompressed_kv_bytes_per_head(
-            group.max_seq_len, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_rope_head_dim, 2
+            return plan_reference_head_steps(
+                cfg.num_heads, group.max_seq_len, group.max_new_tokens, self.amb_mib
+            )
+        return plan_prefill_head_steps(
+            cfg.num_heads, group.total_seq_len, cfg.qk_nope_head_dim, cfg.v_head_dim, 2, self.amb_mib
         )

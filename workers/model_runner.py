@@ -183,23 +183,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
-        """Last stage: logits only where needed, then sampled tokens / scores / logits."""
+        """Last stage: logits only where needed, then sampled tokens / scores / logits.
+
+        The common case (sampling the last row of each chunk) computes those rows' logits in one
+        matmul and takes every greedy choice in one argmax, so a decode step syncs with the host once.
+        """
         out = StepOutput(batch_id=batch.batch_id, sampled={})
-        row = 0
-        for c in batch.chunks:
-            rows = slice(row, row + c.num_new)
-            row += c.num_new
+        ends = torch.tensor(batch.chunk_ends, device=hidden.device) - 1
+        sampling = [i for i, c in enumerate(batch.chunks) if c.sample]
+        last_logits = self.shard.compute_logits(hidden[ends[sampling]]) if sampling else None
+        if last_logits is not None:
+            greedy = last_logits.argmax(dim=-1).tolist()
+            for row, i in enumerate(sampling):
+                c = batch.chunks[i]
+                token = (
+                    greedy[row]
+                    if c.sampling.greedy
+                    else sample_token(last_logits[row], c.sampling, c.num_generated)
+                )
+                out.sampled[c.request_id] = token
+        start = 0
+        for c, end in zip(batch.chunks, batch.chunk_ends):
             if c.score_targets is not None or c.return_logits:
-                logits = self.shard.compute_logits(hidden[rows])
+                logits = self.shard.compute_logits(hidden[start:end])
                 if c.return_logits:
                     out.logits[c.request_id] = logits.cpu().numpy()
                 if c.score_targets is not None:
                     out.scores[c.request_id] = score_targets(logits, c.score_targets)
-                last = logits[-1]
-            elif c.sample:
-                last = self.shard.compute_logits(hidden[rows.stop - 1 : rows.stop])[0]
-            if c.sample:
-                out.sampled[c.request_id] = sample_token(last, c.sampling, c.num_generated)
+            start = end
         return out
 
 

@@ -43,9 +43,9 @@ def _pick(name: str, device: torch.device):
     return getattr(reference, name)
 
 
-def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank):
+def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank, **hints):
     impl = _pick("mla_decode", q.device)
-    return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank)
+    return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank, **hints)
 
 
 def mla_prefill(

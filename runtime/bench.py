@@ -1,0 +1,132 @@
+"""`mlapipe bench`, in the spirit of llama-bench: prompt processing (pp), generation (tg) and generation
+at depth (tg@D) in tokens per second, mean +- stddev over repetitions, swept over pipeline size, ubatch,
+amb and concurrent sequences. Runs on a GGUF file or on random weights of a named shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+
+from runtime.engine import Engine
+from runtime.sampling_params import SamplingParams
+from runtime.shapes import SHAPES, random_spec
+
+
+@dataclass(frozen=True)
+class Test:
+    name: str
+    prompt: int  # prompt tokens per sequence
+    generate: int  # generated tokens per sequence
+
+    @property
+    def is_prompt_test(self) -> bool:
+        return self.generate == 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named model shape")
+    p.add_argument("--layers", type=int, default=None, help="layers of the random-weight shape")
+    p.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt sizes, e.g. 512,2048")
+    p.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generation sizes")
+    p.add_argument(
+        "-gp",
+        "--gen-at-depth",
+        action="append",
+        default=[],
+        type=_ints,
+        metavar="D,N",
+        help="N tokens generated after a D-token prompt (repeatable)",
+    )
+    p.add_argument("--pipeline", type=_ints, default=[1], help="pipeline sizes to sweep")
+    p.add_argument("-ub", "--ubatch", type=_ints, default=[2048], help="micro-batch token budgets")
+    p.add_argument("--amb", type=_floats, default=[0.0], help="attention max batch in MiB (0 = unlimited)")
+    p.add_argument("--concurrent", type=_ints, default=[1], help="concurrent sequences")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--transport", default=None)
+    p.add_argument("--devices", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def run(args) -> int:
+    model = args.model or random_spec(args.shape, args.layers)
+    tests = [Test(f"pp{p}", p, 0) for p in args.n_prompt if p > 0]
+    tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
+    tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
+    longest = max(t.prompt + t.generate for t in tests) + 1
+    header = ["model", "pipeline", "ubatch", "amb", "seqs", "test", "t/s"]
+    rows = []
+    for pipeline, ubatch, amb in itertools.product(args.pipeline, args.ubatch, args.amb):
+        max_seqs = max(args.concurrent)
+        blocks = max_seqs * -(-longest // 64) + 8
+        with Engine(
+            model,
+            pipeline=pipeline,
+            ubatch=ubatch,
+            amb=amb,
+            n_ctx=longest,
+            kv_blocks=blocks,
+            transport=args.transport,
+            devices=args.devices,
+        ) as engine:
+            name = args.shape or engine.model.path
+            for seqs, test in itertools.product(args.concurrent, tests):
+                rates = [_measure(engine, test, seqs, seed=i) for i in range(args.repetitions + 1)][1:]
+                spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
+                rows.append(
+                    [
+                        name,
+                        pipeline,
+                        ubatch,
+                        f"{amb:g}",
+                        seqs,
+                        test.name,
+                        f"{statistics.mean(rates):.2f} ± {spread:.2f}",
+                    ]
+                )
+                print(f"  {rows[-1]}", flush=True)
+    print(_markdown(header, rows))
+    return 0
+
+
+def _measure(engine: Engine, test: Test, seqs: int, seed: int) -> float:
+    """Tokens per second of one repetition (the first one, a warm-up, is dropped by the caller)."""
+    vocab = engine.config.vocab_size
+    prompts = [
+        [(seed * 7919 + s * 104729 + i * 31) % (vocab - 10) + 5 for i in range(test.prompt)]
+        for s in range(seqs)
+    ]
+    params = SamplingParams(max_tokens=max(1, test.generate), ignore_eos=True)
+    started = time.perf_counter()
+    ids = {engine.add_request(p, params) for p in prompts}
+    first_token: dict[str, float] = {}
+    finished = 0
+    while finished < len(ids):
+        advanced, done = engine.step()
+        now = time.perf_counter()
+        for request in advanced:
+            first_token.setdefault(request.request_id, now)
+        finished += len(done)
+    ended = time.perf_counter()
+    if test.is_prompt_test:
+        return seqs * test.prompt / (ended - started)
+    decode_started = max(first_token.values())  # every sequence is past its prompt
+    return seqs * (test.generate - 1) / (ended - decode_started)
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
