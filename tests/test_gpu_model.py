@@ -37,9 +37,12 @@ def test_bf16_gpu_logits_track_fp32_cpu(model_path, attention):
     prompt = torch.randint(4, 300, (100,)).tolist()
     ref = _logits(model_path, "cpu", attention, prompt)
     ours = _logits(model_path, "cuda", attention, prompt)
-    # bf16 weights and activations: ~0.4% per rounding, a few dozen roundings deep
-    assert float((ours - ref).abs().mean() / ref.abs().mean()) < 0.03
-    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # bf16 weights and activations against fp32. The same model run through the CPU references in
+    # bf16 (dtype=torch.bfloat16) lands at mean|diff|/mean|ref| 2.5% (V2) and 3.6-4.7% (V3), with
+    # 89-95% of argmax choices equal: these small random models route sharply, and a bf16 rounding
+    # flips an expert choice for some tokens. A wrong kernel gives errors of order 100%.
+    assert float((ours - ref).abs().mean() / ref.abs().mean()) < 0.08
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
 @pytest.mark.gpu
@@ -53,7 +56,8 @@ def test_gpu_engine_generates_and_scores(model_path):
         scores = engine.score(prompts[0])
     with Engine(model_path, devices="cpu") as engine:
         reference = engine.score(prompts[0])
-    assert max(abs(a - b) for a, b in zip(scores, reference)) < 0.25
+    # mean, not max: an expert flip moves single positions by ~1 nat (see the test above)
+    assert sum(abs(a - b) for a, b in zip(scores, reference)) / len(scores) < 0.2
 
 
 @pytest.mark.multigpu
