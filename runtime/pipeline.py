@@ -51,6 +51,7 @@ class RayPipeline:
         transport: str,
         num_kv_blocks: int,
         block_size: int,
+        max_seq_len: int | None = None,  # n_ctx: sizes the CUDA-graph decode buffers
         deadline_s: float = 120.0,
         address: str | None = None,
         check_plan=None,  # callable(list of device infos) raising before any weight is loaded
@@ -90,7 +91,9 @@ class RayPipeline:
                     for a, s in zip(self.actors, stages)
                 ]
             )
-            self._get([a.allocate_kv_cache.remote(num_kv_blocks, block_size) for a in self.actors])
+            self._get(
+                [a.allocate_kv_cache.remote(num_kv_blocks, block_size, max_seq_len) for a in self.actors]
+            )
             self._connect(transport)
         except BaseException:
             self.shutdown()

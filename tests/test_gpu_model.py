@@ -71,3 +71,17 @@ def test_nccl_and_grpc_pipelines_agree(model_path):
     with Engine(model_path, devices="cuda") as engine:
         single = [r.token_ids for r in engine.generate(prompts, params)]
     assert results["nccl"] == results["grpc"] == single
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager(model_path, monkeypatch):
+    prompts = [list(range(5, 40)), [7, 8, 9], list(range(50, 60))]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    with Engine(model_path, devices="cuda", n_ctx=256) as engine:
+        graphed = [r.token_ids for r in engine.generate(prompts, params)]
+        assert engine.executor.runner.decode_graphs.graphs  # decode steps did replay graphs
+    monkeypatch.setenv("MLAPIPE_CUDA_GRAPHS", "0")
+    with Engine(model_path, devices="cuda", n_ctx=256) as engine:
+        assert engine.executor.runner.decode_graphs is None
+        eager = [r.token_ids for r in engine.generate(prompts, params)]
+    assert graphed == eager

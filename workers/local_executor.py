@@ -10,9 +10,11 @@ from workers.model_runner import ModelRunner
 class LocalExecutor:
     num_groups = 1
 
-    def __init__(self, model: GGUFModel, num_kv_blocks: int, block_size: int, **runner_options):
+    def __init__(
+        self, model: GGUFModel, num_kv_blocks: int, block_size: int, max_seq_len: int, **runner_options
+    ):
         self.runner = ModelRunner(model, 0, model.config.num_layers, **runner_options)
-        self.runner.allocate_kv_cache(num_kv_blocks, block_size)
+        self.runner.allocate_kv_cache(num_kv_blocks, block_size, max_seq_len)
         self._done: list[StepOutput] = []
 
     def submit(self, batch: MicroBatch) -> None:

@@ -7,6 +7,7 @@ last stage turns hidden states into sampled tokens (or scores, or logits when as
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import torch
@@ -17,11 +18,13 @@ from runtime.gguf_model import GGUFModel
 from runtime.microbatch import MicroBatch, StepOutput
 from runtime.shapes import RandomModel, is_random_spec
 from workers.attention import DEFAULT_DECODE_THRESHOLD, AttentionMetadata, build_group
+from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import allocate_latent_cache, slot_mapping
 from workers.layers import ModelShard
 from workers.sampler import sample_token
 
 ATTENTION_MODES = ("auto", "absorbed", "naive")
+MAX_GRAPH_BATCH = 256  # decode steps of up to this many sequences replay a CUDA graph
 FP32_WEIGHTS = ("moe.router", "moe.router_bias")  # routing is a discrete choice: keep it exact
 
 
@@ -117,6 +120,7 @@ class ModelRunner:
         self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib)
         cfg = self.cfg
         self.kv_cache: torch.Tensor | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         self.block_size = 0
         self.inv_freq = yarn_inv_freq(
             cfg.qk_rope_head_dim,
@@ -127,13 +131,18 @@ class ModelRunner:
             cfg.yarn_beta_slow,
         ).to(self.device)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
-        """Allocates this shard's paged latent cache; returns its size in bytes."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_seq_len: int | None = None) -> int:
+        """Allocates this shard's paged latent cache; returns its size in bytes. On a GPU one extra
+        block, owned by no request, takes the padding rows of CUDA-graph decode steps."""
         layers = self.shard.end_layer - self.shard.first_layer
         self.block_size = block_size
+        use_graphs = self.device.type == "cuda" and os.environ.get("MLAPIPE_CUDA_GRAPHS", "1") != "0"
         self.kv_cache = allocate_latent_cache(
-            layers, num_blocks, block_size, self.cfg.latent_dim, self.dtype, self.device
+            layers, num_blocks + use_graphs, block_size, self.cfg.latent_dim, self.dtype, self.device
         )
+        if use_graphs:
+            max_blocks = -(-(max_seq_len or num_blocks * block_size) // block_size)
+            self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     # per micro-batch ----------------------------------------------------------------------------
@@ -172,6 +181,8 @@ class ModelRunner:
     def forward(self, batch: MicroBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """Runs this shard on the batch. The first stage embeds the batch's token ids; later stages take
         the previous stage's hidden states (T, hidden)."""
+        if self.decode_graphs is not None and self.decode_graphs.accepts(batch):
+            return self.decode_graphs.run(batch, hidden_in)
         meta = self.build_metadata(batch)
         if self.shard.is_first:
             inputs = torch.tensor(

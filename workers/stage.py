@@ -68,8 +68,8 @@ class StageWorker:
         self.hidden_size = model.config.hidden_size
         return end_layer - first_layer
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
-        return self.runner.allocate_kv_cache(num_blocks, block_size)
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_seq_len: int | None = None) -> int:
+        return self.runner.allocate_kv_cache(num_blocks, block_size, max_seq_len)
 
     # transports ---------------------------------------------------------------------------------
     def free_port(self) -> int:

@@ -1,0 +1,119 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode micro-batch (one new token per sequence) launches a few hundred small kernels per step; their
+launch cost, not the GPU, bounds tokens per second. Captured once per bucket (1, 2, 4, ... sequences),
+a step becomes: copy this step's inputs into static buffers, replay, read the output rows.
+
+Static inputs per bucket (views of buffers sized for the largest bucket):
+  inputs (B,) token ids on the first stage, or (B, hidden) activations on later ones
+  positions (B,), slot_mapping (B,), block_table (B, max_blocks), seq_lens (B,)
+Rows past the real batch are padding: a one-token sequence in a scratch block that no request owns,
+so they never touch real cache rows and their outputs are dropped. The decode kernel gets the cache's
+capacity as its max_seq_len hint, so its split count is fixed at capture and right for any length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.norm_rope import rope_cos_sin
+from runtime.microbatch import MicroBatch
+from workers.attention import AttentionMetadata, SequenceGroup
+
+
+def bucket_for(num_seqs: int) -> int:
+    return 1 << max(0, (num_seqs - 1).bit_length())
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, scratch_block: int):
+        self.runner = runner
+        self.max_batch = max_batch
+        self.scratch_block = scratch_block
+        device, cfg = runner.device, runner.cfg
+        self.max_seq_len = max_blocks_per_seq * runner.block_size
+        self.token_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.hidden_in = torch.zeros(max_batch, cfg.hidden_size, dtype=runner.dtype, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.block_table = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(max_batch, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def accepts(self, batch: MicroBatch) -> bool:
+        return len(batch.chunks) <= self.max_batch and all(
+            c.num_new == 1 and len(c.block_table) * self.runner.block_size <= self.max_seq_len
+            for c in batch.chunks
+        )
+
+    def run(self, batch: MicroBatch, hidden_in: torch.Tensor | None) -> torch.Tensor:
+        size = len(batch.chunks)
+        bucket = bucket_for(size)
+        self._fill(batch, hidden_in, bucket)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, output = self.graphs[bucket]
+        graph.replay()
+        return output[:size]
+
+    def _fill(self, batch: MicroBatch, hidden_in: torch.Tensor | None, bucket: int) -> None:
+        size, block_size = len(batch.chunks), self.runner.block_size
+        positions = [c.num_cached for c in batch.chunks]
+        slots = [
+            c.block_table[p // block_size] * block_size + p % block_size
+            for c, p in zip(batch.chunks, positions)
+        ]
+        table = torch.full((bucket, self.block_table.shape[1]), self.scratch_block, dtype=torch.int32)
+        for i, c in enumerate(batch.chunks):
+            table[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+        padding = bucket - size
+        host = torch.tensor(
+            [
+                positions + [0] * padding,
+                slots + [self.scratch_block * block_size] * padding,
+                [p + 1 for p in positions] + [1] * padding,
+            ],
+            dtype=torch.int64,
+        )
+        self.positions[:bucket].copy_(host[0], non_blocking=True)
+        self.slots[:bucket].copy_(host[1], non_blocking=True)
+        self.seq_lens[:bucket].copy_(host[2], non_blocking=True)
+        self.block_table[:bucket].copy_(table, non_blocking=True)
+        if self.runner.shard.is_first:
+            ids = torch.tensor([c.token_ids[0] for c in batch.chunks] + [0] * padding, dtype=torch.int64)
+            self.token_ids[:bucket].copy_(ids, non_blocking=True)
+        else:
+            self.hidden_in[:size].copy_(hidden_in)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        runner = self.runner
+        cos, sin = rope_cos_sin(self.positions[:bucket], runner.inv_freq)
+        group = SequenceGroup(
+            token_rows=self.rows[:bucket],
+            block_table=self.block_table[:bucket],
+            seq_lens=self.seq_lens[:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            max_seq_len=self.max_seq_len,
+            max_new_tokens=1,
+            total_seq_len=bucket * self.max_seq_len,
+        )
+        meta = AttentionMetadata(self.positions[:bucket], self.slots[:bucket], cos, sin, group, None)
+        inputs = self.token_ids[:bucket] if runner.shard.is_first else self.hidden_in[:bucket]
+        return runner.shard.forward(inputs, meta, runner.kv_cache)
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first: Triton compiles and autotunes there, never inside the capture.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self._forward(bucket)
+        self.pool = graph.pool()
+        return graph, output
