@@ -56,12 +56,15 @@ class RayPipeline:
         address: str | None = None,
         check_plan=None,  # callable(list of device infos) raising before any weight is loaded
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
+        micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
     ):
         from workers.stage import StageWorker
 
         ensure_ray(address)
-        self.num_groups = len(stages)
+        # More micro-batches in flight than stages: while the driver turns one batch's tokens into the
+        # next batch, the stages already work on the others, so Ray's round trip adds no bubble.
+        self.num_groups = len(stages) * micro_batches_per_stage
         self.deadline_s = deadline_s
         self.transport = transport
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}

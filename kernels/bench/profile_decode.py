@@ -1,0 +1,46 @@
+"""Where a decode step's time goes: torch profiler over a few steps of a random-weight model, one GPU.
+
+python -m kernels.bench.profile_decode [--shape v2-lite] [--seqs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from runtime.engine import Engine
+from runtime.sampling_params import SamplingParams
+from runtime.shapes import random_spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="v2-lite")
+    parser.add_argument("--seqs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    with Engine(random_spec(args.shape), n_ctx=512, kv_blocks=8 * args.seqs + 8, devices="cuda") as engine:
+        prompts = [[5 + i, 6, 7, 8] for i in range(args.seqs)]
+        engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # capture and compile
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=args.steps + 5, ignore_eos=True))
+        engine.step()  # prefill
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+        print(
+            f"{args.steps} decode steps of {args.seqs} sequence(s): {elapsed / args.steps * 1e3:.2f} ms per step"
+        )
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
