@@ -56,14 +56,14 @@ class RayPipeline:
         address: str | None = None,
         check_plan=None,  # callable(list of device infos) raising before any weight is loaded
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
-        micro_batches_per_stage: int = 2,
+        micro_batches_per_stage: int = 1,
         runner_options: dict | None = None,
     ):
         from workers.stage import StageWorker
 
         ensure_ray(address)
-        # More micro-batches in flight than stages: while the driver turns one batch's tokens into the
-        # next batch, the stages already work on the others, so Ray's round trip adds no bubble.
+        # Micro-batches in flight per stage. Measured on 2 x H200 (V2-Lite shape, 64 sequences decoding):
+        # 1 per stage 3943 t/s, 2 per stage 2429 t/s (smaller batches, same per-batch overhead).
         self.num_groups = len(stages) * micro_batches_per_stage
         self.deadline_s = deadline_s
         self.transport = transport
