@@ -12,6 +12,7 @@ from runtime import Engine, ModelFileError, PromptError
 from runtime.gguf_model import GGUFModel
 from runtime.gguf_writer import write_gguf
 from runtime.tiny_models import build_vocab, random_state_dict, tiny_config, write_tiny_model
+from tests.gguf_edit import rewrite_gguf
 
 
 @pytest.fixture(scope="module")
@@ -84,32 +85,12 @@ def test_wrong_tensor_shape(parts, tmp_path):
 
 
 def test_unsupported_quant_type(good_file, tmp_path):
-    """Rewrites the embedding as IQ4_NL (a type we do not read) in an otherwise valid file."""
-    reader = gguf.GGUFReader(good_file)
-    path = tmp_path / "iq4.gguf"
-    writer = gguf.GGUFWriter(str(path), "deepseek2")
-    for field in reader.fields.values():
-        if field.name.startswith(("GGUF.", "general.architecture")):
-            continue
-        value = field.contents()
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            writer.add_array(field.name, value)
-        else:
-            writer.add_key_value(field.name, value, kind)
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            rows = int(t.shape[1])
-            raw = np.random.default_rng(0).integers(
-                0, 255, (rows, 36), dtype=np.uint8
-            )  # 64 values = 2 blocks
-            writer.add_tensor(t.name, raw, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-        else:
-            writer.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """The embedding rewritten as IQ4_NL (a type we do not read) in an otherwise valid file."""
+    rows = GGUFModel(good_file).config.vocab_size
+    raw = np.random.default_rng(0).integers(0, 255, (rows, 36), dtype=np.uint8)  # 64 values = 2 blocks
+    path = rewrite_gguf(
+        good_file, str(tmp_path / "iq4.gguf"), {"token_embd.weight": (raw, gguf.GGMLQuantizationType.IQ4_NL)}
+    )
     _expect(path, "'token_embd.weight' has unsupported quant type IQ4_NL")
 
 
