@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from runtime import bench
@@ -66,6 +67,12 @@ def _add_engine_options(p) -> None:
     p.add_argument(
         "--address", default=None, help="an existing Ray cluster (else RAY_ADDRESS or a local one)"
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+    )
 
 
 def _float_list(text: str) -> list[float]:
@@ -94,12 +101,15 @@ def engine_options(args) -> dict:
         "split": args.split,
         "transport": args.transport,
         "address": args.address,
+        "metrics_port": getattr(args, "metrics_port", None),
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters
     unknown = [key for key in given if key not in accepted]
     if unknown:
         raise ValueError(f"this engine does not support {', '.join(unknown)} yet")
+    if getattr(args, "no_progress", False) and "progress" in accepted:  # a display choice, not a knob
+        given["progress"] = False
     return given
 
 
@@ -205,16 +215,28 @@ def cmd_batch(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files"
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="WARNING",
+        help="python logging level (INFO shows each request's id and end)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_batch(sub)
     _add_inspect(sub)
     bench.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from runtime.engine import PromptError
     from runtime.gguf_model import ModelFileError
     from runtime.tokenizer import TokenizerError

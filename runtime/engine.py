@@ -10,12 +10,15 @@ A prompt given as token ids is used exactly as given; text follows the file's ad
 from __future__ import annotations
 
 import itertools
+import logging
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from runtime.block_manager import BlockManager
 from runtime.errors import StageFailed
 from runtime.gguf_model import GGUFModel
+from runtime.metrics import EngineMetrics
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Request, Scheduler
 from runtime.shapes import RandomModel, is_random_spec
@@ -24,6 +27,8 @@ from runtime.tokenizer import GGUFTokenizer
 TRANSPORTS = ("nccl", "gloo", "grpc")
 
 Prompt = str | Sequence[int]
+
+log = logging.getLogger("mlapipe.engine")
 
 
 class PromptError(ValueError):
@@ -69,6 +74,8 @@ class Engine:
         attention: str = "auto",
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
+        metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
+        progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
     ):
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
@@ -82,6 +89,7 @@ class Engine:
         device = devices or _default_device()
         runner_options = {"attention": attention}
         self.plan = None
+        loading = _loading_bar(self.model, progress)
         if use_ray or (use_ray is None and (pipeline > 1 or address)):
             self.executor = self._start_pipeline(
                 pipeline,
@@ -108,6 +116,8 @@ class Engine:
                 amb_mib=amb_mib,
                 **runner_options,
             )
+        loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
+        loading.close()
         self.scheduler = Scheduler(
             self.blocks,
             ubatch,
@@ -118,6 +128,13 @@ class Engine:
         )
         self._ids = itertools.count()
         self._failure: str | None = None
+        self.metrics = EngineMetrics(self.scheduler, self.blocks, self.executor)
+        if metrics_port is not None:
+            try:
+                self.metrics.serve(metrics_port)
+            except ValueError:
+                self.executor.shutdown()
+                raise
 
     def _start_pipeline(
         self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options
@@ -172,22 +189,34 @@ class Engine:
         token_ids = self._prompt_ids(prompt)
         request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
         self.scheduler.add(request)
+        self.metrics.on_request_added(request)
+        log.info("request %s added: %d prompt tokens", request.request_id, len(token_ids))
         return request.request_id
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """Runs what can run now; returns (requests that got a token, requests that finished)."""
+        submitted = 0
         while (batch := self.scheduler.schedule()) is not None:
             self.executor.submit(batch)
+            submitted += 1
         advanced, finished = [], []
         try:
             outputs = self.executor.collect()
         except StageFailed as failure:  # the pipeline is gone: nothing queued can run any more
             self._failure = str(failure)
-            return [], self.scheduler.abort_all(self._failure)
+            outputs, finished = [], self.scheduler.abort_all(self._failure)
         for output in outputs:
             got, done = self.scheduler.update(output)
             advanced += got
             finished += done
+        self.metrics.on_step(advanced, finished, submitted)
+        for request in finished:
+            log.info(
+                "request %s finished: %s, %d tokens",
+                request.request_id,
+                request.finish_reason,
+                len(request.output_token_ids),
+            )
         return advanced, finished
 
     # conveniences -------------------------------------------------------------------------------
@@ -234,6 +263,7 @@ class Engine:
     # lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
         self.scheduler.abort_all("engine closed")
+        self.metrics.close()
         self.executor.shutdown()
 
     def __enter__(self) -> Engine:
@@ -273,6 +303,24 @@ class Engine:
 def _raise_if_failed(request: Request) -> None:
     if request.finish_reason and request.finish_reason.startswith("error"):
         raise RequestFailed(f"request {request.request_id} failed: {request.finish_reason[7:]}")
+
+
+def _loading_bar(model, enabled: bool | None):
+    """A bar over the model's layers, advanced as this process reads each one (the in-process
+    executor); pipeline stages read theirs in their actors, so there it fills when they are ready."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=model.config.num_layers,
+        desc="loading layers",
+        unit="layer",
+        file=sys.stderr,
+        disable=None if enabled is None else not enabled,  # None: only on a terminal
+        leave=False,
+    )
+    if hasattr(model, "on_layer_read"):
+        model.on_layer_read = lambda layer: bar.update(1)
+    return bar
 
 
 def _default_device() -> str:

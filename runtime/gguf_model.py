@@ -148,6 +148,7 @@ class GGUFModel:
         except ConfigError as e:
             raise ModelFileError(f"{self.path}: {e}") from None
         self.tensors = self._index_tensors()
+        self.on_layer_read = None  # callable(layer index) after each read_layer: the engine's loading bar
 
     # index and validation -----------------------------------------------------------------------
     def _index_tensors(self) -> dict[str, TensorInfo]:
@@ -217,6 +218,8 @@ class GGUFModel:
         H, N, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         prefix = f"layers.{layer}."
         weights = {name[len(prefix) :]: self.read(name) for name in self.layer_tensor_names(layer)}
+        if self.on_layer_read is not None:
+            self.on_layer_read(layer)
         if "attn.wkv_b" in weights:
             kv_b = weights.pop("attn.wkv_b").reshape(H, N + V, cfg.kv_lora_rank)
             weights["attn.w_uk"], weights["attn.w_uv"] = kv_b[:, :N], kv_b[:, N:]

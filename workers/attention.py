@@ -93,6 +93,7 @@ class MLAAttention:
         self.w_uk = weights["attn.w_uk"]  # (H, N, C)
         self.w_uv = weights["attn.w_uv"]  # (H, V, C)
         self.wo = weights["attn.wo"]
+        self.amb_steps_taken = 0  # head steps of the decompressed path, reported by stage stats
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """x (T, hidden); kv_cache (num_blocks, block_size, C + R), written in place for the new tokens."""
@@ -135,6 +136,7 @@ class MLAAttention:
             rows = group.token_rows
             q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
             steps = self._head_steps(group, x.device)
+            self.amb_steps_taken += len(steps)
             out[rows], _ = ops.mla_prefill(
                 q_full,
                 kv_cache,

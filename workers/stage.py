@@ -126,6 +126,7 @@ class StageWorker:
             "transport_wait_seconds": self.transport_wait_seconds,
             "batches": self.batches_done,
             "bytes_sent": getattr(self.transport, "bytes_sent", 0),
+            "amb_steps": amb_steps_taken(self.runner),
         }
 
     def ping(self) -> int:
@@ -135,6 +136,13 @@ class StageWorker:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+
+
+def amb_steps_taken(runner) -> int:
+    """Attention head steps the runner's layers took on the decompressed (prefill) path."""
+    if runner is None:
+        return 0
+    return sum(layer.attention.amb_steps_taken for layer in runner.shard.layers)
 
 
 def _available_host_memory() -> int:

@@ -1,0 +1,216 @@
+"""deploy/: the configs parse and name real entry points, and `ray job submit -- mlapipe batch` runs a
+tiny model to completion on a Ray head started on loopback."""
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime import cli
+from runtime.tiny_models import write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def load_yaml(name: str):
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def parse_mlapipe_command(command: str):
+    """The command must run the `mlapipe` console script with arguments its parser accepts."""
+    argv = shlex.split(command)
+    assert argv[0] == "mlapipe", command
+    return cli.build_parser().parse_args(argv[1:])
+
+
+def test_console_script_is_runtime_cli():
+    (script,) = entry_points(group="console_scripts", name="mlapipe")  # as installed
+    assert script.value == "runtime.cli:main"
+    assert script.load() is cli.main
+
+
+def test_prometheus_scrapes_the_metrics_port_the_jobs_use():
+    config = load_yaml("prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for c in jobs["mlapipe"]["static_configs"] for t in c["targets"]]
+    ports = {int(t.rsplit(":", 1)[1]) for t in targets}
+    job = load_yaml("rayjob.yaml")
+    args = parse_mlapipe_command(job["spec"]["entrypoint"])
+    assert args.command == "batch"
+    assert ports == {args.metrics_port}
+    assert jobs["mlapipe"].get("metrics_path", "/metrics") == "/metrics"
+    ray_sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
+    assert ray_sd.endswith("prom_metrics_service_discovery.json")  # the file Ray's head writes
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    exposed = {p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert args.metrics_port in exposed
+    assert head["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+
+
+def test_rayjob_manifest_runs_mlapipe_batch_on_gpu_workers():
+    job = load_yaml("rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    args = parse_mlapipe_command(job["spec"]["entrypoint"])
+    assert args.pipeline and args.pipeline > 1
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(
+        int(w["replicas"])
+        * int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for w in workers
+    )
+    assert gpus >= args.pipeline  # one GPU per stage
+
+
+def test_cluster_yaml_has_gpu_workers_that_install_mlapipe():
+    cluster = load_yaml("ray-cluster.yaml")
+    node_types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in node_types
+    assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in node_types.values())
+    setup = " ".join(cluster["setup_commands"])
+    mounted = cluster["file_mounts"]
+    assert any(f"pip install -e {path}" in setup for path in mounted), setup
+    assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and "mlapipe --help" in dockerfile
+
+
+def test_grafana_provisioning_points_at_the_dashboard():
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    dashboard = json.loads((DEPLOY / "grafana/mlapipe-dashboard.json").read_text())
+    assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/mlapipe.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] in (DEPLOY / "README.md").read_text()
+
+
+# ray job submit on a loopback head -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(temp_dir: str, env: dict) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` in its own session, with its own temp dir and ports, so it shares
+    nothing with the tests' in-process Ray (ray_local). Returns (process, dashboard port)."""
+    dashboard_port = free_port()
+    command = [
+        "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(os.path.join(temp_dir, "head.log"), "w") as log:
+        head = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return head, dashboard_port
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stops only this head. Not `ray stop --force`: that kills every Ray process on the machine,
+    ray_local's too. --block makes `ray start` stop its services on SIGTERM; the process group (its own
+    session) and any process naming our temp dir catch what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.wait(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pid in processes_naming(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def processes_naming(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def wait_for_job_server(address: str, head: subprocess.Popen, deadline_s: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no Ray job server at {address} within {deadline_s} s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_mlapipe_batch(tmp_path):
+    pytest.importorskip("aiohttp", reason="the Ray job server needs ray[default]")
+    if shutil.which("ray") is None or shutil.which("mlapipe") is None:
+        pytest.skip("needs the ray and mlapipe commands on PATH")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    write_tiny_model(job_dir / "tiny.gguf", "v2", num_hidden_layers=2)
+    prompts = [
+        {"id": f"r{i}", "prompt": list(range(5 + i, 12 + 2 * i)), "max_tokens": 2 + i} for i in range(5)
+    ]
+    (job_dir / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    output = tmp_path / "results.jsonl"  # absolute: the job runs in a copy of job_dir
+    # A short temp dir: Ray's unix sockets live under it and their paths must stay under 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="mlapipe-ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_DEDUP_LOGS"] = "0"
+    # A loopback-only head for this test: no token auth (Ray turns it on when ~/.ray/auth_token exists,
+    # and the job CLI would then need that token).
+    env["RAY_AUTH_MODE"] = "disabled"
+    head, dashboard_port = start_head(temp_dir, env)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        wait_for_job_server(address, head)
+        entrypoint = (
+            f"mlapipe batch --input prompts.jsonl --output {output} -m tiny.gguf --pipeline 2 --no-progress"
+        )
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(job_dir), "--", *shlex.split(entrypoint)],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    finally:
+        stop_head(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    results = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert sorted(results) == [p["id"] for p in prompts]
+    for p in prompts:
+        result = results[p["id"]]
+        assert result["prompt_tokens"] == len(p["prompt"])
+        assert len(result["token_ids"]) == result["completion_tokens"]
+        assert result["finish_reason"] == "length" or result["finish_reason"] == "stop"
+        if result["finish_reason"] == "length":
+            assert result["completion_tokens"] == p["max_tokens"]
+    assert not processes_naming(temp_dir), "processes of the test's Ray head outlived it"
