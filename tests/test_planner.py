@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -19,39 +20,12 @@ from runtime.planner import (
     plan_pipeline,
     split_layers,
 )
+from runtime.shapes import SHAPES
 
 
 def v2_lite_config(**overrides) -> ModelConfig:
     """DeepSeek-V2-Lite's shape (BACKGROUND.md), built without a file."""
-    values = dict(
-        num_layers=27,
-        hidden_size=2048,
-        vocab_size=102400,
-        context_length=163840,
-        rms_norm_eps=1e-6,
-        num_heads=16,
-        q_lora_rank=0,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        intermediate_size=10944,
-        num_dense_layers=1,
-        num_experts=64,
-        num_experts_per_token=6,
-        num_shared_experts=2,
-        expert_intermediate_size=1408,
-        expert_weights_scale=1.0,
-        expert_weights_norm=False,
-        gating="softmax",
-        num_expert_groups=1,
-        num_expert_groups_used=1,
-        rope_freq_base=10000.0,
-        rope_scaling_factor=40.0,
-        rope_original_context=4096,
-        yarn_log_multiplier=0.0707,
-    )
-    return ModelConfig(**(values | overrides))
+    return replace(SHAPES["v2-lite"], **overrides)
 
 
 def _stage_totals(ranges, layer_bytes, embed, head):
