@@ -93,7 +93,12 @@ def _batch_command(input_path, output_path, model_path, *extra_args, slow_steps=
         if slow_steps
         else ""
     )
-    code = f"import sys; {patch}from runtime.cli import main; sys.exit(main({argv!r}))"
+    # A shell that starts the tests in the background leaves SIGINT ignored, and children inherit that;
+    # restore Python's Ctrl-C handler so the child behaves as in a terminal.
+    code = (
+        f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); {patch}"
+        f"from runtime.cli import main; sys.exit(main({argv!r}))"
+    )
     return [sys.executable, "-c", code]
 
 
