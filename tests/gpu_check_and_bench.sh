@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|two-stage|profile|all]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|two-stage|profile|all]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -18,6 +18,10 @@ if [[ $what == single || $what == all ]]; then
 fi
 if [[ $what == pipeline || $what == all ]]; then
   bench -p 2048 -n 0 --concurrent 8 --pipeline 1,2 -ub 2048 | tee "$out/bench_prefill_pipeline.log"
+  bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
+fi
+if [[ $what == decode ]]; then
+  python3 -m pytest -q -m multigpu tests/test_gpu_model.py 2>&1 | tail -3
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
 fi
 if [[ $what == two-stage ]]; then

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 
 
 class StageWorker:
@@ -22,6 +23,7 @@ class StageWorker:
         self.transport = None
         self.device = "cpu"
         self.forward_seconds = 0.0
+        self._pending_timings: deque = deque()  # (start, end) CUDA events of batches still running
         self.transport_wait_seconds = 0.0
         self.batches_done = 0
 
@@ -105,13 +107,15 @@ class StageWorker:
             )
             self.transport_wait_seconds += time.perf_counter() - started
         started = time.perf_counter()
+        timing = self._gpu_timing_start()
         hidden = runner.forward(batch, hidden_in)
         output = runner.finish(batch, hidden) if self.is_last else None
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-        self.forward_seconds += time.perf_counter() - started
+        if timing is None:
+            self.forward_seconds += time.perf_counter() - started
+        else:  # no host sync: the next batch's launches overlap this one's GPU work
+            timing[1].record()
+            self._pending_timings.append(timing)
+            self._collect_gpu_timings()
         if not self.is_last:
             started = time.perf_counter()
             self.transport.send(batch.batch_id, hidden)
@@ -119,7 +123,23 @@ class StageWorker:
         self.batches_done += 1
         return output
 
+    def _gpu_timing_start(self):
+        if self.device != "cuda":
+            return None
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
+
+    def _collect_gpu_timings(self) -> None:
+        """Adds the forward time of batches whose GPU work has finished (never waits for the others)."""
+        while self._pending_timings and self._pending_timings[0][1].query():
+            start, end = self._pending_timings.popleft()
+            self.forward_seconds += start.elapsed_time(end) / 1e3
+
     def stats(self) -> dict:
+        self._collect_gpu_timings()
         return {
             "stage": self.stage,
             "forward_seconds": self.forward_seconds,
