@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -240,10 +239,6 @@ class GGUFModel:
             count, size = summary.get(t.qtype.name, (0, 0))
             summary[t.qtype.name] = (count + 1, size + t.num_bytes)
         return summary
-
-    def layer_bytes(self, layers: Iterable[int]) -> int:
-        wanted = {f"layers.{i}." for i in layers}
-        return sum(t.num_bytes for n, t in self.tensors.items() if n[: n.index(".", 7) + 1] in wanted)
 
 
 def _open_reader(path: str) -> GGUFReader:

@@ -21,8 +21,6 @@ from kernels.reference import apply_rope_pairs, rms_norm
 from runtime.config import ModelConfig
 from workers import ops
 
-DEFAULT_DECODE_THRESHOLD = 128  # sequences with fewer new tokens take the absorbed path
-
 
 @dataclass
 class SequenceGroup:

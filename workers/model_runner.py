@@ -12,12 +12,13 @@ import zlib
 
 import torch
 
+from kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
 from kernels.norm_rope import rope_cos_sin, yarn_inv_freq
 from runtime.config import ModelConfig
 from runtime.gguf_model import GGUFModel
 from runtime.microbatch import MicroBatch, StepOutput
 from runtime.shapes import RandomModel, is_random_spec
-from workers.attention import DEFAULT_DECODE_THRESHOLD, AttentionMetadata, build_group
+from workers.attention import AttentionMetadata, build_group
 from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import allocate_latent_cache, slot_mapping
 from workers.layers import ModelShard
@@ -156,7 +157,7 @@ class ModelRunner:
         absorbed, naive = [], []
         for i, c in enumerate(chunks):
             takes_absorbed = self.attention_mode == "absorbed" or (
-                self.attention_mode == "auto" and c.num_new < self.decode_threshold
+                self.attention_mode == "auto" and uses_decode(c.num_new, self.decode_threshold)
             )
             (absorbed if takes_absorbed else naive).append(i)
         args = (
