@@ -112,18 +112,25 @@ def _measure(engine: Engine, test: Test, seqs: int, seed: int) -> float:
     started = time.perf_counter()
     ids = {engine.add_request(p, params) for p in prompts}
     first_token: dict[str, float] = {}
+    tokens: dict[str, int] = {}  # tokens generated so far, by request
+    history = []  # (time, tokens generated over all sequences) after each step
     finished = 0
     while finished < len(ids):
         advanced, done = engine.step()
         now = time.perf_counter()
-        for request in advanced:
+        for request in advanced + done:
             first_token.setdefault(request.request_id, now)
+            tokens[request.request_id] = len(request.output_token_ids)
+        history.append((now, sum(tokens.values())))
         finished += len(done)
     ended = time.perf_counter()
     if test.is_prompt_test:
         return seqs * test.prompt / (ended - started)
-    decode_started = max(first_token.values())  # every sequence is past its prompt
-    return seqs * (test.generate - 1) / (ended - decode_started)
+    # Decode speed from the moment every sequence is past its prompt. Tokens that came by then are not
+    # counted: the first of each sequence, and any more a decode round brought along with it.
+    decode_started = max(first_token.values())
+    tokens_then = next(count for when, count in history if when >= decode_started)
+    return (sum(tokens.values()) - tokens_then) / max(ended - decode_started, 1e-9)
 
 
 def _markdown(header: list[str], rows: list[list]) -> str:

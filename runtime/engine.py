@@ -71,6 +71,7 @@ class Engine:
         block_size: int = 64,
         kv_blocks: int | None = None,
         max_seqs_per_batch: int = 256,
+        decode_steps: int = 16,  # decode tokens per driver round trip (1: the driver sees every step)
         attention: str = "auto",
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
@@ -125,6 +126,7 @@ class Engine:
             self.executor.num_groups,
             max_seqs_per_batch,
             self.tokenizer.eos_token_id if self.tokenizer else None,
+            decode_steps,
         )
         self._ids = itertools.count()
         self._failure: str | None = None
@@ -194,11 +196,10 @@ class Engine:
         return request.request_id
 
     def step(self) -> tuple[list[Request], list[Request]]:
-        """Runs what can run now; returns (requests that got a token, requests that finished)."""
-        submitted = 0
-        while (batch := self.scheduler.schedule()) is not None:
-            self.executor.submit(batch)
-            submitted += 1
+        """Runs what can run now; returns (requests that got tokens, requests that finished)."""
+        batches = self.scheduler.schedule_all()
+        if batches:
+            self.executor.submit(batches)
         advanced, finished = [], []
         try:
             outputs = self.executor.collect()
@@ -209,7 +210,7 @@ class Engine:
             got, done = self.scheduler.update(output)
             advanced += got
             finished += done
-        self.metrics.on_step(advanced, finished, submitted)
+        self.metrics.on_step(advanced, finished, len(batches))
         for request in finished:
             log.info(
                 "request %s finished: %s, %d tokens",

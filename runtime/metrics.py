@@ -48,7 +48,7 @@ def finished_reason_label(reason: str | None) -> str:
 class EngineMetrics:
     def __init__(self, scheduler, blocks, executor):
         self.registry = CollectorRegistry()
-        self._last_token_time: dict[str, float] = {}  # request id -> when its latest token came
+        self._last_token: dict[str, tuple[int, float]] = {}  # request id -> (tokens seen, when the last came)
         self.batches_submitted = 0
         self._server = None
         r = self.registry
@@ -79,19 +79,23 @@ class EngineMetrics:
         self.prompt_tokens.inc(len(request.prompt_token_ids))
 
     def on_step(self, advanced, finished, num_submitted: int) -> None:
-        """advanced: requests that got one token this step; finished: requests that ended."""
+        """advanced: requests that got tokens this step (a decode round brings several at once: each
+        counts, and each gets the mean gap since the last token as its inter-token latency);
+        finished: requests that ended."""
         self.batches_submitted += num_submitted
-        self.generation_tokens.inc(len(advanced))
         for request in advanced:
-            previous = self._last_token_time.get(request.request_id)
+            count, previous = self._last_token.get(request.request_id, (0, None))
+            new = len(request.output_token_ids) - count
+            self.generation_tokens.inc(new)
             if previous is None:
                 self.ttft.observe(request.first_token_time - request.arrival_time)
-            else:
-                self.inter_token.observe(request.last_token_time - previous)
-            self._last_token_time[request.request_id] = request.last_token_time
+                new, previous = new - 1, request.first_token_time
+            for _ in range(new):
+                self.inter_token.observe((request.last_token_time - previous) / new)
+            self._last_token[request.request_id] = (len(request.output_token_ids), request.last_token_time)
         now = time.monotonic()
         for request in finished:
-            self._last_token_time.pop(request.request_id, None)
+            self._last_token.pop(request.request_id, None)
             self.e2e.observe((request.last_token_time or now) - request.arrival_time)
             self.request_success.labels(finished_reason_label(request.finish_reason)).inc()
 

@@ -1,6 +1,10 @@
 """The control message of one micro-batch: what every stage needs to run its layers on it.
 
 Plain Python (lists, ints), so it is cheap to pickle through Ray and testable without torch.
+
+A decode micro-batch may ask for several steps (num_steps > 1): the stages then run that many decode
+steps on their own, the last stage feeding each step's sampled tokens back to the first, and the
+driver hears back once per round instead of once per token.
 """
 
 from __future__ import annotations
@@ -35,6 +39,34 @@ class SequenceChunk:
 class MicroBatch:
     batch_id: int
     chunks: list[SequenceChunk]
+    num_steps: int = 1  # > 1: a decode round (every chunk one new token, sampled); see decode_step
+
+    def __post_init__(self) -> None:
+        if self.num_steps > 1 and not all(
+            c.num_new == 1 and c.sample and c.score_targets is None and not c.return_logits for c in self.chunks
+        ):
+            raise ValueError("only decode micro-batches (one sampled token per sequence) can run several steps")
+
+    def decode_step(self, step: int, token_ids: list[int] | None = None) -> MicroBatch:
+        """Step `step` of a decode round as a one-step micro-batch: each sequence one position further,
+        its new token the one sampled at the previous step (token_ids; step 0 uses the chunks' own)."""
+        if step == 0 and token_ids is None:
+            return MicroBatch(self.batch_id, self.chunks)
+        return MicroBatch(
+            self.batch_id,
+            [
+                SequenceChunk(
+                    request_id=c.request_id,
+                    token_ids=[token_ids[i] if token_ids is not None else c.token_ids[0]],
+                    num_cached=c.num_cached + step,
+                    block_table=c.block_table,
+                    sample=True,
+                    sampling=c.sampling,
+                    num_generated=c.num_generated + step,
+                )
+                for i, c in enumerate(self.chunks)
+            ],
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -52,10 +84,10 @@ class MicroBatch:
 
 @dataclass
 class StepOutput:
-    """What the last stage returns: token ids for sampling chunks; log p(target) per new token for
-    scoring chunks; logits only when asked for."""
+    """What the last stage returns: token ids for sampling chunks (one per step, in order); log p(target)
+    per new token for scoring chunks; logits only when asked for."""
 
     batch_id: int
-    sampled: dict[str, int]
+    sampled: dict[str, list[int]]
     scores: dict[str, list[float]] = field(default_factory=dict)
     logits: dict[str, object] = field(default_factory=dict)  # request id -> (num_new, vocab) array

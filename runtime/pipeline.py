@@ -114,14 +114,23 @@ class RayPipeline:
             self._get([a.connect_torch.remote(transport, master, self.deadline_s) for a in self.actors])
         elif transport == "grpc":
             addresses = self._get([a.serve_grpc.remote(self.deadline_s) for a in self.actors])
-            self._get([a.connect_grpc.remote(addr) for a, addr in zip(self.actors[:-1], addresses[1:])])
+            links = [(next_address, None) for next_address in addresses[1:]] + [(None, addresses[0])]
+            self._get([a.connect_grpc.remote(*link) for a, link in zip(self.actors, links)])
         else:
             raise ValueError(f"unknown transport {transport!r}")
 
     # executor interface (same as LocalExecutor) -------------------------------------------------
-    def submit(self, batch: MicroBatch) -> None:
-        refs = [a.run_batch.remote(batch) for a in self.actors]
-        self._pending[batch.batch_id] = (refs, time.monotonic() + self.deadline_s)
+    def submit(self, batches: list[MicroBatch]) -> None:
+        """Micro-batches of one step go one actor call each, so a finished one frees its group while
+        the others are still in flight. A decode round is one call for all its micro-batches: the
+        stages interleave them step by step (see workers/stage.py)."""
+        if any(b.num_steps > 1 for b in batches):
+            refs = [a.run_round.remote(batches) for a in self.actors]
+            self._pending[batches[0].batch_id] = (refs, time.monotonic() + self.deadline_s)
+            return
+        for batch in batches:
+            refs = [a.run_batch.remote(batch) for a in self.actors]
+            self._pending[batch.batch_id] = (refs, time.monotonic() + self.deadline_s)
 
     def collect(self) -> list[StepOutput]:
         """Waits until at least one micro-batch finishes (if any is in flight) and returns the outputs
@@ -150,7 +159,7 @@ class RayPipeline:
                 refs, _ = self._pending[batch_id]
                 refs[stage] = None  # resolved: never waited on again
                 if stage == len(refs) - 1:
-                    outputs.append(result)
+                    outputs.extend(result if isinstance(result, list) else [result])
                     del self._pending[batch_id]
             if outputs:
                 return outputs

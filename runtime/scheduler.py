@@ -5,6 +5,11 @@ decode token per step. Up to `num_groups` micro-batches are in flight at once (o
 "pipeline copies"); a request belongs to at most one of them, because its next token needs the last.
 KV blocks are allocated as chunks are scheduled; when they run out, the most recently admitted
 request that is not in flight is preempted (its blocks freed, its tokens recomputed later).
+
+Decode rounds: when every running request is decoding and nothing waits or is in flight, the batches
+of one schedule_all() each ask for up to `decode_steps` steps (MicroBatch.num_steps). The stages run
+those steps without the driver, so a token no longer costs a driver round trip. A request that stops
+inside a round (EOS, a stop token) keeps the tokens up to the stop; the rest are dropped.
 """
 
 from __future__ import annotations
@@ -56,9 +61,13 @@ class Scheduler:
         num_groups: int = 1,
         max_seqs_per_batch: int = 256,
         eos_token_id: int | None = None,
+        decode_steps: int = 1,
     ):
         if ubatch < 1:
             raise ValueError(f"ubatch must be at least 1, got {ubatch}")
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
+        self.decode_steps = decode_steps
         self.blocks = block_manager
         self.ubatch = ubatch
         self.n_ctx = n_ctx
@@ -87,8 +96,33 @@ class Scheduler:
         return self.num_groups - len(self.in_flight)
 
     # scheduling ---------------------------------------------------------------------------------
-    def schedule(self) -> MicroBatch | None:
-        """The next micro-batch from requests not already in flight, or None if nothing can run."""
+    def schedule_all(self) -> list[MicroBatch]:
+        """Every micro-batch that can start now (one per free group); a decode round when possible."""
+        steps = self._round_steps()
+        batches = []
+        while (batch := self.schedule(steps)) is not None:
+            batches.append(batch)
+        return batches
+
+    def _round_steps(self) -> int:
+        """Steps of a decode round now: 1 unless every running request is decoding, nothing waits or
+        is in flight (a round holds every group), and the KV blocks for the whole round are free."""
+        running = self.running
+        if self.decode_steps == 1 or self.in_flight or self.waiting or not running:
+            return 1
+        if any(r.score_only or r.num_tokens - r.num_computed != 1 for r in running):
+            return 1
+        steps = min(
+            self.decode_steps,
+            min(r.sampling.max_tokens - len(r.output_token_ids) for r in running),
+            min(self.n_ctx - r.num_tokens for r in running),  # the round never passes n_ctx
+        )
+        needed = sum(self.blocks.extra_blocks_needed(r.request_id, r.num_computed + steps) for r in running)
+        return steps if steps > 1 and needed <= self.blocks.num_free else 1
+
+    def schedule(self, steps: int = 1) -> MicroBatch | None:
+        """The next micro-batch from requests not already in flight, or None if nothing can run.
+        steps > 1 (from _round_steps): a decode round, with KV blocks reserved for all its steps."""
         if self.num_free_groups <= 0:
             return None
         budget = self.ubatch
@@ -100,7 +134,7 @@ class Scheduler:
             if budget <= 0 or len(chunks) >= self.max_seqs_per_batch:
                 break
             if request.num_computed == request.num_tokens - 1:  # else preempted by an earlier one
-                budget -= self._take(request, 1, chunks)
+                budget -= self._take(request, 1, chunks, steps)
         # Then prompt chunks of running requests, then newly admitted ones.
         for request in [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed > 1]:
             budget = self._add_prefill(request, budget, chunks)
@@ -114,7 +148,7 @@ class Scheduler:
             budget = self._add_prefill(request, budget, chunks)
         if not chunks:
             return None
-        batch = MicroBatch(next(self._batch_ids), chunks)
+        batch = MicroBatch(next(self._batch_ids), chunks, num_steps=steps)
         self.in_flight[batch.batch_id] = batch
         return batch
 
@@ -123,10 +157,11 @@ class Scheduler:
             return budget
         return budget - self._take(request, min(budget, request.num_tokens - request.num_computed), chunks)
 
-    def _take(self, request: Request, size: int, chunks: list[SequenceChunk]) -> int:
-        """Puts `size` tokens of the request into the batch if their KV blocks can be had; returns the
-        tokens taken (0 or size). In flight from here on, so later passes and preemption skip it."""
-        if not self._reserve(request, request.num_computed + size):
+    def _take(self, request: Request, size: int, chunks: list[SequenceChunk], steps: int = 1) -> int:
+        """Puts `size` tokens of the request into the batch if their KV blocks (for all `steps` of a
+        decode round) can be had; returns the tokens taken (0 or size). In flight from here on, so later
+        passes and preemption skip it."""
+        if not self._reserve(request, request.num_computed + size + steps - 1):
             return 0
         chunks.append(self._chunk(request, size))
         request.in_flight = True
@@ -175,12 +210,15 @@ class Scheduler:
         for chunk in batch.chunks:
             request = self._get(chunk.request_id)
             request.in_flight = False
-            request.num_computed += chunk.num_new
+            request.num_computed += chunk.num_new + batch.num_steps - 1
             request.scores.extend(output.scores.get(chunk.request_id, ()))
             if request.score_only and request.num_computed == request.num_tokens:
                 request.finish_reason = "scored"
             elif chunk.request_id in output.sampled:
-                self._append_token(request, output.sampled[chunk.request_id], now)
+                for token in output.sampled[chunk.request_id]:
+                    self._append_token(request, token, now)
+                    if request.finished:  # tokens sampled after a stop inside a round are dropped
+                        break
                 advanced.append(request)
             if request.finished:
                 self._release(request)

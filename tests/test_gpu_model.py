@@ -62,15 +62,32 @@ def test_gpu_engine_generates_and_scores(model_path):
 
 @pytest.mark.multigpu
 def test_nccl_and_grpc_pipelines_agree(model_path):
-    prompts = [list(range(5, 40)), [7, 8, 9], list(range(100, 300))]
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    """Decode rounds through 2 GPUs (two micro-batches interleaved, tokens sent back from stage 1 to
+    stage 0) give the tokens of one GPU whose driver sees every step."""
+    prompts = [list(range(5, 40)), [7, 8, 9], list(range(100, 300))] + [[11 + i, 12, 13] for i in range(5)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
     results = {}
     for transport in ("nccl", "grpc"):
-        with Engine(model_path, pipeline=2, devices="cuda", transport=transport) as engine:
+        with Engine(model_path, pipeline=2, devices="cuda", transport=transport, decode_steps=7) as engine:
             results[transport] = [r.token_ids for r in engine.generate(prompts, params)]
-    with Engine(model_path, devices="cuda") as engine:
+            assert all(s["steps"] > s["batches"] for s in engine.executor.stats())  # rounds ran
+    with Engine(model_path, devices="cuda", decode_steps=1) as engine:
         single = [r.token_ids for r in engine.generate(prompts, params)]
     assert results["nccl"] == results["grpc"] == single
+
+
+@pytest.mark.gpu
+def test_decode_rounds_match_single_steps_on_gpu(model_path):
+    """Greedy and seeded sampling: tokens fed back on the device give what the host would feed."""
+    prompts = [list(range(5, 40)), [7, 8, 9], list(range(50, 60))]
+    for params in (
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+    ):
+        with Engine(model_path, devices="cuda", decode_steps=1) as engine:
+            single = [r.token_ids for r in engine.generate(prompts, params)]
+        with Engine(model_path, devices="cuda", decode_steps=8) as engine:
+            assert [r.token_ids for r in engine.generate(prompts, params)] == single
 
 
 @pytest.mark.gpu

@@ -14,11 +14,12 @@ PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module", params=["v2", "v3"])
 def model_and_reference(request, tmp_path_factory, ray_local):
-    """Tokens from the in-process engine; scores from a one-stage Ray pipeline, whose single-threaded
-    CPU matmuls every multi-stage run shares (the in-process engine's two threads sum in another
-    order, so its scores agree to ~1e-6, not to the bit)."""
+    """Tokens from the in-process engine, one decode step per driver round trip (the engines under test
+    run decode rounds); scores from a one-stage Ray pipeline, whose single-threaded CPU matmuls every
+    multi-stage run shares (the in-process engine's two threads sum in another order, so its scores
+    agree to ~1e-6, not to the bit)."""
     path = write_tiny_model(tmp_path_factory.mktemp("pipe") / f"{request.param}.gguf", request.param, seed=11)
-    with Engine(path, block_size=16) as engine:
+    with Engine(path, block_size=16, decode_steps=1) as engine:
         tokens = [r.token_ids for r in engine.generate(PROMPTS, PARAMS)]
         local_scores = engine.score(PROMPTS[2])
     with Engine(path, pipeline=1, use_ray=True, block_size=16) as engine:
@@ -35,10 +36,26 @@ def test_pipeline_matches_one_process(ray_local, model_and_reference, stages, tr
     with Engine(path, pipeline=stages, transport=transport, use_ray=True, block_size=16) as engine:
         assert [r.token_ids for r in engine.generate(PROMPTS, PARAMS)] == tokens  # 4 concurrent requests
         assert engine.score(PROMPTS[2]) == scores
+        stats = engine.executor.stats()
+        assert all(s["steps"] > s["batches"] > 0 for s in stats)  # decode rounds ran
         if stages > 1:
-            stats = engine.executor.stats()
-            assert all(s["batches"] > 0 for s in stats)
-            assert all(s["bytes_sent"] > 0 for s in stats[:-1])  # activations crossed every link
+            assert all(s["bytes_sent"] > 0 for s in stats)  # activations on every link, tokens back
+
+
+def test_decode_rounds_keep_seeded_sampling_and_stops(ray_local, model_and_reference):
+    """Seeded sampling gives the same tokens whether the driver sees every step or only each round's
+    end; a stop token inside a round ends the request there."""
+    path, tokens, _ = model_and_reference
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=3, ignore_eos=True)
+    stop_token = tokens[2][4]
+    stopping = SamplingParams(max_tokens=12, stop_token_ids=(stop_token,), ignore_eos=True)
+    with Engine(path, block_size=16, decode_steps=1) as engine:
+        expected = [r.token_ids for r in engine.generate(PROMPTS, sampled)]
+    with Engine(path, pipeline=2, use_ray=True, block_size=16, decode_steps=5) as engine:
+        assert [r.token_ids for r in engine.generate(PROMPTS, sampled)] == expected
+        stopped = engine.generate([PROMPTS[2]], stopping)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == tokens[2][: tokens[2].index(stop_token) + 1]
 
 
 def test_chunked_prefill_and_per_stage_amb(ray_local, model_and_reference):

@@ -13,7 +13,7 @@ def _scheduler(num_blocks=64, block_size=4, ubatch=8, n_ctx=64, groups=1, eos=No
 
 
 def _finish(s: Scheduler, batch, token=7):
-    sampled = {c.request_id: token for c in batch.chunks if c.sample}
+    sampled = {c.request_id: [token] * batch.num_steps for c in batch.chunks if c.sample}
     return s.update(StepOutput(batch.batch_id, sampled))
 
 
@@ -90,7 +90,7 @@ def test_stop_on_eos_and_max_tokens_and_context():
     reasons = {}
     while s.has_unfinished:
         batch = s.schedule()
-        sampled = {c.request_id: 9 if c.request_id in ("eos", "ign") else 5 for c in batch.chunks if c.sample}
+        sampled = {c.request_id: [9 if c.request_id in ("eos", "ign") else 5] for c in batch.chunks if c.sample}
         for r in s.update(StepOutput(batch.batch_id, sampled))[1]:
             reasons[r.request_id] = (r.finish_reason, len(r.output_token_ids))
     assert reasons == {"eos": ("stop", 1), "len": ("length", 2), "ctx": ("length", 2), "ign": ("length", 2)}
@@ -136,3 +136,68 @@ def test_failed_batch_fails_its_requests_and_frees_blocks():
     failed = s.fail_batch(batch.batch_id, "stage 1 died")
     assert failed[0].finish_reason == "error: stage 1 died"
     assert not s.has_unfinished and s.blocks.num_free == s.blocks.num_blocks
+
+
+def _run_to_end(s: Scheduler, next_token) -> tuple[dict, list[int]]:
+    """Drives the scheduler like the engine, with a fake model: the token after position p of request r
+    is next_token(r, p), whichever step of a round computed it. Returns (outputs, steps per batch)."""
+    outputs, steps = {}, []
+    while s.has_unfinished:
+        batches = s.schedule_all()
+        assert batches
+        for batch in batches:
+            steps.append(batch.num_steps)
+            sampled = {}
+            for c in batch.chunks:
+                if not c.sample:
+                    continue
+                # a round's step k feeds the token at position num_cached + k
+                assert len(c.block_table) * s.blocks.block_size >= c.num_cached + batch.num_steps
+                sampled[c.request_id] = [
+                    next_token(c.request_id, c.seq_len - 1 + k) for k in range(batch.num_steps)
+                ]
+            for r in s.update(StepOutput(batch.batch_id, sampled))[1]:
+                outputs[r.request_id] = (r.finish_reason, list(r.output_token_ids))
+    return outputs, steps
+
+
+def test_decode_rounds_give_the_same_tokens_as_single_steps():
+    def token(rid, position):
+        return 9 if (rid == "eos" and position == 6) else 20 + position
+
+    def run(decode_steps):
+        s = Scheduler(BlockManager(64, 4), 16, 40, 2, eos_token_id=9, decode_steps=decode_steps)
+        s.add(Request("long", [1, 2, 3], SamplingParams(max_tokens=13)))
+        s.add(Request("short", [1, 2], SamplingParams(max_tokens=3)))
+        s.add(Request("eos", [1, 2, 3], SamplingParams(max_tokens=20)))  # stops inside a round
+        s.add(Request("ctx", list(range(30)), SamplingParams(max_tokens=30)))  # reaches n_ctx=40
+        result = _run_to_end(s, token)
+        assert s.blocks.num_free == s.blocks.num_blocks
+        return result
+
+    single, single_steps = run(1)
+    rounds, round_steps = run(4)
+    assert rounds == single
+    assert single["eos"] == ("stop", [22, 23, 24, 25, 9]) and single["ctx"][0] == "length"
+    assert set(single_steps) == {1} and max(round_steps) == 4
+    assert len(round_steps) < len(single_steps)
+
+
+def test_a_round_waits_for_prefill_and_respects_the_shortest_request():
+    s = Scheduler(BlockManager(64, 4), 4, 64, 2, decode_steps=8)
+    s.add(Request("a", [1, 2], SamplingParams(max_tokens=5)))
+    s.add(Request("b", list(range(9)), SamplingParams(max_tokens=20)))
+    first = s.schedule_all()  # prefill: single steps
+    assert first and all(b.num_steps == 1 for b in first)
+    for batch in first:
+        s.update(StepOutput(batch.batch_id, {c.request_id: [7] for c in batch.chunks if c.sample}))
+    batches = s.schedule_all()  # b's prompt is not done: no round yet
+    assert all(b.num_steps == 1 for b in batches)
+    for batch in batches:
+        s.update(StepOutput(batch.batch_id, {c.request_id: [7] for c in batch.chunks if c.sample}))
+    while any(r.num_tokens - r.num_computed > 1 for r in s.running) or s.in_flight:
+        for batch in s.schedule_all():
+            s.update(StepOutput(batch.batch_id, {c.request_id: [7] for c in batch.chunks if c.sample}))
+    remaining = min(r.sampling.max_tokens - len(r.output_token_ids) for r in s.running)
+    batches = s.schedule_all()
+    assert {b.num_steps for b in batches} == {min(8, remaining)} and remaining > 1

@@ -49,17 +49,25 @@ class DecodeGraphs:
             for c in batch.chunks
         )
 
-    def run(self, batch: MicroBatch, hidden_in: torch.Tensor | None) -> torch.Tensor:
+    def run(
+        self, batch: MicroBatch, hidden_in: torch.Tensor | None, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """token_ids: the first stage's input tokens as a device tensor (a decode round's feedback),
+        instead of the chunks' own."""
         size = len(batch.chunks)
         bucket = bucket_for(size)
-        self._fill(batch, hidden_in, bucket)
+        self._fill(batch, hidden_in, bucket, token_ids)
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, output = self.graphs[bucket]
         graph.replay()
         return output[:size]
 
-    def _fill(self, batch: MicroBatch, hidden_in: torch.Tensor | None, bucket: int) -> None:
+    def _fill(
+        self, batch: MicroBatch, hidden_in: torch.Tensor | None, bucket: int, token_ids: torch.Tensor | None
+    ) -> None:
+        # Host values go up with non-blocking copies: the host never waits for the GPU here, so it can
+        # prepare the next step while the GPU runs this one.
         size, block_size = len(batch.chunks), self.runner.block_size
         positions = [c.num_cached for c in batch.chunks]
         slots = [
@@ -82,7 +90,9 @@ class DecodeGraphs:
         self.slots[:bucket].copy_(host[1], non_blocking=True)
         self.seq_lens[:bucket].copy_(host[2], non_blocking=True)
         self.block_table[:bucket].copy_(table, non_blocking=True)
-        if self.runner.shard.is_first:
+        if token_ids is not None:
+            self.token_ids[:size].copy_(token_ids)
+        elif self.runner.shard.is_first:
             ids = torch.tensor([c.token_ids[0] for c in batch.chunks] + [0] * padding, dtype=torch.int64)
             self.token_ids[:bucket].copy_(ids, non_blocking=True)
         else:

@@ -179,41 +179,58 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: MicroBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
-        """Runs this shard on the batch. The first stage embeds the batch's token ids; later stages take
-        the previous stage's hidden states (T, hidden)."""
+    def forward(
+        self, batch: MicroBatch, hidden_in: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Runs this shard on the batch. The first stage embeds the batch's token ids, or `token_ids`
+        (a device tensor: the tokens sampled at the previous step of a decode round, never seen by the
+        host); later stages take the previous stage's hidden states (T, hidden)."""
         if self.decode_graphs is not None and self.decode_graphs.accepts(batch):
-            return self.decode_graphs.run(batch, hidden_in)
+            return self.decode_graphs.run(batch, hidden_in, token_ids)
         meta = self.build_metadata(batch)
-        if self.shard.is_first:
+        if not self.shard.is_first:
+            inputs = hidden_in.to(self.device, self.dtype)
+        elif token_ids is not None:
+            inputs = token_ids.to(self.device)
+        else:
             inputs = torch.tensor(
                 [t for c in batch.chunks for t in c.token_ids], dtype=torch.int64, device=self.device
             )
-        else:
-            inputs = hidden_in.to(self.device, self.dtype)
         return self.shard.forward(inputs, meta, self.kv_cache)
 
     @torch.inference_mode()
-    def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
-        """Last stage: logits only where needed, then sampled tokens / scores / logits.
+    def sample(self, batch: MicroBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage: the next token of every sampling chunk, in chunk order, as a device tensor.
 
-        The common case (sampling the last row of each chunk) computes those rows' logits in one
-        matmul and takes every greedy choice in one argmax, so a decode step syncs with the host once.
+        Logits are computed for those rows only, in one matmul. Greedy choices stay on the device, so a
+        greedy decode step never waits for the host; seeded sampling runs on the host (one sync).
         """
-        out = StepOutput(batch_id=batch.batch_id, sampled={})
-        ends = torch.tensor(batch.chunk_ends, device=hidden.device) - 1
         sampling = [i for i, c in enumerate(batch.chunks) if c.sample]
-        last_logits = self.shard.compute_logits(hidden[ends[sampling]]) if sampling else None
-        if last_logits is not None:
-            greedy = last_logits.argmax(dim=-1).tolist()
-            for row, i in enumerate(sampling):
-                c = batch.chunks[i]
-                token = (
-                    greedy[row]
-                    if c.sampling.greedy
-                    else sample_token(last_logits[row], c.sampling, c.num_generated)
-                )
-                out.sampled[c.request_id] = token
+        if len(sampling) == hidden.shape[0]:  # every row samples (decode): no index tensor to upload
+            rows = hidden
+        else:
+            ends = batch.chunk_ends
+            rows = hidden[torch.tensor([ends[i] - 1 for i in sampling], device=hidden.device)]
+        logits = self.shard.compute_logits(rows)
+        tokens = logits.argmax(dim=-1)
+        chosen = [(row, batch.chunks[i]) for row, i in enumerate(sampling) if not batch.chunks[i].sampling.greedy]
+        if chosen:
+            tokens = tokens.cpu()
+            for row, c in chosen:
+                tokens[row] = sample_token(logits[row], c.sampling, c.num_generated)
+            tokens = tokens.to(hidden.device)
+        return tokens
+
+    @torch.inference_mode()
+    def finish(self, batch: MicroBatch, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> StepOutput:
+        """Last stage: the step's sampled tokens (from sample(), or `tokens` if already sampled),
+        scores and logits, as the driver's StepOutput."""
+        out = StepOutput(batch_id=batch.batch_id, sampled={})
+        sampling = [c for c in batch.chunks if c.sample]
+        if sampling:
+            tokens = self.sample(batch, hidden) if tokens is None else tokens
+            for c, token in zip(sampling, tokens.tolist()):
+                out.sampled[c.request_id] = [token]
         start = 0
         for c, end in zip(batch.chunks, batch.chunk_ends):
             if c.score_targets is not None or c.return_logits:

@@ -5,6 +5,12 @@ allocate_kv_cache and connect in turn (so that Ray has set CUDA_VISIBLE_DEVICES 
 and a plan that does not fit is refused before any weight is read). After that, each micro-batch is
 one run_batch call: receive the previous stage's hidden state, run this stage's layers, send it on;
 the last stage returns sampled tokens instead.
+
+A decode round (micro-batches of num_steps > 1, submitted together) is one run_round call per stage.
+The stages then run the round's steps among themselves, step k of every micro-batch before step k+1,
+so that while one micro-batch is on a later stage the first stage works on another. The last stage
+sends each step's sampled tokens straight back to the first stage over the transport; the driver
+hears back once, at the end of the round. With one stage the tokens never leave the device.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import os
 import socket
 import time
 from collections import deque
+
+from runtime.microbatch import MicroBatch, StepOutput
 
 
 class StageWorker:
@@ -26,6 +34,7 @@ class StageWorker:
         self._pending_timings: deque = deque()  # (start, end) CUDA events of batches still running
         self.transport_wait_seconds = 0.0
         self.batches_done = 0
+        self.steps_done = 0  # forward steps (a decode round of K steps counts K)
 
     @property
     def is_first(self) -> bool:
@@ -61,11 +70,12 @@ class StageWorker:
             "pid": os.getpid(),
         }
 
-    def load_layers(self, model_path: str, first_layer: int, end_layer: int, **runner_options) -> int:
-        """Reads only this stage's tensors from the GGUF; returns the number of layers loaded."""
+    def load_layers(self, model, first_layer: int, end_layer: int, **runner_options) -> int:
+        """Reads only this stage's tensors from the GGUF (a path, or a model already open in this
+        process); returns the number of layers loaded."""
         from workers.model_runner import ModelRunner, open_model
 
-        model = open_model(model_path)
+        model = open_model(model) if isinstance(model, str) else model
         self.runner = ModelRunner(model, first_layer, end_layer, device=self.device, **runner_options)
         self.hidden_size = model.config.hidden_size
         return end_layer - first_layer
@@ -93,35 +103,84 @@ class StageWorker:
         self.transport = GrpcTransport(self.device, timeout_s)
         return self.transport.serve(_node_ip())
 
-    def connect_grpc(self, next_address: str) -> None:
-        self.transport.connect(next_address)
+    def connect_grpc(self, next_address: str | None, first_address: str | None = None) -> None:
+        """Links to the next stage; the last stage links back to the first (decode-round tokens)."""
+        if next_address is not None:
+            self.transport.connect(next_address)
+        if first_address is not None:
+            self.transport.connect_back(first_address)
 
-    # the run loop: one call per micro-batch -----------------------------------------------------
-    def run_batch(self, batch):
-        runner = self.runner
+    # the run loop ------------------------------------------------------------------------------
+    def run_batch(self, batch: MicroBatch) -> StepOutput | None:
+        """One micro-batch of one step; the last stage returns its output."""
+        outputs = self.run_round([batch])
+        return outputs[0] if outputs is not None else None
+
+    def run_round(self, batches: list[MicroBatch]) -> list[StepOutput] | None:
+        """Micro-batches submitted together, step by step; the last stage returns their outputs."""
+        steps = max(b.num_steps for b in batches)
+        sampled: dict[int, list] = {b.batch_id: [] for b in batches}  # last stage: tokens per step
+        fed_back: dict[int, object] = {}  # one stage: the next step's input tokens, on the device
+        outputs: dict[int, StepOutput] = {}
+        for k in range(steps):
+            for batch in batches:
+                if k >= batch.num_steps:
+                    continue
+                step = batch.decode_step(k)
+                token_ids = None
+                if k > 0 and self.is_first:
+                    token_ids = fed_back.pop(batch.batch_id) if self.is_last else self._recv_tokens(step, k)
+                hidden = self._forward(step, k, token_ids)
+                if not self.is_last:
+                    self._send_hidden(step, k, hidden)
+                elif batch.num_steps == 1:
+                    outputs[batch.batch_id] = self.runner.finish(step, hidden)
+                else:
+                    tokens = self.runner.sample(step, hidden)
+                    sampled[batch.batch_id].append(tokens)
+                    if k + 1 < batch.num_steps:
+                        if self.is_first:
+                            fed_back[batch.batch_id] = tokens
+                        else:
+                            self.transport.send_back(_key(step, k), tokens)
+            self.steps_done += 1
+        self.batches_done += len(batches)
+        if not self.is_last:
+            return None
+        for batch in batches:
+            if batch.num_steps > 1:
+                outputs[batch.batch_id] = _round_output(batch, sampled[batch.batch_id])
+        return [outputs[b.batch_id] for b in batches]
+
+    def _forward(self, step: MicroBatch, k: int, token_ids):
         hidden_in = None
         if not self.is_first:
             started = time.perf_counter()
-            hidden_in = self.transport.recv(
-                batch.batch_id, (batch.num_tokens, self.hidden_size), runner.dtype
-            )
+            hidden_in = self.transport.recv(_key(step, k), (step.num_tokens, self.hidden_size), self.runner.dtype)
             self.transport_wait_seconds += time.perf_counter() - started
         started = time.perf_counter()
         timing = self._gpu_timing_start()
-        hidden = runner.forward(batch, hidden_in)
-        output = runner.finish(batch, hidden) if self.is_last else None
+        hidden = self.runner.forward(step, hidden_in, token_ids)
         if timing is None:
             self.forward_seconds += time.perf_counter() - started
-        else:  # no host sync: the next batch's launches overlap this one's GPU work
+        else:  # no host sync: the next step's launches overlap this one's GPU work
             timing[1].record()
             self._pending_timings.append(timing)
             self._collect_gpu_timings()
-        if not self.is_last:
-            started = time.perf_counter()
-            self.transport.send(batch.batch_id, hidden)
-            self.transport_wait_seconds += time.perf_counter() - started
-        self.batches_done += 1
-        return output
+        return hidden
+
+    def _send_hidden(self, step: MicroBatch, k: int, hidden) -> None:
+        started = time.perf_counter()
+        self.transport.send(_key(step, k), hidden)
+        self.transport_wait_seconds += time.perf_counter() - started
+
+    def _recv_tokens(self, step: MicroBatch, k: int):
+        import torch
+
+        started = time.perf_counter()
+        tokens = self.transport.recv_back(_key(step, k - 1), (len(step.chunks),), torch.int64)
+        self.transport_wait_seconds += time.perf_counter() - started
+        return tokens
 
     def _gpu_timing_start(self):
         if self.device != "cuda":
@@ -145,6 +204,7 @@ class StageWorker:
             "forward_seconds": self.forward_seconds,
             "transport_wait_seconds": self.transport_wait_seconds,
             "batches": self.batches_done,
+            "steps": self.steps_done,
             "bytes_sent": getattr(self.transport, "bytes_sent", 0),
             "amb_steps": amb_steps_taken(self.runner),
         }
@@ -156,6 +216,18 @@ class StageWorker:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+
+
+def _key(batch: MicroBatch, step: int) -> str:
+    """Names one step of one micro-batch on the wire (the gRPC link matches messages by it)."""
+    return f"{batch.batch_id}.{step}"
+
+
+def _round_output(batch: MicroBatch, tokens_per_step: list) -> StepOutput:
+    import torch
+
+    columns = torch.stack(tokens_per_step, dim=1).tolist()  # the round's only host sync
+    return StepOutput(batch.batch_id, {c.request_id: columns[i] for i, c in enumerate(batch.chunks)})
 
 
 def amb_steps_taken(runner) -> int:

@@ -1,8 +1,10 @@
 """gRPC client streams of raw bytes between consecutive stages, for links without NCCL.
 
 Each receiving stage serves one generic stream-unary method; the sender streams a small header
-(batch id, dtype, shape) and then the tensor's bytes in ~1 MiB chunks. No protobuf schema: the
-messages are bytes in and bytes out, with the message limits raised above the chunk size.
+(key, dtype, shape) and then the tensor's bytes in ~1 MiB chunks. No protobuf schema: the messages
+are bytes in and bytes out, with the message limits raised above the chunk size. A key names one step
+of one micro-batch, so the receiver matches messages to steps whatever order they arrive in. The last
+stage also opens a channel back to the first stage's server, for decode-round tokens.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
-DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64)}
 
 
 class GrpcTransport:
     def __init__(self, device, timeout_s: float):
         self.device = torch.device(device)
         self.timeout_s = timeout_s
-        self._arrived: dict[int, torch.Tensor] = {}
+        self._arrived: dict[str, torch.Tensor] = {}
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
-        self._channel: grpc.Channel | None = None
+        self._channels: list[grpc.Channel] = []
         self._send = None
+        self._send_first = None
         self.bytes_sent = 0
 
     # receiving side -----------------------------------------------------------------------------
@@ -53,42 +56,60 @@ class GrpcTransport:
             data += chunk
         tensor = torch.frombuffer(data, dtype=DTYPES[header["dtype"]]).view(header["shape"])
         with self._cond:
-            self._arrived[header["batch_id"]] = tensor
+            self._arrived[header["key"]] = tensor
             self._cond.notify_all()
         return b""
 
-    def recv(self, batch_id: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def recv(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         with self._cond:
-            if not self._cond.wait_for(lambda: batch_id in self._arrived, timeout=self.timeout_s):
-                raise TimeoutError(f"no activations for micro-batch {batch_id} within {self.timeout_s:.0f} s")
-            tensor = self._arrived.pop(batch_id)
+            if not self._cond.wait_for(lambda: key in self._arrived, timeout=self.timeout_s):
+                raise TimeoutError(f"nothing arrived for micro-batch step {key} within {self.timeout_s:.0f} s")
+            tensor = self._arrived.pop(key)
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise RuntimeError(
-                f"micro-batch {batch_id}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                f"micro-batch step {key}: got {tuple(tensor.shape)} {tensor.dtype}, "
                 f"expected {tuple(shape)} {dtype}"
             )
         return tensor.to(self.device)
 
-    # sending side -------------------------------------------------------------------------------
-    def connect(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        grpc.channel_ready_future(self._channel).result(timeout=self.timeout_s)
-        self._send = self._channel.stream_unary(METHOD)
+    def recv_back(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.recv(f"back:{key}", shape, dtype)
 
-    def send(self, batch_id: int, tensor: torch.Tensor) -> None:
+    # sending side -------------------------------------------------------------------------------
+    def _open(self, address: str):
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        grpc.channel_ready_future(channel).result(timeout=self.timeout_s)
+        self._channels.append(channel)
+        return channel.stream_unary(METHOD)
+
+    def connect(self, address: str) -> None:
+        """The next stage's server: activations go there."""
+        self._send = self._open(address)
+
+    def connect_back(self, address: str) -> None:
+        """The first stage's server: the last stage's decode-round tokens go there."""
+        self._send_first = self._open(address)
+
+    def send(self, key: str, tensor: torch.Tensor) -> None:
+        self._stream(self._send, key, tensor)
+
+    def send_back(self, key: str, tokens: torch.Tensor) -> None:
+        self._stream(self._send_first, f"back:{key}", tokens)
+
+    def _stream(self, method, key: str, tensor: torch.Tensor) -> None:
         payload = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-        header = json.dumps({"batch_id": batch_id, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
+        header = json.dumps({"key": key, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
 
         def messages():
             yield header.encode()
             for start in range(0, len(payload), CHUNK_BYTES):
                 yield payload[start : start + CHUNK_BYTES]
 
-        self._send(messages(), timeout=self.timeout_s)
+        method(messages(), timeout=self.timeout_s)
         self.bytes_sent += len(payload)
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        for channel in self._channels:
+            channel.close()
         if self._server is not None:
             self._server.stop(grace=None)

@@ -2,6 +2,12 @@
 
 One process group spans the pipeline (rank = stage). The receiver knows the shape from the
 micro-batch's control message, so it receives straight into a slice of a buffer allocated once.
+
+Decode rounds send sampled tokens back from the last stage to the first over a second group: its own
+NCCL communicator and stream, so tokens flowing back never queue behind activations flowing forward
+(one stream for both directions would deadlock: stage 0 sending micro-batch B forward while stage 1
+waits to send A's tokens back). Tokens go with isend and nobody waits on it: the first stage's
+receive is what orders them.
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ class TorchDistTransport:
         self.device = torch.device(device)
         self._buffer: torch.Tensor | None = None
         self.bytes_sent = 0
+        self._first, self._last = 0, world_size - 1
+        self._back = dist.new_group([self._first, self._last]) if world_size > 1 else None
+        self._sending: list = []  # (work, tensor) of token sends not yet known to be complete
 
-    def send(self, batch_id: int, tensor: torch.Tensor) -> None:
+    def send(self, key: str, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
         dist.send(tensor, dst=self.rank + 1)
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
-    def recv(self, batch_id: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def recv(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1
         for d in shape:
             numel *= d
@@ -48,6 +57,18 @@ class TorchDistTransport:
         view = self._buffer[:numel].view(shape)
         dist.recv(view, src=self.rank - 1)
         return view
+
+    def send_back(self, key: str, tokens: torch.Tensor) -> None:
+        """Last stage: this step's tokens to the first stage. Returns at once; the tensor must not be
+        written again (the caller keeps it)."""
+        self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+        self._sending.append((dist.isend(tokens, dst=self._first, group=self._back), tokens))
+        self.bytes_sent += tokens.numel() * tokens.element_size()
+
+    def recv_back(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tokens = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(tokens, src=self._last, group=self._back)
+        return tokens
 
     def close(self) -> None:
         if dist.is_initialized():
