@@ -21,8 +21,9 @@ if [[ $what == pipeline || $what == all ]]; then
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
 fi
 if [[ $what == decode ]]; then
-  python3 -m pytest -q -m multigpu tests/test_gpu_model.py 2>&1 | tail -3
+  python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -3
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
+  bench -p 0 -n 128 -gp 4096,128 | tee "$out/bench_tg_single.log"
 fi
 if [[ $what == two-stage ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 --pipeline 2 | tee "$out/bench_two_stage.log"
