@@ -66,35 +66,41 @@ class DecodeGraphs:
     def _fill(
         self, batch: MicroBatch, hidden_in: torch.Tensor | None, bucket: int, token_ids: torch.Tensor | None
     ) -> None:
-        # Host values go up with non-blocking copies: the host never waits for the GPU here, so it can
-        # prepare the next step while the GPU runs this one.
-        size, block_size = len(batch.chunks), self.runner.block_size
+        # Host values go up from pinned memory with non-blocking copies: the host never waits for the
+        # GPU here (a copy from pageable memory would), so it prepares the next step while the GPU runs
+        # this one. torch's pinned-memory cache keeps each buffer until its copy has run.
+        size, block_size, scratch = len(batch.chunks), self.runner.block_size, self.scratch_block
+        padding = bucket - size
         positions = [c.num_cached for c in batch.chunks]
         slots = [
             c.block_table[p // block_size] * block_size + p % block_size
             for c, p in zip(batch.chunks, positions)
         ]
-        table = torch.full((bucket, self.block_table.shape[1]), self.scratch_block, dtype=torch.int32)
-        for i, c in enumerate(batch.chunks):
-            table[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
-        padding = bucket - size
+        first = self.runner.shard.is_first and token_ids is None
+        ids = [c.token_ids[0] for c in batch.chunks] if first else [0] * size
         host = torch.tensor(
             [
                 positions + [0] * padding,
-                slots + [self.scratch_block * block_size] * padding,
+                slots + [scratch * block_size] * padding,
                 [p + 1 for p in positions] + [1] * padding,
+                ids + [0] * padding,
             ],
             dtype=torch.int64,
-        )
+        ).pin_memory()
+        width = self.block_table.shape[1]
+        table = torch.tensor(
+            [c.block_table + [scratch] * (width - len(c.block_table)) for c in batch.chunks]
+            + [[scratch] * width] * padding,
+            dtype=torch.int32,
+        ).pin_memory()
         self.positions[:bucket].copy_(host[0], non_blocking=True)
         self.slots[:bucket].copy_(host[1], non_blocking=True)
         self.seq_lens[:bucket].copy_(host[2], non_blocking=True)
         self.block_table[:bucket].copy_(table, non_blocking=True)
         if token_ids is not None:
             self.token_ids[:size].copy_(token_ids)
-        elif self.runner.shard.is_first:
-            ids = torch.tensor([c.token_ids[0] for c in batch.chunks] + [0] * padding, dtype=torch.int64)
-            self.token_ids[:bucket].copy_(ids, non_blocking=True)
+        elif first:
+            self.token_ids[:bucket].copy_(host[3], non_blocking=True)
         else:
             self.hidden_in[:size].copy_(hidden_in)
 

@@ -19,9 +19,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="v2-lite")
     parser.add_argument("--seqs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps to profile")
+    parser.add_argument("--decode-steps", type=int, default=16, help="decode steps per driver round trip")
+    parser.add_argument("--pipeline", type=int, default=1)
     args = parser.parse_args()
-    with Engine(random_spec(args.shape), n_ctx=512, kv_blocks=8 * args.seqs + 8, devices="cuda") as engine:
+    with Engine(
+        random_spec(args.shape),
+        n_ctx=512,
+        kv_blocks=8 * args.seqs + 8,
+        devices="cuda",
+        decode_steps=args.decode_steps,
+        pipeline=args.pipeline,
+    ) as engine:
         prompts = [[5 + i, 6, 7, 8] for i in range(args.seqs)]
         engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # capture and compile
         for p in prompts:
@@ -31,12 +40,15 @@ def main() -> None:
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
             started = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
+            done = 0
+            while done < args.steps:
+                advanced, _ = engine.step()
+                done = max(len(r.output_token_ids) for r in advanced) - 1 if advanced else done
             torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
         print(
-            f"{args.steps} decode steps of {args.seqs} sequence(s): {elapsed / args.steps * 1e3:.2f} ms per step"
+            f"{done} decode steps of {args.seqs} sequence(s), {args.decode_steps} per driver round trip: "
+            f"{elapsed / done * 1e3:.2f} ms per step"
         )
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
