@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument("-ub", "--ubatch", type=_ints, default=[2048], help="micro-batch token budgets")
     p.add_argument("--amb", type=_floats, default=[0.0], help="attention max batch in MiB (0 = unlimited)")
     p.add_argument("--concurrent", type=_ints, default=[1], help="concurrent sequences")
+    p.add_argument("--decode-steps", type=_ints, default=[16], help="decode tokens per driver round trip")
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--transport", default=None)
     p.add_argument("--devices", default=None, help="cuda or cpu (default: cuda when available)")
@@ -66,9 +67,10 @@ def run(args) -> int:
     tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
     longest = max(t.prompt + t.generate for t in tests) + 1
-    header = ["model", "pipeline", "ubatch", "amb", "seqs", "test", "t/s"]
+    header = ["model", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
     rows = []
-    for pipeline, ubatch, amb in itertools.product(args.pipeline, args.ubatch, args.amb):
+    sweep = itertools.product(args.pipeline, args.ubatch, args.amb, args.decode_steps)
+    for pipeline, ubatch, amb, decode_steps in sweep:
         max_seqs = max(args.concurrent)
         blocks = max_seqs * -(-longest // 64) + 8
         with Engine(
@@ -80,6 +82,7 @@ def run(args) -> int:
             kv_blocks=blocks,
             transport=args.transport,
             devices=args.devices,
+            decode_steps=decode_steps,
         ) as engine:
             name = args.shape or engine.model.path
             for seqs, test in itertools.product(args.concurrent, tests):
@@ -91,6 +94,7 @@ def run(args) -> int:
                         pipeline,
                         ubatch,
                         f"{amb:g}",
+                        decode_steps,
                         seqs,
                         test.name,
                         f"{statistics.mean(rates):.2f} ± {spread:.2f}",

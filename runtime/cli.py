@@ -65,6 +65,12 @@ def _add_engine_options(p) -> None:
     p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
     p.add_argument("--transport", default=None, help="nccl | gloo | grpc (default: the fastest available)")
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="decode tokens per driver round trip (default 16; 1 streams every token as it comes)",
+    )
+    p.add_argument(
         "--address", default=None, help="an existing Ray cluster (else RAY_ADDRESS or a local one)"
     )
     p.add_argument(
@@ -100,6 +106,7 @@ def engine_options(args) -> dict:
         "n_ctx": args.ctx_size,
         "split": args.split,
         "transport": args.transport,
+        "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
     }

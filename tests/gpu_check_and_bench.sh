@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|two-stage|profile|all]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|all]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -24,6 +24,11 @@ if [[ $what == decode ]]; then
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -3
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
   bench -p 0 -n 128 -gp 4096,128 | tee "$out/bench_tg_single.log"
+fi
+if [[ $what == rounds ]]; then
+  python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -3
+  bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 --decode-steps 1,16 | tee "$out/bench_decode_rounds.log"
+  bench -p 0 -n 128 --concurrent 128,256 --pipeline 1,2 | tee "$out/bench_decode_concurrency.log"
 fi
 if [[ $what == two-stage ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 --pipeline 2 | tee "$out/bench_two_stage.log"

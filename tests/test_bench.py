@@ -1,0 +1,22 @@
+"""`mlapipe bench` on a tiny GGUF file on CPU: the llama-bench-style table, decode rounds swept."""
+
+import re
+
+from runtime.cli import main
+from runtime.tiny_models import write_tiny_model
+
+
+def test_bench_prints_a_row_per_setting_and_test(tmp_path, capsys):
+    path = write_tiny_model(tmp_path / "v2.gguf", "v2", seed=3)
+    argv = ["bench", "-m", str(path), "-p", "16", "-n", "9", "-gp", "20,5", "--concurrent", "1,3"]
+    argv += ["--decode-steps", "1,4", "-r", "2", "--devices", "cpu"]
+    assert main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]  # after the header
+    # columns: model, pipeline, ubatch, amb, steps, seqs, test, t/s
+    assert {(r[4], r[5], r[6]) for r in rows} == {
+        (steps, seqs, test) for steps in ("1", "4") for seqs in ("1", "3") for test in ("pp16", "tg9", "tg5@d20")
+    }
+    for row in rows:
+        mean, spread = (float(v) for v in re.fullmatch(r"([\d.]+) ± ([\d.]+)", row[7]).groups())
+        assert mean > 0 and spread >= 0
