@@ -11,6 +11,7 @@ what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 -m runtime.cli bench --shape v2-lite -r 2 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest -q tests/test_norm_rope_kernels.py 2>&1 | tail -3 | tee "$out/norm_rope_tests.log"
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/gpu_tests.log"
 fi
 if [[ $what == single || $what == all ]]; then

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
-from kernels.reference import apply_rope_pairs, rms_norm
 from runtime.config import ModelConfig
 from workers import ops
 
@@ -101,13 +100,13 @@ class MLAAttention:
         if self.wq is not None:
             q = x @ self.wq.t()
         else:
-            q = rms_norm(x @ self.wq_a.t(), self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
+            q = ops.rms_norm(x @ self.wq_a.t(), self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
         q = q.view(T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :N], apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
+        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
 
         latent = x @ self.wkv_a.t()
-        c_kv = rms_norm(latent[:, :C], self.kv_norm, cfg.rms_norm_eps)
-        k_pe = apply_rope_pairs(latent[:, None, C:], meta.cos, meta.sin)[:, 0]
+        c_kv = ops.rms_norm(latent[:, :C], self.kv_norm, cfg.rms_norm_eps)
+        k_pe = ops.apply_rope_pairs(latent[:, None, C:], meta.cos, meta.sin)[:, 0]
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
         flat_cache[meta.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
 

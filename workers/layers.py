@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import dense_mlp, rms_norm
+from kernels.reference import dense_mlp
 from runtime.config import ModelConfig
 from workers import ops
 from workers.attention import AttentionMetadata, MLAAttention
@@ -60,8 +60,8 @@ class DecoderLayer:
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
-        x = x + self.attention.forward(rms_norm(x, self.attn_norm, eps), meta, kv_cache)
-        h = rms_norm(x, self.ffn_norm, eps)
+        x = x + self.attention.forward(ops.rms_norm(x, self.attn_norm, eps), meta, kv_cache)
+        h = ops.rms_norm(x, self.ffn_norm, eps)
         return x + (self.moe.forward(h) if self.moe is not None else dense_mlp(h, *self.mlp))
 
 
@@ -112,4 +112,4 @@ class ModelShard:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, vocab) fp32."""
-        return (rms_norm(hidden, self.norm, self.cfg.rms_norm_eps) @ self.head.t()).float()
+        return (ops.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps) @ self.head.t()).float()

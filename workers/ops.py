@@ -19,6 +19,8 @@ TRITON_MODULES = {
     "mla_prefill": "kernels.mla_prefill",
     "moe_routing": "kernels.moe_routing",
     "fused_moe": "kernels.fused_moe",
+    "rms_norm": "kernels.norm_rope",
+    "apply_rope_pairs": "kernels.norm_rope",
 }
 
 
@@ -64,3 +66,11 @@ def moe_routing(router_logits, bias, top_k, gating, num_groups, topk_groups, ren
 
 def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
     return _pick("fused_moe", hidden.device)(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+def rms_norm(x, weight, eps):
+    return _pick("rms_norm", x.device)(x, weight, eps)
+
+
+def apply_rope_pairs(x, cos, sin):
+    return _pick("apply_rope_pairs", x.device)(x, cos, sin)
