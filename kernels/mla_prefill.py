@@ -22,6 +22,7 @@ N qk_nope dim (128), V v head dim (128), L gathered latent rows, P page (block) 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -250,23 +251,45 @@ def _is_dot_width(width: int) -> bool:
     return width >= 16 and width & (width - 1) == 0
 
 
-def gather_active_latent(
-    kv_cache: torch.Tensor,  # (num_blocks, P, C + R)
-    block_table: torch.Tensor,  # (S, max_blocks)
-    active: list[int],  # sequences with new tokens
-    lengths: list[int],  # their seq_lens
-) -> torch.Tensor:
-    """The active sequences' latent rows, one after another: (sum(lengths), C + R). Only rows below each
-    length are read, so unused slots and unused block-table entries are never touched."""
-    device = kv_cache.device
-    page = kv_cache.shape[1]
-    total = sum(lengths)
-    lens = torch.tensor(lengths, device=device)
-    starts = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
-    seq_of_row = torch.repeat_interleave(torch.tensor(active, device=device), lens, output_size=total)
-    position = torch.arange(total, device=device) - torch.repeat_interleave(starts, lens, output_size=total)
+@dataclass
+class PrefillPlan:
+    """What every layer's prefill launch needs from one micro-batch's sequences, made once per
+    micro-batch: host lists the scheduler already had, and the latent gather rows and kernel metadata
+    uploaded once. With it a layer's launch never reads the GPU, so the host can queue all the layers
+    ahead of the GPU instead of waiting for it at each one."""
+
+    lengths: list[int]  # seq_lens
+    starts: list[int]  # query_start_loc
+    active: list[int]  # sequences with new tokens
+    latent_rows: torch.Tensor  # (sum of active lengths,) flat cache rows, sequence after sequence
+    meta: torch.Tensor  # (4, A) int32: query start, query length, kv length, kv start per active sequence
+
+
+def prefill_plan(block_table: torch.Tensor, lengths: list[int], starts: list[int], page: int) -> PrefillPlan:
+    device = block_table.device
+    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    active = [s for s, n in enumerate(q_lens) if n > 0]
+    active_lengths = [lengths[s] for s in active]
+    kv_starts = [0]
+    for n in active_lengths[:-1]:
+        kv_starts.append(kv_starts[-1] + n)
+    total = sum(active_lengths)
+    upload = lambda values, dtype: _upload(torch.tensor(values, dtype=dtype), device)  # noqa: E731
+    lens = upload(active_lengths, torch.int64)
+    seq_of_row = torch.repeat_interleave(upload(active, torch.int64), lens, output_size=total)
+    position = torch.arange(total, device=device) - torch.repeat_interleave(
+        upload(kv_starts, torch.int64), lens, output_size=total
+    )
     blocks = block_table[seq_of_row, position // page].long()
-    return kv_cache[blocks, position % page]
+    meta = upload([[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts], torch.int32)
+    return PrefillPlan(lengths, starts, active, blocks * page + position % page, meta)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the GPU (pinned memory, non-blocking copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def mla_prefill(
@@ -279,11 +302,13 @@ def mla_prefill(
     w_uv: torch.Tensor,  # (H, V, C): v_h = w_uv[h] @ c_kv
     softmax_scale: float,
     head_steps: list[tuple[int, int]] | None = None,
+    plan: PrefillPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decompressed MLA prefill. Returns out (T, H, V) in q.dtype and lse (T, H) fp32, like the reference.
 
     head_steps (kernels.amb.plan_prefill_head_steps) bounds the decompressed K_nope + V held at once.
-    Reads seq_lens and query_start_loc on the host (one sync; a prefill has ample work to hide it).
+    plan (prefill_plan, made once per micro-batch) spares the launch every host read; without one it
+    reads seq_lens and query_start_loc on the host (syncs with the GPU).
     """
     T, H, qk_dim = q.shape
     _, nope_dim, kv_lora_rank = w_uk.shape
@@ -307,12 +332,12 @@ def mla_prefill(
     if steps[0][0] != 0 or steps[-1][1] != H or any(a[1] != b[0] for a, b in zip(steps, steps[1:])):
         raise ValueError(f"head_steps {steps} must tile [0, {H}) in order")
 
-    lengths = seq_lens.tolist()
-    starts = query_start_loc.tolist()
+    if plan is None:
+        plan = prefill_plan(block_table, seq_lens.tolist(), query_start_loc.tolist(), kv_cache.shape[1])
+    lengths, starts, active = plan.lengths, plan.starts, plan.active
     if len(starts) != len(lengths) + 1 or starts[-1] != T:
         raise ValueError("query_start_loc must have S + 1 entries and end at the number of tokens")
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
-    active = [s for s, n in enumerate(q_lens) if n > 0]
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if not active:
@@ -320,16 +345,9 @@ def mla_prefill(
     if any(lengths[s] < q_lens[s] for s in active):
         raise ValueError("a sequence has more new tokens than its length")
 
-    active_lengths = [lengths[s] for s in active]
-    latent = gather_active_latent(kv_cache, block_table, active, active_lengths)  # (L, C + R)
+    latent = kv_cache.reshape(-1, kv_cache.shape[-1])[plan.latent_rows]  # (L, C + R)
     num_rows = latent.shape[0]
-    kv_starts = [0]
-    for n in active_lengths[:-1]:
-        kv_starts.append(kv_starts[-1] + n)
-    meta = torch.tensor(
-        [[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts],
-        dtype=torch.int32,
-    ).to(q.device)
+    meta = plan.meta
     max_q_len = max(q_lens)
 
     for h0, h1 in steps:

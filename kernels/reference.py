@@ -118,6 +118,7 @@ def mla_prefill(
     w_uv: torch.Tensor,  # (H, V, C): v_h = w_uv[h] @ c_kv
     softmax_scale: float,
     head_steps: list[tuple[int, int]] | None = None,
+    plan=None,  # the Triton launcher's per-micro-batch launch plan; the reference derives everything itself
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decompressed ("naive", FlashMLA-2) MLA: K_nope and V per head from the latent cache, then
     ordinary causal attention with K head dim N + R and V head dim V.

@@ -127,6 +127,7 @@ class Engine:
             max_seqs_per_batch,
             self.tokenizer.eos_token_id if self.tokenizer else None,
             decode_steps,
+            getattr(self.executor, "decode_groups", None),
         )
         self._ids = itertools.count()
         self._failure: str | None = None

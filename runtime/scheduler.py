@@ -1,8 +1,9 @@
 """Which tokens run next. Pure Python: no torch, no Ray.
 
 Requests wait, then run: their prompt in chunks of at most `ubatch` tokens per micro-batch, then one
-decode token per step. Up to `num_groups` micro-batches are in flight at once (one per pipeline stage,
-"pipeline copies"); a request belongs to at most one of them, because its next token needs the last.
+decode token per step. Up to `num_groups` micro-batches are in flight at once (two per pipeline stage,
+"pipeline copies"; decode spread over `decode_groups` of them); a request belongs to at most one of
+them, because its next token needs the last.
 KV blocks are allocated as chunks are scheduled; when they run out, the most recently admitted
 request that is not in flight is preempted (its blocks freed, its tokens recomputed later).
 
@@ -62,12 +63,18 @@ class Scheduler:
         max_seqs_per_batch: int = 256,
         eos_token_id: int | None = None,
         decode_steps: int = 1,
+        decode_groups: int | None = None,
     ):
         if ubatch < 1:
             raise ValueError(f"ubatch must be at least 1, got {ubatch}")
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
         self.decode_steps = decode_steps
+        # Decoding sequences are spread over this many micro-batches (default: all groups). A pipeline
+        # keeps more prompt micro-batches in flight than it has stages, so a stage always has the next
+        # one queued, but splits decode over one micro-batch per stage: a decode micro-batch costs a
+        # read of the stage's weights whatever its size, so more, smaller ones only cost more.
+        self.decode_groups = min(decode_groups or num_groups, num_groups)
         self.blocks = block_manager
         self.ubatch = ubatch
         self.n_ctx = n_ctx
@@ -129,7 +136,8 @@ class Scheduler:
         chunks: list[SequenceChunk] = []
         # Decode tokens first (cheap, latency-bound), spread evenly over the free groups.
         decodable = [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed == 1]
-        decode_cap = -(-len(decodable) // self.num_free_groups) if decodable else 0
+        decoding = sum(r.num_tokens - r.num_computed == 1 for r in self.running)  # in flight or ready
+        decode_cap = -(-decoding // self.decode_groups) if decodable else 0
         for request in decodable[:decode_cap]:
             if budget <= 0 or len(chunks) >= self.max_seqs_per_batch:
                 break

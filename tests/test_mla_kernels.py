@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.mla_attention import mla_attention, split_batch_by_path, uses_decode  # noqa: E402
 from kernels.mla_decode import choose_num_splits, mla_decode  # noqa: E402
-from kernels.mla_prefill import mla_prefill  # noqa: E402
+from kernels.mla_prefill import mla_prefill, prefill_plan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_OF_RANGE_BLOCK = 1 << 30  # what an unused block-table entry holds: reading through it must crash
@@ -177,7 +177,12 @@ def test_prefill_fp16_pages(page):
     dtype = torch.float16
     _, args = prefill_inputs(4, [3, 70], [40, 150], dtype, page=page)
     # The kernel rounds decompressed K/V to fp16 as a GPU run would; the reference keeps fp32.
-    assert_matches(*mla_prefill(*args), *reference.mla_prefill(*args), dtype)
+    out, lse = mla_prefill(*args)
+    assert_matches(out, lse, *reference.mla_prefill(*args), dtype)
+    _, kv_cache, block_table, seq_lens, query_start_loc = args[:5]
+    plan = prefill_plan(block_table, seq_lens.tolist(), query_start_loc.tolist(), page)
+    planned, planned_lse = mla_prefill(*args, plan=plan)  # the model's path: no host reads at launch
+    assert torch.equal(planned, out) and torch.equal(planned_lse, lse)
 
 
 @pytest.mark.parametrize("use_triton", [True, False])
@@ -262,3 +267,7 @@ def test_prefill_bf16_real_widths():
     assert_matches(out, lse, *reference.mla_prefill(*args), dtype)
     stepped, stepped_lse = mla_prefill(*args, head_steps=[(0, 6), (6, 11), (11, 16)])
     assert torch.equal(stepped, out) and torch.equal(stepped_lse, lse)
+    # the per-micro-batch plan the model passes (host lists, rows gathered once) gives the same bits
+    plan = prefill_plan(batch.block_table, batch.seq_lens.tolist(), batch.query_start_loc.tolist(), 64)
+    planned, planned_lse = mla_prefill(*args, plan=plan)
+    assert torch.equal(planned, out) and torch.equal(planned_lse, lse)

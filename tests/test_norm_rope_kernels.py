@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import norm_rope, reference  # noqa: E402
+from kernels import fused_norm_rope, norm_rope, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -28,7 +28,7 @@ def close(ours, ref, dtype):
 def test_rms_norm_matches_reference(shape, dtype):
     x = (torch.randn(shape, device=DEVICE) * 3 + 0.5).to(dtype)
     weight = torch.rand(shape[-1], device=DEVICE) + 0.5  # fp32, as the model keeps 1-D weights
-    close(norm_rope.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), dtype)
+    close(fused_norm_rope.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,7 +38,7 @@ def test_rms_norm_of_a_column_slice(dtype):
     weight = torch.rand(40, device=DEVICE) + 0.5
     x = latent[:, :40]
     assert not x.is_contiguous()
-    close(norm_rope.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), dtype)
+    close(fused_norm_rope.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), dtype)
 
 
 def tables(T: int, half: int):
@@ -52,7 +52,7 @@ def tables(T: int, half: int):
 def test_rope_matches_reference(T, heads, R, dtype):
     x = torch.randn(T, heads, R, device=DEVICE).to(dtype)
     cos, sin = tables(T, R // 2)
-    close(norm_rope.apply_rope_pairs(x, cos, sin), reference.apply_rope_pairs(x, cos, sin), dtype)
+    close(fused_norm_rope.apply_rope_pairs(x, cos, sin), reference.apply_rope_pairs(x, cos, sin), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,10 +62,10 @@ def test_rope_of_the_models_slices(dtype):
     cos, sin = tables(T, R // 2)
     q = torch.randn(T, H, N + R, device=DEVICE).to(dtype)
     close(
-        norm_rope.apply_rope_pairs(q[..., N:], cos, sin),
+        fused_norm_rope.apply_rope_pairs(q[..., N:], cos, sin),
         reference.apply_rope_pairs(q[..., N:], cos, sin),
         dtype,
     )
     latent = torch.randn(T, C + R, device=DEVICE).to(dtype)
     k = latent[:, None, C:]
-    close(norm_rope.apply_rope_pairs(k, cos, sin), reference.apply_rope_pairs(k, cos, sin), dtype)
+    close(fused_norm_rope.apply_rope_pairs(k, cos, sin), reference.apply_rope_pairs(k, cos, sin), dtype)

@@ -32,6 +32,9 @@ class SequenceGroup:
     max_seq_len: int
     max_new_tokens: int
     total_seq_len: int  # cached + new tokens over the group's sequences
+    seq_lens_host: list[int] | None = None  # the same values on the host, so launches never read the GPU
+    query_starts_host: list[int] | None = None
+    prefill_plan: object = None  # made by the first layer's prefill, reused by the others
 
 
 @dataclass
@@ -62,19 +65,27 @@ def build_group(
         starts.append(starts[-1] + num_new[s])
         lens.append(num_cached[s] + num_new[s])
     width = max(1, max(len(block_tables[s]) for s in seq_indices))
-    table = torch.zeros(len(seq_indices), width, dtype=torch.int32)
-    for i, s in enumerate(seq_indices):
-        table[i, : len(block_tables[s])] = torch.tensor(block_tables[s], dtype=torch.int32)
-    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)
+    table = [block_tables[s] + [0] * (width - len(block_tables[s])) for s in seq_indices]
     return SequenceGroup(
-        token_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        block_table=table.to(device),
-        seq_lens=as_int32(lens),
-        query_start_loc=as_int32(starts),
+        token_rows=upload(rows, torch.int64, device),
+        block_table=upload(table, torch.int32, device),
+        seq_lens=upload(lens, torch.int32, device),
+        query_start_loc=upload(starts, torch.int32, device),
         max_seq_len=max(lens),
         max_new_tokens=max(num_new[s] for s in seq_indices),
         total_seq_len=sum(lens),
+        seq_lens_host=lens,
+        query_starts_host=starts,
     )
+
+
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the GPU: pinned memory and a non-blocking copy
+    (torch keeps the pinned buffer until the copy has run). Plain on CPU."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class MLAAttention:
@@ -134,6 +145,10 @@ class MLAAttention:
             q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
             steps = self._head_steps(group, x.device)
             self.amb_steps_taken += len(steps)
+            if group.prefill_plan is None:
+                group.prefill_plan = ops.prefill_plan(
+                    group.block_table, group.seq_lens_host, group.query_starts_host, kv_cache.shape[1]
+                )
             out[rows], _ = ops.mla_prefill(
                 q_full,
                 kv_cache,
@@ -144,6 +159,7 @@ class MLAAttention:
                 self.w_uv,
                 cfg.softmax_scale,
                 head_steps=steps,
+                plan=group.prefill_plan,
             )
         return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
 

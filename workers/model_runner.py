@@ -18,7 +18,7 @@ from runtime.config import ModelConfig
 from runtime.gguf_model import GGUFModel
 from runtime.microbatch import MicroBatch, StepOutput
 from runtime.shapes import RandomModel, is_random_spec
-from workers.attention import AttentionMetadata, build_group
+from workers.attention import AttentionMetadata, build_group, upload
 from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import allocate_latent_cache, slot_mapping
 from workers.layers import ModelShard
@@ -167,11 +167,11 @@ class ModelRunner:
             row_starts,
             self.device,
         )
-        position_tensor = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        position_tensor = upload(positions, torch.int64, self.device)
         cos, sin = rope_cos_sin(position_tensor, self.inv_freq)
         return AttentionMetadata(
             positions=position_tensor,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            slot_mapping=upload(slots, torch.int64, self.device),
             cos=cos,
             sin=sin,
             absorbed=build_group(absorbed, *args),
@@ -193,9 +193,7 @@ class ModelRunner:
         elif token_ids is not None:
             inputs = token_ids.to(self.device)
         else:
-            inputs = torch.tensor(
-                [t for c in batch.chunks for t in c.token_ids], dtype=torch.int64, device=self.device
-            )
+            inputs = upload([t for c in batch.chunks for t in c.token_ids], torch.int64, self.device)
         return self.shard.forward(inputs, meta, self.kv_cache)
 
     @torch.inference_mode()
@@ -210,7 +208,7 @@ class ModelRunner:
             rows = hidden
         else:
             ends = batch.chunk_ends
-            rows = hidden[torch.tensor([ends[i] - 1 for i in sampling], device=hidden.device)]
+            rows = hidden[upload([ends[i] - 1 for i in sampling], torch.int64, hidden.device)]
         logits = self.shard.compute_logits(rows)
         tokens = logits.argmax(dim=-1)
         chosen = [(row, batch.chunks[i]) for row, i in enumerate(sampling) if not batch.chunks[i].sampling.greedy]

@@ -19,8 +19,8 @@ TRITON_MODULES = {
     "mla_prefill": "kernels.mla_prefill",
     "moe_routing": "kernels.moe_routing",
     "fused_moe": "kernels.fused_moe",
-    "rms_norm": "kernels.norm_rope",
-    "apply_rope_pairs": "kernels.norm_rope",
+    "rms_norm": "kernels.fused_norm_rope",
+    "apply_rope_pairs": "kernels.fused_norm_rope",
 }
 
 
@@ -51,12 +51,31 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scal
 
 
 def mla_prefill(
-    q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=None
+    q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=None, plan=None
 ):
     impl = _pick("mla_prefill", q.device)
     return impl(
-        q, kv_cache, block_table, seq_lens, query_start_loc, w_uk, w_uv, softmax_scale, head_steps=head_steps
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        w_uk,
+        w_uv,
+        softmax_scale,
+        head_steps=head_steps,
+        plan=plan,
     )
+
+
+def prefill_plan(block_table, lengths, starts, page):
+    """The Triton prefill's per-micro-batch launch plan (kernels.mla_prefill.PrefillPlan), or None where
+    the reference runs (it needs none)."""
+    if uses_reference(block_table.device):
+        return None
+    from kernels.mla_prefill import prefill_plan as make_plan
+
+    return make_plan(block_table, lengths, starts, page)
 
 
 def moe_routing(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale):
