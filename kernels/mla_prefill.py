@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import upload
+
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it
 
@@ -274,22 +276,16 @@ def prefill_plan(block_table: torch.Tensor, lengths: list[int], starts: list[int
     for n in active_lengths[:-1]:
         kv_starts.append(kv_starts[-1] + n)
     total = sum(active_lengths)
-    upload = lambda values, dtype: _upload(torch.tensor(values, dtype=dtype), device)  # noqa: E731
-    lens = upload(active_lengths, torch.int64)
-    seq_of_row = torch.repeat_interleave(upload(active, torch.int64), lens, output_size=total)
+    lens = upload(active_lengths, torch.int64, device)
+    seq_of_row = torch.repeat_interleave(upload(active, torch.int64, device), lens, output_size=total)
     position = torch.arange(total, device=device) - torch.repeat_interleave(
-        upload(kv_starts, torch.int64), lens, output_size=total
+        upload(kv_starts, torch.int64, device), lens, output_size=total
     )
     blocks = block_table[seq_of_row, position // page].long()
-    meta = upload([[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts], torch.int32)
+    meta = upload(
+        [[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts], torch.int32, device
+    )
     return PrefillPlan(lengths, starts, active, blocks * page + position % page, meta)
-
-
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to device without waiting for the GPU (pinned memory, non-blocking copy)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def mla_prefill(

@@ -47,24 +47,25 @@ class MicroBatch:
         ):
             raise ValueError("only decode micro-batches (one sampled token per sequence) can run several steps")
 
-    def decode_step(self, step: int, token_ids: list[int] | None = None) -> MicroBatch:
-        """Step `step` of a decode round as a one-step micro-batch: each sequence one position further,
-        its new token the one sampled at the previous step (token_ids; step 0 uses the chunks' own)."""
-        if step == 0 and token_ids is None:
+    def decode_step(self, step: int) -> MicroBatch:
+        """Step `step` of a decode round as a one-step micro-batch: each sequence one position further.
+        Its token ids are step 0's; the first stage embeds the tokens sampled at the previous step,
+        which travel as a device tensor and never enter this message."""
+        if step == 0:
             return MicroBatch(self.batch_id, self.chunks)
         return MicroBatch(
             self.batch_id,
             [
                 SequenceChunk(
                     request_id=c.request_id,
-                    token_ids=[token_ids[i] if token_ids is not None else c.token_ids[0]],
+                    token_ids=c.token_ids,
                     num_cached=c.num_cached + step,
                     block_table=c.block_table,
                     sample=True,
                     sampling=c.sampling,
                     num_generated=c.num_generated + step,
                 )
-                for i, c in enumerate(self.chunks)
+                for c in self.chunks
             ],
         )
 

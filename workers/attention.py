@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
+from kernels.host import upload
 from runtime.config import ModelConfig
 from workers import ops
 
@@ -78,14 +79,6 @@ def build_group(
         query_starts_host=starts,
     )
 
-
-def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the GPU: pinned memory and a non-blocking copy
-    (torch keeps the pinned buffer until the copy has run). Plain on CPU."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class MLAAttention:

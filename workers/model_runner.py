@@ -12,13 +12,14 @@ import zlib
 
 import torch
 
+from kernels.host import upload
 from kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
 from kernels.norm_rope import rope_cos_sin, yarn_inv_freq
 from runtime.config import ModelConfig
 from runtime.gguf_model import GGUFModel
 from runtime.microbatch import MicroBatch, StepOutput
 from runtime.shapes import RandomModel, is_random_spec
-from workers.attention import AttentionMetadata, build_group, upload
+from workers.attention import AttentionMetadata, build_group
 from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import allocate_latent_cache, slot_mapping
 from workers.layers import ModelShard
@@ -220,13 +221,12 @@ class ModelRunner:
         return tokens
 
     @torch.inference_mode()
-    def finish(self, batch: MicroBatch, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> StepOutput:
-        """Last stage: the step's sampled tokens (from sample(), or `tokens` if already sampled),
-        scores and logits, as the driver's StepOutput."""
+    def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
+        """Last stage: the step's sampled tokens, scores and logits, as the driver's StepOutput."""
         out = StepOutput(batch_id=batch.batch_id, sampled={})
         sampling = [c for c in batch.chunks if c.sample]
         if sampling:
-            tokens = self.sample(batch, hidden) if tokens is None else tokens
+            tokens = self.sample(batch, hidden)
             for c, token in zip(sampling, tokens.tolist()):
                 out.sampled[c.request_id] = [token]
         start = 0

@@ -17,6 +17,7 @@ import torch
 
 from runtime.microbatch import MicroBatch, SequenceChunk
 from runtime.shapes import random_spec
+from workers.cuda_graphs import bucket_for
 from workers.model_runner import ModelRunner, open_model
 
 BLOCK = 64
@@ -44,7 +45,7 @@ def time_step(runner: ModelRunner, batch: MicroBatch, iters: int) -> float:
     for _ in range(3):  # capture + warm-up
         runner.forward(batch, hidden_in)
     torch.cuda.synchronize()
-    graph, _ = runner.decode_graphs.graphs[1 << max(0, (len(batch.chunks) - 1).bit_length())]
+    graph, _ = runner.decode_graphs.graphs[bucket_for(len(batch.chunks))]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
