@@ -35,6 +35,8 @@ if [[ $what == two-stage ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 --pipeline 2 | tee "$out/bench_two_stage.log"
 fi
 if [[ $what == profile ]]; then
-  python3 -m kernels.bench.profile_decode --seqs 64 2>&1 | tee "$out/profile_decode.log" | head -50
-  bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
+  for seqs in 1 64; do
+    python3 -m kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
+    grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
+  done
 fi

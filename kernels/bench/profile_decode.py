@@ -50,8 +50,23 @@ def main() -> None:
             f"{done} decode steps of {args.seqs} sequence(s), {args.decode_steps} per driver round trip: "
             f"{elapsed / done * 1e3:.2f} ms per step"
         )
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print_kernels_per_step(prof, done)
+
+
+def print_kernels_per_step(prof, steps: int) -> None:
+    """Every GPU kernel of the profiled steps: launches per step and time per step, largest first."""
+    rows = []
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if gpu_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((gpu_us / steps, event.count / steps, event.key))
+    rows.sort(reverse=True)
+    total_us = sum(r[0] for r in rows)
+    launches = sum(r[1] for r in rows)
+    print(f"GPU time per step {total_us / 1e3:.2f} ms over {launches:.0f} kernels")
+    print(f"{'us/step':>9} {'n/step':>7} {'us/call':>8}  kernel")
+    for us, n, name in rows:
+        print(f"{us:9.1f} {n:7.1f} {us / n:8.2f}  {name[:110]}")
 
 
 if __name__ == "__main__":
