@@ -23,7 +23,7 @@ allows a BLOCK_M=16 decode tile (mma.sync rather than wgmma), which the numerics
 on the H200 it matched too and was no faster (kernels/NOTES-moe.md).
 
 Tiles: BLOCK_M is chosen from rows per expert (decode-sized 64, prefill-sized 128); BLOCK_N, BLOCK_K,
-warps and stages are autotuned keyed on (H, I, BLOCK_M), never on T. MLAPIPE_MOE_CONFIG =
+warps and stages are autotuned keyed on (H, I, BLOCK_M, log2 of the row tiles up to 64), never on T itself. MLAPIPE_MOE_CONFIG =
 "block_m,block_n,block_k,num_warps,num_stages" pins one config for both GEMMs (CI, tests, benches).
 """
 
@@ -91,12 +91,19 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 def gate_up_configs() -> list[triton.Config]:
     """GEMM 1 space (BLOCK_N, BLOCK_K, warps, stages); each program holds two B tiles (gate and up)."""
-    return _configs([(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3)])
+    return _configs([(32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3)])
 
 
 def down_configs() -> list[triton.Config]:
     """GEMM 2 space (BLOCK_N, BLOCK_K, warps, stages)."""
-    return _configs([(64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3)])
+    return _configs([(32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3)])
+
+
+def tiles_bucket(num_tiles: int) -> int:
+    """Autotune key for the grid's size: log2 of the row tiles, capped at 64 tiles. A decode step of one
+    sequence (~9 tiles) wants narrow column blocks to fill the GPU, a batch of 64 (~74) wide ones; all
+    configs give the same bits, so keying on this keeps batch invariance."""
+    return min(num_tiles, 64).bit_length()
 
 
 @triton.jit
@@ -127,6 +134,7 @@ def _gate_up_kernel(
     stride_w_e,
     stride_w_n,
     stride_act_p,
+    tiles_bucket,  # autotune key only
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -186,6 +194,7 @@ def _down_kernel(
     stride_w_e,
     stride_w_n,
     stride_slot_r,
+    tiles_bucket,  # autotune key only
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -249,12 +258,12 @@ _gate_up_kernel = triton.heuristics({"EVEN_K": lambda args: args["hidden_size"] 
 _down_kernel = triton.heuristics({"EVEN_K": lambda args: args["inter_size"] % args["BLOCK_K"] == 0})(
     _down_kernel
 )
-_gate_up_autotuned = triton.autotune(configs=gate_up_configs(), key=["hidden_size", "inter_size", "BLOCK_M"])(
-    _gate_up_kernel
-)
-_down_autotuned = triton.autotune(configs=down_configs(), key=["hidden_size", "inter_size", "BLOCK_M"])(
-    _down_kernel
-)
+_gate_up_autotuned = triton.autotune(
+    configs=gate_up_configs(), key=["hidden_size", "inter_size", "BLOCK_M", "tiles_bucket"]
+)(_gate_up_kernel)
+_down_autotuned = triton.autotune(
+    configs=down_configs(), key=["hidden_size", "inter_size", "BLOCK_M", "tiles_bucket"]
+)(_down_kernel)
 
 
 def pinned_tiles(device: torch.device) -> MoeTiles | None:
@@ -281,7 +290,7 @@ def gate_up_silu(
     args = (
         hidden, w_gate_up, act, layout.sorted_row_ids, layout.tile_expert, layout.num_rows, top_k,
         hidden.shape[1], inter, num_tiles, hidden.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
-        act.stride(0),
+        act.stride(0), tiles_bucket(num_tiles),
     )  # fmt: skip
     if tiles:
         assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"
@@ -309,6 +318,7 @@ def down_weighted(
     args = (
         act, w_down, slot_out, layout.sorted_row_ids, layout.tile_expert, weights, layout.num_rows, H, inter,
         num_tiles, act.stride(0), w_down.stride(0), w_down.stride(1), slot_out.stride(0),
+        tiles_bucket(num_tiles),
     )  # fmt: skip
     if tiles:
         assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"

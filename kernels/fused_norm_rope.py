@@ -1,6 +1,9 @@
 """Triton RMSNorm and pairwise rope, one kernel each. Their torch references (kernels/reference.py,
 same signatures) take ~7 and ~9 elementwise kernels; a decode step runs 3 norms and 2 ropes per layer,
-and at small batches each kernel costs its launch, not its bytes."""
+and at small batches each kernel costs its launch, not its bytes.
+
+write_latent_cache fuses the latent cache write (kv norm of latent[:, :C], rope of latent[:, C:], cast,
+scatter to the slot_mapping rows) into one kernel, where the torch path takes ~5 launches."""
 
 from __future__ import annotations
 
@@ -49,6 +52,47 @@ def _rope_pairs_kernel(
     tl.store(dst + 1, (even * s + odd * c).to(kind), mask=mask)
 
 
+@triton.jit
+def _write_latent_cache_kernel(
+    latent_ptr,
+    w_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    cache_ptr,
+    latent_stride,
+    cos_stride,
+    cache_stride,
+    width,
+    half,
+    eps,
+    BLOCK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    src = latent_ptr + token * latent_stride
+    dst = cache_ptr + tl.load(slot_ptr + token).to(tl.int64) * cache_stride
+    # round to latent's dtype first, then to the cache's, as the reference's two casts do
+    kind = latent_ptr.dtype.element_ty
+    cache_kind = cache_ptr.dtype.element_ty
+    # the kv norm of the first `width` values, as _rms_norm_kernel computes it
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + cols, (x * rstd * w).to(kind).to(cache_kind), mask=mask)
+    # the rope of the last 2 * half values, as _rope_pairs_kernel computes it
+    i = tl.arange(0, BLOCK_HALF)
+    pair_mask = i < half
+    even = tl.load(src + width + 2 * i, mask=pair_mask, other=0.0).to(tl.float32)
+    odd = tl.load(src + width + 2 * i + 1, mask=pair_mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + token * cos_stride + i, mask=pair_mask, other=0.0)
+    s = tl.load(sin_ptr + token * cos_stride + i, mask=pair_mask, other=0.0)
+    tl.store(dst + width + 2 * i, (even * c - odd * s).to(kind).to(cache_kind), mask=pair_mask)
+    tl.store(dst + width + 2 * i + 1, (even * s + odd * c).to(kind).to(cache_kind), mask=pair_mask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., W) with unit stride along W (rows may be strided, e.g. a column slice), weight (W,):
     x / rms(x) * weight in fp32, returned contiguous in x.dtype."""
@@ -88,3 +132,32 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
             BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
         )  # fmt: skip
     return out
+
+
+def write_latent_cache(
+    latent: torch.Tensor,
+    kv_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """latent (T, C + R), unit stride along the last dim (rows may be strided); kv_norm (C,); cos, sin
+    (T, R/2) fp32; kv_cache (num_blocks, block_size, C + R), written in place at the flat rows
+    slot_mapping (T,) int64: rms_norm(latent[:, :C]) * kv_norm, then the pairwise rope of latent[:, C:],
+    each rounded to latent.dtype and then to kv_cache.dtype. Slots must be in range (no negative ones)."""
+    T, width = latent.shape[0], kv_norm.shape[0]
+    half = (latent.shape[1] - width) // 2
+    if latent.stride(-1) != 1:
+        latent = latent.contiguous()
+    flat_cache = kv_cache.view(-1, kv_cache.shape[-1])  # raises where the reference's view would
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if T:
+        block = triton.next_power_of_2(width)
+        _write_latent_cache_kernel[(T,)](
+            latent, kv_norm, cos, sin, slot_mapping, flat_cache,
+            latent.stride(0), cos.stride(0), flat_cache.stride(0), width, half, eps,
+            BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+            num_warps=min(16, max(1, block // 256)),
+        )  # fmt: skip

@@ -38,6 +38,30 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return rotated.reshape(shape).to(x.dtype)
 
 
+def write_latent_cache(
+    latent: torch.Tensor,
+    kv_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes each new token's latent cache row in place: rms_norm(latent[:, :C]) * kv_norm, then the
+    pairwise rope of latent[:, C:], each rounded to latent.dtype and then cast to kv_cache.dtype.
+
+    latent (T, C + R), rows may be strided (a column slice of a wider projection); kv_norm (C,);
+    cos, sin (T, R/2) fp32; kv_cache (num_blocks, block_size, C + R); slot_mapping (T,) int64 flat rows.
+    """
+    if latent.shape[0] == 0:  # apply_rope_pairs cannot reshape an empty batch
+        return
+    C = kv_norm.shape[0]
+    c_kv = rms_norm(latent[:, :C], kv_norm, eps)
+    k_pe = apply_rope_pairs(latent[:, None, C:], cos, sin)[:, 0]
+    flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+    flat_cache[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # attention: shared softmax/mask, then the two exact forms of MLA over a paged latent cache
 

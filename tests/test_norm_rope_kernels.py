@@ -69,3 +69,99 @@ def test_rope_of_the_models_slices(dtype):
     latent = torch.randn(T, C + R, device=DEVICE).to(dtype)
     k = latent[:, None, C:]
     close(fused_norm_rope.apply_rope_pairs(k, cos, sin), reference.apply_rope_pairs(k, cos, sin), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# write_latent_cache: kv norm of latent[:, :C] and rope of latent[:, C:], scattered into the paged cache
+
+
+def latent_case(T, C, R, dtype, cache_dtype=None, num_blocks=7, page=4, fill=float("nan")):
+    """A (T, C + R) column slice of a wider projection (rows strided, as the model passes it), slots
+    scattered over the blocks in no order, and a cache whose every row starts at `fill`."""
+    wide = (torch.randn(T, 5 + C + R + 3, device=DEVICE) * 3 + 0.5).to(dtype)
+    latent = wide[:, 5 : 5 + C + R]
+    kv_norm = torch.rand(C, device=DEVICE) + 0.5  # fp32, as the model keeps 1-D weights
+    cos, sin = tables(T, R // 2)
+    slot_mapping = torch.randperm(num_blocks * page, device=DEVICE)[:T]
+    cache_dtype = cache_dtype or dtype
+    if fill == "random":
+        kv_cache = torch.randn(num_blocks, page, C + R, device=DEVICE).to(cache_dtype)
+    else:
+        kv_cache = torch.full((num_blocks, page, C + R), fill, device=DEVICE, dtype=cache_dtype)
+    return latent, kv_norm, cos, sin, kv_cache, slot_mapping
+
+
+def run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping, eps=1e-6):
+    """(Triton cache, reference cache, the current path's cache), each from a copy of kv_cache. The
+    current path is what workers/attention.py ran before: the two Triton kernels, cat, cast, scatter."""
+    ours, ref, current = kv_cache.clone(), kv_cache.clone(), kv_cache.clone()
+    fused_norm_rope.write_latent_cache(latent, kv_norm, cos, sin, eps, ours, slot_mapping)
+    reference.write_latent_cache(latent, kv_norm, cos, sin, eps, ref, slot_mapping)
+    C = kv_norm.shape[0]
+    c_kv = fused_norm_rope.rms_norm(latent[:, :C], kv_norm, eps)
+    k_pe = fused_norm_rope.apply_rope_pairs(latent[:, None, C:], cos, sin)[:, 0]
+    flat = current.view(-1, current.shape[-1])
+    flat[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(current.dtype)
+    return ours, ref, current
+
+
+def assert_cache_written(ours, ref, current, before, slot_mapping, tolerance_dtype):
+    width = before.shape[-1]
+    flat, flat_before = ours.view(-1, width), before.view(-1, width)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    untouched[slot_mapping] = False
+    # rows outside slot_mapping keep their exact bits (NaN included)
+    assert torch.equal(flat[untouched].view(torch.uint8), flat_before[untouched].view(torch.uint8))
+    written, expected = flat[slot_mapping], ref.view(-1, width)[slot_mapping]
+    assert torch.isfinite(written).all()
+    # Same math and order as the two Triton kernels it replaces: bit-identical to the current path.
+    assert torch.equal(ours.view(torch.uint8), current.view(torch.uint8))
+    # Against the torch reference only close: the fp32 sum of squares is reduced in a different order
+    # (and rsqrt vs 1 / sqrt), so the norm may differ in the last bit before rounding to the dtype.
+    close(written, expected, tolerance_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, C, R", [(1, 24, 8), (13, 24, 8), (3, 512, 64), (1, 512, 64), (13, 40, 6)])
+def test_write_latent_cache_matches_reference(T, C, R, dtype):
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(T, C, R, dtype)
+    assert latent.stride(0) > latent.shape[1] and latent.stride(-1) == 1  # rows strided
+    ours, ref, current = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
+    assert_cache_written(ours, ref, current, kv_cache, slot_mapping, dtype)
+
+
+@pytest.mark.parametrize("fill", ["random", float("nan")])
+def test_write_latent_cache_leaves_other_rows(fill):
+    """Random bits or NaN in every other row stay as they were; all pages but one hold a new token."""
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(
+        9, 24, 8, torch.float16, num_blocks=5, page=3, fill=fill
+    )
+    ours, ref, current = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
+    assert_cache_written(ours, ref, current, kv_cache, slot_mapping, torch.float16)
+
+
+def test_write_latent_cache_rounds_to_latent_dtype_first():
+    """fp32 latent into an fp16 cache: rounded once, to fp16 (the fp32 round is exact)."""
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(
+        6, 40, 8, torch.float32, cache_dtype=torch.float16
+    )
+    ours, ref, current = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
+    assert ours.dtype == torch.float16
+    assert_cache_written(ours, ref, current, kv_cache, slot_mapping, torch.float16)
+
+
+def test_write_latent_cache_no_tokens():
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(0, 24, 8, torch.float32, fill="random")
+    ours, ref, _ = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
+    assert torch.equal(ours, kv_cache) and torch.equal(ref, kv_cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 37, 700])
+def test_write_latent_cache_bf16_real_widths(T):
+    """bf16 at the real DeepSeek widths (576 = 512 + 64), 64-token pages, compiled."""
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(
+        T, 512, 64, torch.bfloat16, num_blocks=40, page=64
+    )
+    ours, ref, current = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
+    assert_cache_written(ours, ref, current, kv_cache, slot_mapping, torch.bfloat16)

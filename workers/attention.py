@@ -36,6 +36,7 @@ class SequenceGroup:
     seq_lens_host: list[int] | None = None  # the same values on the host, so launches never read the GPU
     query_starts_host: list[int] | None = None
     prefill_plan: object = None  # made by the first layer's prefill, reused by the others
+    covers_all_rows: bool = False  # token_rows is 0..T-1: the layers skip the gather and the scatter
 
 
 @dataclass
@@ -80,16 +81,18 @@ def build_group(
     )
 
 
-
 class MLAAttention:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], amb_mib: float = 0.0):
         self.cfg = cfg
         self.amb_mib = amb_mib
-        self.wq = weights.get("attn.wq")
-        self.wq_a = weights.get("attn.wq_a")
+        # The query projection (or q-LoRA's down projection) and the latent projection read the same
+        # x: one GEMM over their stacked rows instead of two (at decode each is a launch-bound GEMV).
+        first_q = weights.get("attn.wq", weights.get("attn.wq_a"))
+        self.q_rows = first_q.shape[0]
+        self.w_q_latent = torch.cat((first_q, weights["attn.wkv_a"]))
+        self.has_q_lora = "attn.wq_a" in weights
         self.q_norm = weights.get("attn.q_norm")
         self.wq_b = weights.get("attn.wq_b")
-        self.wkv_a = weights["attn.wkv_a"]
         self.kv_norm = weights["attn.kv_norm"]
         self.w_uk = weights["attn.w_uk"]  # (H, N, C)
         self.w_uv = weights["attn.w_uv"]  # (H, V, C)
@@ -100,61 +103,77 @@ class MLAAttention:
         """x (T, hidden); kv_cache (num_blocks, block_size, C + R), written in place for the new tokens."""
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_heads
-        N, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        if self.wq is not None:
-            q = x @ self.wq.t()
-        else:
-            q = ops.rms_norm(x @ self.wq_a.t(), self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
+        N = cfg.qk_nope_head_dim
+        projected = x @ self.w_q_latent.t()
+        q, latent = projected[:, : self.q_rows], projected[:, self.q_rows :]
+        if self.has_q_lora:
+            q = ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
         q = q.view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
 
-        latent = x @ self.wkv_a.t()
-        c_kv = ops.rms_norm(latent[:, :C], self.kv_norm, cfg.rms_norm_eps)
-        k_pe = ops.apply_rope_pairs(latent[:, None, C:], meta.cos, meta.sin)[:, 0]
-        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        flat_cache[meta.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(kv_cache.dtype)
+        # the new tokens' latent rows: normed c_kv and roped k_pe, written straight into their cache slots
+        ops.write_latent_cache(
+            latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping
+        )
 
-        out = x.new_empty(T, H, cfg.v_head_dim)
-        if meta.absorbed is not None:
-            group = meta.absorbed
-            rows = group.token_rows
-            q_latent = torch.einsum("thn,hnc->thc", q_nope[rows], self.w_uk)
-            q_absorbed = torch.cat((q_latent, q_pe[rows]), dim=-1).to(kv_cache.dtype)
-            out_latent, _ = ops.mla_decode(
-                q_absorbed,
-                kv_cache,
-                group.block_table,
-                group.seq_lens,
-                group.query_start_loc,
-                cfg.softmax_scale,
-                C,
-                max_query_len=group.max_new_tokens,
-                max_seq_len=group.max_seq_len,
-            )
-            out[rows] = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), self.w_uv)
-        if meta.naive is not None:
-            group = meta.naive
-            rows = group.token_rows
-            q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
-            steps = self._head_steps(group, x.device)
-            self.amb_steps_taken += len(steps)
-            if group.prefill_plan is None:
-                group.prefill_plan = ops.prefill_plan(
-                    group.block_table, group.seq_lens_host, group.query_starts_host, kv_cache.shape[1]
-                )
-            out[rows], _ = ops.mla_prefill(
-                q_full,
-                kv_cache,
-                group.block_table,
-                group.seq_lens,
-                group.query_start_loc,
-                self.w_uk,
-                self.w_uv,
-                cfg.softmax_scale,
-                head_steps=steps,
-                plan=group.prefill_plan,
-            )
+        if meta.absorbed is not None and meta.absorbed.covers_all_rows:  # a pure decode batch
+            out = self._absorbed(q_nope, q_pe, meta.absorbed, kv_cache)
+        elif meta.naive is not None and meta.naive.covers_all_rows:  # a pure prefill batch
+            out = self._decompressed(torch.cat((q_nope, q_pe), dim=-1), meta.naive, kv_cache)
+        else:  # mixed: each path gathers its rows and scatters its output back
+            out = x.new_empty(T, H, cfg.v_head_dim)
+            if meta.absorbed is not None:
+                rows = meta.absorbed.token_rows
+                out[rows] = self._absorbed(q_nope[rows], q_pe[rows], meta.absorbed, kv_cache)
+            if meta.naive is not None:
+                rows = meta.naive.token_rows
+                q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
+                out[rows] = self._decompressed(q_full, meta.naive, kv_cache)
         return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Absorbed MLA for the group's tokens: (Tg, H, N) and (Tg, H, R) -> (Tg, H, V)."""
+        cfg = self.cfg
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)
+        q_absorbed = torch.cat((q_latent, q_pe), dim=-1).to(kv_cache.dtype)
+        out_latent, _ = ops.mla_decode(
+            q_absorbed,
+            kv_cache,
+            group.block_table,
+            group.seq_lens,
+            group.query_start_loc,
+            cfg.softmax_scale,
+            cfg.kv_lora_rank,
+            max_query_len=group.max_new_tokens,
+            max_seq_len=group.max_seq_len,
+        )
+        return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), self.w_uv)
+
+    def _decompressed(
+        self, q_full: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Decompressed MLA for the group's tokens, in amb head steps: (Tg, H, N + R) -> (Tg, H, V)."""
+        steps = self._head_steps(group, q_full.device)
+        self.amb_steps_taken += len(steps)
+        if group.prefill_plan is None:
+            group.prefill_plan = ops.prefill_plan(
+                group.block_table, group.seq_lens_host, group.query_starts_host, kv_cache.shape[1]
+            )
+        out, _ = ops.mla_prefill(
+            q_full,
+            kv_cache,
+            group.block_table,
+            group.seq_lens,
+            group.query_start_loc,
+            self.w_uk,
+            self.w_uv,
+            self.cfg.softmax_scale,
+            head_steps=steps,
+            plan=group.prefill_plan,
+        )
+        return out
 
     def _head_steps(self, group: SequenceGroup, device: torch.device) -> list[tuple[int, int]]:
         """amb head steps for the path that will run: the K*Q scores of the longest sequence on the

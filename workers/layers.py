@@ -16,15 +16,30 @@ from workers.attention import AttentionMetadata, MLAAttention
 
 
 class MoEBlock:
-    """Router -> routed experts (fused gate|up, SiLU*up, down, weighted sum) -> plus shared experts."""
+    """Router -> routed experts and shared experts in one fused call (gate|up, SiLU*up, down, weighted sum).
+
+    The shared experts' MLP of width n*I is n experts of width I summed (its down projection splits by
+    columns), so they join the routed ones as experts E..E+n-1 that every token takes with weight 1:
+    one grouped launch instead of a second dense MLP, and the whole block stays batch-invariant.
+    """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg = cfg
         self.router = weights["moe.router"]  # (E, hidden), kept fp32: routing decides discrete choices
         self.router_bias = weights.get("moe.router_bias")  # (E,) V3 only
-        self.w_gate_up = torch.cat((weights["moe.w_gate"], weights["moe.w_up"]), dim=1)  # (E, 2I, hidden)
-        self.w_down = weights["moe.w_down"]  # (E, hidden, I)
-        self.shared = [weights.get(f"shared.{n}") for n in ("w_gate", "w_up", "w_down")]
+        gate, up, down = weights["moe.w_gate"], weights["moe.w_up"], weights["moe.w_down"]
+        E, inter, hidden = gate.shape
+        shared_gate = weights.get("shared.w_gate")  # (n*I, hidden)
+        n = 0 if shared_gate is None else shared_gate.shape[0] // inter
+        self.w_gate_up = gate.new_empty(E + n, 2 * inter, hidden)  # rows [0, I) gate, [I, 2I) up
+        self.w_down = down.new_empty(E + n, hidden, inter)
+        self.w_gate_up[:E, :inter], self.w_gate_up[:E, inter:], self.w_down[:E] = gate, up, down
+        if n:
+            self.w_gate_up[E:, :inter] = shared_gate.view(n, inter, hidden)
+            self.w_gate_up[E:, inter:] = weights["shared.w_up"].view(n, inter, hidden)
+            self.w_down[E:] = weights["shared.w_down"].view(hidden, n, inter).transpose(0, 1)
+        self.shared_ids = torch.arange(E, E + n, device=gate.device)[None]  # (1, n)
+        self.shared_weights = torch.ones(1, n, device=gate.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -39,10 +54,11 @@ class MoEBlock:
             cfg.expert_weights_norm,
             cfg.expert_weights_scale,
         )
-        out = ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
-        if self.shared[0] is not None:
-            out = out + dense_mlp(x, *self.shared)
-        return out
+        if self.shared_ids.shape[1]:
+            T = x.shape[0]
+            ids = torch.cat((ids, self.shared_ids.expand(T, -1)), dim=1)
+            weights = torch.cat((weights, self.shared_weights.expand(T, -1)), dim=1)
+        return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
 
 
 class DecoderLayer:
@@ -83,8 +99,10 @@ class ModelShard:
         self.head = weights.get("head")
         self.layers = []
         for i in range(first_layer, end_layer):
+            # Taken out of `weights`, so a layer's loaded tensors are freed once the layer has built its
+            # fused ones (stacked experts, stacked projections): one layer's worth of extra memory at most.
             prefix = f"layers.{i}."
-            own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            own = {k[len(prefix) :]: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
             self.layers.append(DecoderLayer(cfg, i, own, amb_mib))
 
     @property

@@ -170,7 +170,7 @@ class ModelRunner:
         )
         position_tensor = upload(positions, torch.int64, self.device)
         cos, sin = rope_cos_sin(position_tensor, self.inv_freq)
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             positions=position_tensor,
             slot_mapping=upload(slots, torch.int64, self.device),
             cos=cos,
@@ -178,6 +178,10 @@ class ModelRunner:
             absorbed=build_group(absorbed, *args),
             naive=build_group(naive, *args),
         )
+        for group, other in ((meta.absorbed, meta.naive), (meta.naive, meta.absorbed)):
+            if group is not None and other is None:
+                group.covers_all_rows = True  # its rows are every row of the batch, in order
+        return meta
 
     @torch.inference_mode()
     def forward(
@@ -212,7 +216,9 @@ class ModelRunner:
             rows = hidden[upload([ends[i] - 1 for i in sampling], torch.int64, hidden.device)]
         logits = self.shard.compute_logits(rows)
         tokens = logits.argmax(dim=-1)
-        chosen = [(row, batch.chunks[i]) for row, i in enumerate(sampling) if not batch.chunks[i].sampling.greedy]
+        chosen = [
+            (row, batch.chunks[i]) for row, i in enumerate(sampling) if not batch.chunks[i].sampling.greedy
+        ]
         if chosen:
             tokens = tokens.cpu()
             for row, c in chosen:

@@ -21,6 +21,7 @@ TRITON_MODULES = {
     "fused_moe": "kernels.fused_moe",
     "rms_norm": "kernels.fused_norm_rope",
     "apply_rope_pairs": "kernels.fused_norm_rope",
+    "write_latent_cache": "kernels.fused_norm_rope",
 }
 
 
@@ -93,3 +94,8 @@ def rms_norm(x, weight, eps):
 
 def apply_rope_pairs(x, cos, sin):
     return _pick("apply_rope_pairs", x.device)(x, cos, sin)
+
+
+def write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping):
+    impl = _pick("write_latent_cache", latent.device)
+    return impl(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping)
