@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|all]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|all]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -10,8 +10,9 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 -m runtime.cli bench --shape v2-lite -r 2 "$@" 2>&1 | grep -v -i "token authentication"; }
-if [[ $what == tests || $what == all ]]; then
+if [[ $what == tests || $what == all || $what == tests+profile ]]; then
   python3 -m pytest -q tests/test_norm_rope_kernels.py 2>&1 | tail -3 | tee "$out/norm_rope_tests.log"
+  python3 -m pytest -q -m gpu tests/test_moe_kernels.py 2>&1 | tail -3 | tee "$out/moe_tests.log"
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/gpu_tests.log"
 fi
 if [[ $what == single || $what == all ]]; then
@@ -34,7 +35,7 @@ fi
 if [[ $what == two-stage ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 --pipeline 2 | tee "$out/bench_two_stage.log"
 fi
-if [[ $what == profile ]]; then
+if [[ $what == profile || $what == tests+profile ]]; then
   for seqs in 1 64; do
     python3 -m kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
