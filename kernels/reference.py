@@ -191,8 +191,10 @@ def moe_routing(
     topk_groups: int,  # groups kept when num_groups > 1
     renormalize: bool,
     scale: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek router: weights (T, K) fp32 and expert ids (T, K) int64.
+    """DeepSeek router: weights (T, K + num_shared) fp32 and expert ids (T, K + num_shared) int64; the
+    last num_shared slots are the shared experts, numbered E.., with weight 1.
 
     Groups are scored by their best expert under softmax gating (V2 group_limited_greedy) and by the
     sum of their two best biased scores under sigmoid gating (V3 noaux_tc), as the reference code does.
@@ -219,7 +221,9 @@ def moe_routing(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scale, ids
+    shared_ids = torch.arange(E, E + num_shared, device=ids.device).expand(T, -1)
+    shared_weights = torch.ones(T, num_shared, device=weights.device)
+    return torch.cat((weights * scale, shared_weights), dim=1), torch.cat((ids, shared_ids), dim=1)
 
 
 def fused_moe(

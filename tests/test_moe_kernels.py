@@ -62,6 +62,29 @@ def test_routing_matches_reference(T, E, K, gating, groups, kept, has_bias, reno
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "T, E, K, gating, groups, kept, has_bias, renorm, scale, shared",
+    [(9, 64, 6, "softmax", 1, 1, False, False, 1.0, 2), (5, 256, 8, "sigmoid", 8, 4, True, True, 2.5, 1)],
+    ids=["v2-lite", "v3"],
+)
+def test_routing_appends_shared_experts(T, E, K, gating, groups, kept, has_bias, renorm, scale, shared):
+    """Shared experts come last, numbered E.., weight 1 (unscaled); the routed slots are unchanged."""
+    logits = torch.randn(T, E, device=DEVICE) * 2
+    bias = torch.randn(E, device=DEVICE) * 0.5 if has_bias else None
+    args = (bias, K, gating, groups, kept, renorm, scale)
+    routed_weights, routed_ids = moe_routing(logits, *args)
+    for impl in (moe_routing, reference.moe_routing):
+        weights, ids = impl(logits, *args, shared)
+        assert weights.shape == ids.shape == (T, K + shared)
+        expected_ids = torch.arange(E, E + shared, device=ids.device).expand(T, -1)
+        assert torch.equal(ids[:, K:], expected_ids)
+        assert torch.equal(weights[:, K:], torch.ones_like(weights[:, K:]))
+        got = sorted_by_id(weights[:, :K], ids[:, :K])
+        want = sorted_by_id(routed_weights, routed_ids)
+        assert torch.equal(got[1].cpu(), want[1].cpu())
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("E, groups, kept, K", [(256, 8, 4, 8), (32, 4, 2, 4)])
 def test_v3_routing_matches_hf_gate(E, groups, kept, K):
     from transformers import DeepseekV3Config
@@ -136,8 +159,10 @@ def check_layout(ids: torch.Tensor, num_experts: int, block_m: int):
         (1, 8, 256, 64),  # decode on V3: 8 one-row tiles, 248 idle experts
         (5, 3, 7, 16),  # T*K below one tile, prime E
         (12, 4, 4, 16),  # K = E: every token in every expert
-        (700, 3, 13, 16),  # R = 2100 > one 1024-row chunk: offsets carry across chunks
+        (700, 3, 13, 16),  # R = 2100: 64-row chunks, offsets carry across chunks
         (129, 6, 64, 64),
+        (64, 8, 66, 64),  # a decode batch of 64 with 2 shared experts: 8 chunks of 64 rows
+        (17, 8, 66, 64),  # 136 rows: just past one program, the last chunk partial
     ],
 )
 def test_align_invariants(T, K, E, block_m):

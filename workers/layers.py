@@ -38,8 +38,7 @@ class MoEBlock:
             self.w_gate_up[E:, :inter] = shared_gate.view(n, inter, hidden)
             self.w_gate_up[E:, inter:] = weights["shared.w_up"].view(n, inter, hidden)
             self.w_down[E:] = weights["shared.w_down"].view(hidden, n, inter).transpose(0, 1)
-        self.shared_ids = torch.arange(E, E + n, device=gate.device)[None]  # (1, n)
-        self.shared_weights = torch.ones(1, n, device=gate.device)
+        self.num_shared = n  # the router appends them to every token's choices as experts E..E+n-1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -53,11 +52,8 @@ class MoEBlock:
             cfg.num_expert_groups_used,
             cfg.expert_weights_norm,
             cfg.expert_weights_scale,
+            self.num_shared,
         )
-        if self.shared_ids.shape[1]:
-            T = x.shape[0]
-            ids = torch.cat((ids, self.shared_ids.expand(T, -1)), dim=1)
-            weights = torch.cat((weights, self.shared_weights.expand(T, -1)), dim=1)
         return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
 
 

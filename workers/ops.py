@@ -79,9 +79,11 @@ def prefill_plan(block_table, lengths, starts, page):
     return make_plan(block_table, lengths, starts, page)
 
 
-def moe_routing(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale):
+def moe_routing(
+    router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared=0
+):
     impl = _pick("moe_routing", router_logits.device)
-    return impl(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale)
+    return impl(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared)
 
 
 def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
