@@ -182,6 +182,12 @@ def mla_prefill(
 # mixture of experts
 
 
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """x (T, hidden) any float dtype; router (E, hidden) -> (T, E) fp32 logits, x upcast to fp32, fp32
+    products and sums (the Triton kernel fixes each logit's summation order; this one leaves it to torch)."""
+    return x.float() @ router.float().t()
+
+
 def moe_routing(
     router_logits: torch.Tensor,  # (T, E)
     bias: torch.Tensor | None,  # (E,) selection-only bias (V3 exp_probs_b), or None

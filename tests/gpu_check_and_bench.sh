@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|all]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -12,13 +12,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 -m runtime.cli bench --shape v2-lite -r 2 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == tests || $what == all || $what == tests+profile ]]; then
   python3 -m pytest -q tests/test_norm_rope_kernels.py 2>&1 | tail -3 | tee "$out/norm_rope_tests.log"
-  python3 -m pytest -q -m gpu tests/test_moe_kernels.py 2>&1 | tail -3 | tee "$out/moe_tests.log"
+  python3 -m pytest -q -m gpu tests/test_moe_kernels.py tests/test_router_kernel.py 2>&1 | tail -3 | tee "$out/moe_tests.log"
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/gpu_tests.log"
 fi
-if [[ $what == single || $what == all ]]; then
+if [[ $what == single || $what == all || $what == benches ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 | tee "$out/bench_single.log"
 fi
-if [[ $what == pipeline || $what == all ]]; then
+if [[ $what == pipeline || $what == all || $what == benches ]]; then
   bench -p 2048 -n 0 --concurrent 8 --pipeline 1,2 -ub 2048 -r 5 | tee "$out/bench_prefill_pipeline.log"
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
 fi

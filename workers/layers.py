@@ -42,7 +42,7 @@ class MoEBlock:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        router_logits = x.float() @ self.router.t()
+        router_logits = ops.router_logits(x, self.router)  # fp32, one fixed sum order: batch-invariant
         weights, ids = ops.moe_routing(
             router_logits,
             self.router_bias,

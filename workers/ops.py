@@ -17,6 +17,7 @@ from kernels import reference
 TRITON_MODULES = {
     "mla_decode": "kernels.mla_decode",
     "mla_prefill": "kernels.mla_prefill",
+    "router_logits": "kernels.router",
     "moe_routing": "kernels.moe_routing",
     "fused_moe": "kernels.fused_moe",
     "rms_norm": "kernels.fused_norm_rope",
@@ -77,6 +78,10 @@ def prefill_plan(block_table, lengths, starts, page):
     from kernels.mla_prefill import prefill_plan as make_plan
 
     return make_plan(block_table, lengths, starts, page)
+
+
+def router_logits(x, router):
+    return _pick("router_logits", x.device)(x, router)
 
 
 def moe_routing(
