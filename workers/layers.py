@@ -8,19 +8,27 @@ is separate so that only the last stage computes logits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.reference import dense_mlp
 from runtime.config import ModelConfig
 from workers import ops
 from workers.attention import AttentionMetadata, MLAAttention
 
+# Batches up to this many tokens (decode steps, short chunks) run the MoE block's launch-bound form; larger
+# ones (prefill chunks) its matmul-rate form. Measured on an H200 (workers/NOTES.md, v6): at 2048-token
+# chunks the fused shared experts and the fma router cost pp2048 6%, at one token they save 20 us a layer.
+FUSED_SHARED_MAX_TOKENS = 128
+
 
 class MoEBlock:
-    """Router -> routed experts and shared experts in one fused call (gate|up, SiLU*up, down, weighted sum).
+    """Router -> routed experts (fused gate|up, SiLU*up, down, weighted sum) -> plus shared experts.
 
     The shared experts' MLP of width n*I is n experts of width I summed (its down projection splits by
-    columns), so they join the routed ones as experts E..E+n-1 that every token takes with weight 1:
-    one grouped launch instead of a second dense MLP, and the whole block stays batch-invariant.
+    columns). Decode-sized batches run them as experts E..E+n-1 that every token takes with weight 1, in
+    the routed experts' launch, with the router's logits from a fixed-order kernel: few launches, and a
+    token's bits do not depend on its batch. Prefill-sized batches run them as one dense MLP (cuBLAS,
+    ~2x the grouped kernel's matmul rate) over the same stacked weights, and the router through cuBLAS.
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
@@ -31,6 +39,7 @@ class MoEBlock:
         E, inter, hidden = gate.shape
         shared_gate = weights.get("shared.w_gate")  # (n*I, hidden)
         n = 0 if shared_gate is None else shared_gate.shape[0] // inter
+        self.num_experts, self.num_shared = E, n
         self.w_gate_up = gate.new_empty(E + n, 2 * inter, hidden)  # rows [0, I) gate, [I, 2I) up
         self.w_down = down.new_empty(E + n, hidden, inter)
         self.w_gate_up[:E, :inter], self.w_gate_up[:E, inter:], self.w_down[:E] = gate, up, down
@@ -38,11 +47,12 @@ class MoEBlock:
             self.w_gate_up[E:, :inter] = shared_gate.view(n, inter, hidden)
             self.w_gate_up[E:, inter:] = weights["shared.w_up"].view(n, inter, hidden)
             self.w_down[E:] = weights["shared.w_down"].view(hidden, n, inter).transpose(0, 1)
-        self.num_shared = n  # the router appends them to every token's choices as experts E..E+n-1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        router_logits = ops.router_logits(x, self.router)  # fp32, one fixed sum order: batch-invariant
+        cfg, E = self.cfg, self.num_experts
+        fused = x.shape[0] <= FUSED_SHARED_MAX_TOKENS
+        router_logits = ops.router_logits(x, self.router) if fused else x.float() @ self.router.t()
+        shared_in_launch = self.num_shared if fused else 0
         weights, ids = ops.moe_routing(
             router_logits,
             self.router_bias,
@@ -52,9 +62,21 @@ class MoEBlock:
             cfg.num_expert_groups_used,
             cfg.expert_weights_norm,
             cfg.expert_weights_scale,
-            self.num_shared,
+            shared_in_launch,
         )
-        return ops.fused_moe(x, self.w_gate_up, self.w_down, weights, ids)
+        experts = E + shared_in_launch
+        out = ops.fused_moe(x, self.w_gate_up[:experts], self.w_down[:experts], weights, ids)
+        if self.num_shared and not fused:
+            out = out + self._shared_dense(x)
+        return out
+
+    def _shared_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts as one MLP of width n*I over views of the stacked weights."""
+        E, n, T = self.num_experts, self.num_shared, x.shape[0]
+        inter = self.w_down.shape[-1]
+        gate_up = (x @ self.w_gate_up[E:].reshape(n * 2 * inter, -1).t()).view(T, n, 2, inter)
+        act = F.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # (T, n, I)
+        return torch.einsum("tni,nhi->th", act, self.w_down[E:])
 
 
 class DecoderLayer:
