@@ -16,8 +16,9 @@ from workers import ops
 from workers.attention import AttentionMetadata, MLAAttention
 
 # Batches up to this many tokens (decode steps, short chunks) run the MoE block's launch-bound form; larger
-# ones (prefill chunks) its matmul-rate form. Measured on an H200 (workers/NOTES.md, v6): at 2048-token
-# chunks the fused shared experts and the fma router cost pp2048 6%, at one token they save 20 us a layer.
+# ones (prefill chunks) its matmul-rate form. At one token the fused form saves ~20 us a layer of small
+# launches (workers/NOTES.md, v6); at 2048 tokens the grouped kernel runs at ~42% of the matmul rate
+# (kernels/NOTES-moe.md), below cuBLAS's dense GEMMs, and the fma router re-reads its weights per 16 tokens.
 FUSED_SHARED_MAX_TOKENS = 128
 
 
