@@ -23,8 +23,9 @@ allows a BLOCK_M=16 decode tile (mma.sync rather than wgmma), which the numerics
 on the H200 it matched too and was no faster (kernels/NOTES-moe.md).
 
 Tiles: BLOCK_M is chosen from rows per expert (decode-sized 64, prefill-sized 128); BLOCK_N, BLOCK_K,
-warps and stages are autotuned keyed on (H, I, BLOCK_M, log2 of the row tiles up to 64), never on T itself. MLAPIPE_MOE_CONFIG =
-"block_m,block_n,block_k,num_warps,num_stages" pins one config for both GEMMs (CI, tests, benches).
+warps and stages are autotuned keyed on (H, I, BLOCK_M, log2 of the row tiles up to 64), never on T
+itself. MLAPIPE_MOE_CONFIG = "block_m,block_n,block_k,num_warps,num_stages" pins one config for both
+GEMMs (CI, tests, benches).
 """
 
 from __future__ import annotations

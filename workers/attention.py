@@ -36,7 +36,6 @@ class SequenceGroup:
     seq_lens_host: list[int] | None = None  # the same values on the host, so launches never read the GPU
     query_starts_host: list[int] | None = None
     prefill_plan: object = None  # made by the first layer's prefill, reused by the others
-    covers_all_rows: bool = False  # token_rows is 0..T-1: the layers skip the gather and the scatter
 
 
 @dataclass
@@ -116,9 +115,10 @@ class MLAAttention:
             latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping
         )
 
-        if meta.absorbed is not None and meta.absorbed.covers_all_rows:  # a pure decode batch
+        # Every sequence takes one path, so a path that is alone owns all rows, in order: no gather, no scatter.
+        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch
             out = self._absorbed(q_nope, q_pe, meta.absorbed, kv_cache)
-        elif meta.naive is not None and meta.naive.covers_all_rows:  # a pure prefill batch
+        elif meta.absorbed is None and meta.naive is not None:  # a pure prefill batch
             out = self._decompressed(torch.cat((q_nope, q_pe), dim=-1), meta.naive, kv_cache)
         else:  # mixed: each path gathers its rows and scatters its output back
             out = x.new_empty(T, H, cfg.v_head_dim)

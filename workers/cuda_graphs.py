@@ -115,7 +115,6 @@ class DecodeGraphs:
             max_seq_len=self.max_seq_len,
             max_new_tokens=1,
             total_seq_len=bucket * self.max_seq_len,
-            covers_all_rows=True,
         )
         meta = AttentionMetadata(self.positions[:bucket], self.slots[:bucket], cos, sin, group, None)
         inputs = self.token_ids[:bucket] if runner.shard.is_first else self.hidden_in[:bucket]

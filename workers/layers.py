@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import dense_mlp
+from kernels import reference
 from runtime.config import ModelConfig
 from workers import ops
 from workers.attention import AttentionMetadata, MLAAttention
@@ -52,7 +52,10 @@ class MoEBlock:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, E = self.cfg, self.num_experts
         fused = x.shape[0] <= FUSED_SHARED_MAX_TOKENS
-        router_logits = ops.router_logits(x, self.router) if fused else x.float() @ self.router.t()
+        # the prefill form takes the torch path (cuBLAS) on every device
+        router_logits = (
+            ops.router_logits(x, self.router) if fused else reference.router_logits(x, self.router)
+        )
         shared_in_launch = self.num_shared if fused else 0
         weights, ids = ops.moe_routing(
             router_logits,
@@ -97,7 +100,7 @@ class DecoderLayer:
         eps = self.cfg.rms_norm_eps
         x = x + self.attention.forward(ops.rms_norm(x, self.attn_norm, eps), meta, kv_cache)
         h = ops.rms_norm(x, self.ffn_norm, eps)
-        return x + (self.moe.forward(h) if self.moe is not None else dense_mlp(h, *self.mlp))
+        return x + (self.moe.forward(h) if self.moe is not None else reference.dense_mlp(h, *self.mlp))
 
 
 class ModelShard:

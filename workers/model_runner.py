@@ -170,7 +170,7 @@ class ModelRunner:
         )
         position_tensor = upload(positions, torch.int64, self.device)
         cos, sin = rope_cos_sin(position_tensor, self.inv_freq)
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             positions=position_tensor,
             slot_mapping=upload(slots, torch.int64, self.device),
             cos=cos,
@@ -178,10 +178,6 @@ class ModelRunner:
             absorbed=build_group(absorbed, *args),
             naive=build_group(naive, *args),
         )
-        for group, other in ((meta.absorbed, meta.naive), (meta.naive, meta.absorbed)):
-            if group is not None and other is None:
-                group.covers_all_rows = True  # its rows are every row of the batch, in order
-        return meta
 
     @torch.inference_mode()
     def forward(
