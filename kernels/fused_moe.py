@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_routing import MoeLayout, moe_align
+from mlapipe.kernels.moe_routing import MoeLayout, moe_align
 
 CONFIG_ENV = "MLAPIPE_MOE_CONFIG"
 BATCH_INVARIANT_ENV = "MLAPIPE_MOE_BATCH_INVARIANT"

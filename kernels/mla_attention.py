@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import amb, reference
+from mlapipe.kernels import amb, reference
 
 DEFAULT_DECODE_THRESHOLD = 128
 
@@ -93,8 +93,8 @@ def mla_attention(
     The decode path absorbs W_UK into the query and applies W_UV to the 512-wide result; the prefill path
     runs in amb head steps (amb_mib: this device's budget, 0 = unlimited)."""
     if use_triton:
-        from kernels.mla_decode import mla_decode
-        from kernels.mla_prefill import mla_prefill
+        from mlapipe.kernels.mla_decode import mla_decode
+        from mlapipe.kernels.mla_prefill import mla_prefill
     else:
         mla_decode, mla_prefill = reference.mla_decode, reference.mla_prefill
     T, H, _ = q.shape

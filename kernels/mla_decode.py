@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mla_prefill import pin_if_requested
+from mlapipe.kernels.mla_prefill import pin_if_requested
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it

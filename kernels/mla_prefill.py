@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import upload
+from mlapipe.kernels.host import upload
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runtime.sampling_params import SamplingParams
+from mlapipe.runtime.sampling_params import SamplingParams
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed")
 # How many requests the engine holds at once: enough to fill every micro-batch, few enough that the
@@ -179,7 +179,7 @@ def run_batch(
 
 
 def _fill(engine, queue: Iterable[BatchItem], running: dict, summary: BatchSummary, window: int) -> None:
-    from runtime.engine import PromptError
+    from mlapipe.runtime.engine import PromptError
 
     while len(running) < window:
         item = next(queue, None)

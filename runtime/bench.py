@@ -10,9 +10,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from runtime.engine import Engine
-from runtime.sampling_params import SamplingParams
-from runtime.shapes import SHAPES, random_spec
+from mlapipe.runtime.engine import Engine
+from mlapipe.runtime.sampling_params import SamplingParams
+from mlapipe.runtime.shapes import SHAPES, random_spec
 
 
 @dataclass(frozen=True)

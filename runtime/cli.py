@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from runtime import bench
+from mlapipe.runtime import bench
 
 
 def _add_generate(sub) -> None:
@@ -97,7 +97,7 @@ def engine_options(args) -> dict:
     """Engine keywords from the options the user gave; refuses ones this Engine does not take yet."""
     import inspect
 
-    from runtime.engine import Engine
+    from mlapipe.runtime.engine import Engine
 
     given = {
         "pipeline": args.pipeline,
@@ -121,9 +121,9 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from runtime.engine import Engine
-    from runtime.sampling_params import SamplingParams
-    from runtime.tiny_models import demo_model_path
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.sampling_params import SamplingParams
+    from mlapipe.runtime.tiny_models import demo_model_path
 
     path = demo_model_path() if args.demo else args.model
     params = SamplingParams(
@@ -143,7 +143,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.gguf_model import GGUFModel
 
     model = GGUFModel(args.model)
     cfg = model.config
@@ -163,7 +163,7 @@ def cmd_inspect(args) -> int:
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
     if args.pipeline is not None:
-        from runtime.planner import plan_for_model
+        from mlapipe.runtime.planner import plan_for_model
 
         # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
         # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
@@ -187,10 +187,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from runtime.batch import describe_failures, read_done_ids, read_requests, run_batch
-    from runtime.engine import Engine
-    from runtime.sampling_params import SamplingParams
-    from runtime.tiny_models import demo_model_path
+    from mlapipe.runtime.batch import describe_failures, read_done_ids, read_requests, run_batch
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.sampling_params import SamplingParams
+    from mlapipe.runtime.tiny_models import demo_model_path
 
     defaults = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
@@ -244,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from runtime.engine import PromptError
-    from runtime.gguf_model import ModelFileError
-    from runtime.tokenizer import TokenizerError
+    from mlapipe.runtime.engine import PromptError
+    from mlapipe.runtime.gguf_model import ModelFileError
+    from mlapipe.runtime.tokenizer import TokenizerError
 
     try:
         commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}

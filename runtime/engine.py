@@ -15,14 +15,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from runtime.block_manager import BlockManager
-from runtime.errors import StageFailed
-from runtime.gguf_model import GGUFModel
-from runtime.metrics import EngineMetrics
-from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Request, Scheduler
-from runtime.shapes import RandomModel, is_random_spec
-from runtime.tokenizer import GGUFTokenizer
+from mlapipe.runtime.block_manager import BlockManager
+from mlapipe.runtime.errors import StageFailed
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.metrics import EngineMetrics
+from mlapipe.runtime.sampling_params import SamplingParams
+from mlapipe.runtime.scheduler import Request, Scheduler
+from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
 
@@ -105,7 +105,7 @@ class Engine:
                 runner_options,
             )
         else:
-            from workers.local_executor import LocalExecutor  # the driver imports GPU code only here
+            from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
 
             amb_mib = amb if isinstance(amb, (int, float)) else amb[0]
             self.executor = LocalExecutor(
@@ -142,8 +142,8 @@ class Engine:
     def _start_pipeline(
         self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options
     ):
-        from runtime.pipeline import RayPipeline, StageSpec
-        from runtime.planner import check_fits, plan_for_model
+        from mlapipe.runtime.pipeline import RayPipeline, StageSpec
+        from mlapipe.runtime.planner import check_fits, plan_for_model
 
         transport = transport or ("nccl" if device == "cuda" else "gloo")
         if transport not in TRANSPORTS:

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
-from runtime.config import ConfigError, ModelConfig
+from mlapipe.runtime.config import ConfigError, ModelConfig
 
 GGUF_MAGIC = b"GGUF"
 

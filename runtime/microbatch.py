@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.sampling_params import SamplingParams
+from mlapipe.runtime.sampling_params import SamplingParams
 
 
 @dataclass

@@ -19,8 +19,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from runtime.errors import StageFailed
-from runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.runtime.errors import StageFailed
+from mlapipe.runtime.microbatch import MicroBatch, StepOutput
 
 log = logging.getLogger("mlapipe.pipeline")
 
@@ -59,7 +59,7 @@ class RayPipeline:
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
     ):
-        from workers.stage import StageWorker
+        from mlapipe.workers.stage import StageWorker
 
         ensure_ray(address)
         # Micro-batches in flight: two per stage, so that a stage finds the next prompt micro-batch queued

@@ -20,8 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kernels.amb import MIB, decompressed_kv_bytes_per_head, plan_head_steps
-from runtime.config import ModelConfig
+from mlapipe.kernels.amb import MIB, decompressed_kv_bytes_per_head, plan_head_steps
+from mlapipe.runtime.config import ModelConfig
 
 # Hidden-sized activation buffers alive through a layer: the residual stream, the normed input, the
 # attention / FFN output, and the transport buffer the next stage's hidden state is sent from.

@@ -20,9 +20,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.block_manager import BlockManager
-from runtime.microbatch import MicroBatch, SequenceChunk, StepOutput
-from runtime.sampling_params import SamplingParams
+from mlapipe.runtime.block_manager import BlockManager
+from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk, StepOutput
+from mlapipe.runtime.sampling_params import SamplingParams
 
 
 @dataclass

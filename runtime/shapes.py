@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from runtime.config import ModelConfig
+from mlapipe.runtime.config import ModelConfig
 
 RANDOM_PREFIX = "random:"
 
@@ -101,7 +101,7 @@ class RandomModel:
     Stages generate the weights on their own device (workers/model_runner.py)."""
 
     def __init__(self, spec: str):
-        from runtime.gguf_model import TensorInfo, expected_shapes
+        from mlapipe.runtime.gguf_model import TensorInfo, expected_shapes
 
         self.path = spec
         self.config, self.seed = parse_random_spec(spec)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.gguf_writer import Vocab, write_gguf
+from mlapipe.runtime.gguf_writer import Vocab, write_gguf
 
 SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 CHAT_TEMPLATE = (
@@ -43,7 +43,7 @@ def build_vocab(vocab_size: int = 384, pre: str = "deepseek-v3") -> Vocab:
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from runtime.tokenizer import TOKEN_TYPE_CONTROL, deepseek_pre_tokenizer
+    from mlapipe.runtime.tokenizer import TOKEN_TYPE_CONTROL, deepseek_pre_tokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = deepseek_pre_tokenizer(pre)

@@ -4,12 +4,13 @@
 #   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  && mkdir -p /tmp/pyroot && ln -sfn "$PWD" /tmp/pyroot/mlapipe \
+  && export PYTHONPATH=/tmp/site:/tmp/pyroot || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-bench() { python3 -m runtime.cli bench --shape v2-lite -r 2 "$@" 2>&1 | grep -v -i "token authentication"; }
+bench() { python -m mlapipe.runtime.cli bench --shape v2-lite -r 2 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == tests || $what == all || $what == tests+profile ]]; then
   python3 -m pytest -q tests/test_norm_rope_kernels.py 2>&1 | tail -3 | tee "$out/norm_rope_tests.log"
   python3 -m pytest -q -m gpu tests/test_moe_kernels.py tests/test_router_kernel.py 2>&1 | tail -3 | tee "$out/moe_tests.log"
@@ -37,7 +38,7 @@ if [[ $what == two-stage ]]; then
 fi
 if [[ $what == profile || $what == tests+profile ]]; then
   for seqs in 1 64; do
-    python3 -m kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
+    python -m mlapipe.kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
   done
 fi

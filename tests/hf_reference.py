@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import torch
 
-from runtime.gguf_writer import WEIGHT_TYPES
+from mlapipe.runtime.gguf_writer import WEIGHT_TYPES
 
 
 def hf_model(cfg: dict, state_dict: dict[str, np.ndarray]):

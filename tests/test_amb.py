@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kernels import amb
+from mlapipe.kernels import amb
 
 MIB = amb.MIB
 

@@ -8,10 +8,10 @@ import gguf
 import numpy as np
 import pytest
 
-from runtime import Engine, ModelFileError, PromptError
-from runtime.gguf_model import GGUFModel
-from runtime.gguf_writer import write_gguf
-from runtime.tiny_models import build_vocab, random_state_dict, tiny_config, write_tiny_model
+from mlapipe.runtime import Engine, ModelFileError, PromptError
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.gguf_writer import write_gguf
+from mlapipe.runtime.tiny_models import build_vocab, random_state_dict, tiny_config, write_tiny_model
 from tests.gguf_edit import rewrite_gguf
 
 
@@ -110,7 +110,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00")  # a header cut short after the version
     done = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "inspect", "-m", str(path)],
+        [sys.executable, "-m", "mlapipe.runtime.cli", "inspect", "-m", str(path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from runtime import cli
-from runtime.batch import BatchInputError, BatchItem, read_done_ids, read_requests, run_batch
-from runtime.engine import PromptError
-from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Request
+from mlapipe.runtime import cli
+from mlapipe.runtime.batch import BatchInputError, BatchItem, read_done_ids, read_requests, run_batch
+from mlapipe.runtime.engine import PromptError
+from mlapipe.runtime.sampling_params import SamplingParams
+from mlapipe.runtime.scheduler import Request
 
 # Different lengths so requests finish in different steps (an interruption leaves some undone); one
 # seeded sampled request, whose tokens must not depend on the batch it ran in; one default id.
@@ -46,7 +46,7 @@ def _by_id(results: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    from runtime.tiny_models import write_tiny_model
+    from mlapipe.runtime.tiny_models import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-v2.gguf", "v2", num_hidden_layers=2)
 
@@ -54,7 +54,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_path, tmp_path_factory):
     """One uninterrupted in-process run: what every other run must reproduce."""
-    from runtime.engine import Engine
+    from mlapipe.runtime.engine import Engine
 
     folder = tmp_path_factory.mktemp("reference")
     items = read_requests(_write_jsonl(folder / "in.jsonl", PROMPTS), SamplingParams(DEFAULT_MAX_TOKENS))
@@ -88,7 +88,7 @@ def _batch_command(input_path, output_path, model_path, *extra_args, slow_steps=
     argv += ["-n", str(DEFAULT_MAX_TOKENS), *extra_args]
     # Slowing each engine step makes the interruption land mid-run however fast the machine is.
     patch = (
-        "import time, runtime.engine as e; step = e.Engine.step; "
+        "import time, mlapipe.runtime.engine as e; step = e.Engine.step; "
         "e.Engine.step = lambda self: (time.sleep(0.25), step(self))[1]; "
         if slow_steps
         else ""
@@ -97,7 +97,7 @@ def _batch_command(input_path, output_path, model_path, *extra_args, slow_steps=
     # restore Python's Ctrl-C handler so the child behaves as in a terminal.
     code = (
         f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); {patch}"
-        f"from runtime.cli import main; sys.exit(main({argv!r}))"
+        f"from mlapipe.runtime.cli import main; sys.exit(main({argv!r}))"
     )
     return [sys.executable, "-c", code]
 
@@ -238,9 +238,9 @@ def test_keyboard_interrupt_keeps_finished_results_and_a_torn_line_is_cut(tmp_pa
 
 
 def test_cli_exits_nonzero_naming_failed_requests(tmp_path, monkeypatch, capsys):
-    import runtime.engine
+    from mlapipe.runtime import engine as engine_module
 
-    monkeypatch.setattr(runtime.engine, "Engine", lambda model, **options: FakeEngine(errors={"p2"}))
+    monkeypatch.setattr(engine_module, "Engine", lambda model, **options: FakeEngine(errors={"p2"}))
     input_path = _write_jsonl(tmp_path / "in.jsonl", [{"id": p, "prompt": p} for p in ("p1", "p2")])
     argv = ["batch", "--input", input_path, "--output", str(tmp_path / "out.jsonl"), "-m", "unused.gguf"]
     assert cli.main([*argv, "--no-progress"]) == 1

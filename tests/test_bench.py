@@ -2,8 +2,8 @@
 
 import re
 
-from runtime.cli import main
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime.cli import main
+from mlapipe.runtime.tiny_models import write_tiny_model
 
 
 def test_bench_prints_a_row_per_setting_and_test(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 def _mlapipe(*args, cache, timeout=300):
     env = dict(os.environ, MLAPIPE_CACHE=str(cache))
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "mlapipe.runtime.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime import cli
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime import cli
+from mlapipe.runtime.tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -37,7 +37,7 @@ def parse_mlapipe_command(command: str):
 
 def test_console_script_is_runtime_cli():
     (script,) = entry_points(group="console_scripts", name="mlapipe")  # as installed
-    assert script.value == "runtime.cli:main"
+    assert script.value == "mlapipe.runtime.cli:main"
     assert script.load() is cli.main
 
 

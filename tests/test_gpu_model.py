@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from runtime import Engine, SamplingParams
-from runtime.gguf_model import GGUFModel
-from runtime.microbatch import MicroBatch, SequenceChunk
-from runtime.tiny_models import write_tiny_model
-from workers.model_runner import ModelRunner
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
+from mlapipe.runtime.tiny_models import write_tiny_model
+from mlapipe.workers.model_runner import ModelRunner
 
 # Engines compared bit for bit must run the same kernel configs: autotuning picks by timing, and another
 # block size sums in another order. Set before any engine (and its Ray workers, which inherit it) starts.

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from runtime import Engine, SamplingParams
-from runtime.gguf_model import GGUFModel
-from runtime.gguf_writer import write_gguf
-from runtime.microbatch import MicroBatch, SequenceChunk
-from runtime.tiny_models import build_vocab, random_state_dict, tiny_config
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.gguf_writer import write_gguf
+from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
+from mlapipe.runtime.tiny_models import build_vocab, random_state_dict, tiny_config
+from mlapipe.workers.model_runner import ModelRunner
 from tests.hf_reference import hf_logits, hf_model, quantized_state_dict
-from workers.model_runner import ModelRunner
 
 PROMPT_LEN = 24
 

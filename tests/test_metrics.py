@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime import Engine, SamplingParams
-from runtime.metrics import STATS_MIN_INTERVAL_S
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.metrics import STATS_MIN_INTERVAL_S
+from mlapipe.runtime.tiny_models import write_tiny_model
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "mlapipe-dashboard.json"
 # Different prompt and output lengths, so a counter that counts requests instead of tokens shows.
@@ -112,7 +112,7 @@ def test_local_engine_counters_match_what_ran(model_path):
 
 
 def test_metrics_port_option_reaches_the_engine():
-    from runtime import cli
+    from mlapipe.runtime import cli
 
     args = cli.build_parser().parse_args(["batch", "--input", "i", "--output", "o", "--demo"])
     assert "metrics_port" not in cli.engine_options(args)

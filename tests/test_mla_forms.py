@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from kernels.amb import plan_head_steps
-from runtime.gguf_model import GGUFModel
-from runtime.microbatch import MicroBatch, SequenceChunk
-from runtime.tiny_models import write_tiny_model
-from workers.model_runner import ModelRunner
+from mlapipe.kernels.amb import plan_head_steps
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
+from mlapipe.runtime.tiny_models import write_tiny_model
+from mlapipe.workers.model_runner import ModelRunner
 
 BLOCK = 8
 

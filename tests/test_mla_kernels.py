@@ -20,10 +20,10 @@ from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.mla_attention import mla_attention, split_batch_by_path, uses_decode  # noqa: E402
-from kernels.mla_decode import choose_num_splits, mla_decode  # noqa: E402
-from kernels.mla_prefill import mla_prefill, prefill_plan  # noqa: E402
+from mlapipe.kernels import reference  # noqa: E402
+from mlapipe.kernels.mla_attention import mla_attention, split_batch_by_path, uses_decode  # noqa: E402
+from mlapipe.kernels.mla_decode import choose_num_splits, mla_decode  # noqa: E402
+from mlapipe.kernels.mla_prefill import mla_prefill, prefill_plan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_OF_RANGE_BLOCK = 1 << 30  # what an unused block-table entry holds: reading through it must crash

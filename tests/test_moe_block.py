@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels import reference
-from runtime.shapes import SHAPES
-from workers.layers import FUSED_SHARED_MAX_TOKENS, MoEBlock
+from mlapipe.kernels import reference
+from mlapipe.runtime.shapes import SHAPES
+from mlapipe.workers.layers import FUSED_SHARED_MAX_TOKENS, MoEBlock
 
 
 def small_config(shape: str, shared: int):

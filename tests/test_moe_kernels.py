@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.fused_moe import CONFIG_ENV, fused_moe  # noqa: E402
-from kernels.moe_routing import moe_align, moe_routing  # noqa: E402
+from mlapipe.kernels import reference  # noqa: E402
+from mlapipe.kernels.fused_moe import CONFIG_ENV, fused_moe  # noqa: E402
+from mlapipe.kernels.moe_routing import moe_align, moe_routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,8 +5,8 @@ import time
 import pytest
 import ray
 
-from runtime import Engine, RequestFailed, SamplingParams
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime import Engine, RequestFailed, SamplingParams
+from mlapipe.runtime.tiny_models import write_tiny_model
 
 PROMPTS = [list(range(5, 12)), [40, 41, 42], list(range(60, 93)), [7, 300, 8, 301, 9]]
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)

@@ -4,8 +4,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from runtime import Engine, SamplingParams
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.tiny_models import write_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from kernels.amb import MIB
-from runtime.config import ModelConfig
-from runtime.planner import (
+from mlapipe.kernels.amb import MIB
+from mlapipe.runtime.config import ModelConfig
+from mlapipe.runtime.planner import (
     PlanError,
     check_fits,
     layer_weight_bytes,
@@ -20,7 +20,7 @@ from runtime.planner import (
     plan_pipeline,
     split_layers,
 )
-from runtime.shapes import SHAPES
+from mlapipe.runtime.shapes import SHAPES
 
 
 def v2_lite_config(**overrides) -> ModelConfig:
@@ -223,13 +223,13 @@ def test_check_fits_wants_one_free_value_per_stage():
 # from a GGUF file ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from runtime.tiny_models import write_tiny_model
+    from mlapipe.runtime.tiny_models import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("planner") / "tiny.gguf", "v3", num_hidden_layers=4)
 
 
 def test_layer_weight_bytes_counts_matrices_at_element_size_and_vectors_in_fp32(tiny_model):
-    from runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.gguf_model import GGUFModel
 
     model = GGUFModel(tiny_model)
     cfg = model.config
@@ -246,7 +246,7 @@ def test_layer_weight_bytes_counts_matrices_at_element_size_and_vectors_in_fp32(
 
 
 def test_plan_for_model_matches_plan_pipeline(tiny_model):
-    from runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.gguf_model import GGUFModel
 
     model = GGUFModel(tiny_model)
     plan = plan_for_model(model, 2, num_kv_tokens=256, amb_mib=0.01)
@@ -256,7 +256,7 @@ def test_plan_for_model_matches_plan_pipeline(tiny_model):
 
 def _inspect(*args):
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "inspect", *args],
+        [sys.executable, "-m", "mlapipe.runtime.cli", "inspect", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import Engine
-from runtime.gguf_model import GGUFModel
-from runtime.tiny_models import write_tiny_model
+from mlapipe.runtime import Engine
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.tiny_models import write_tiny_model
 from tests.gguf_edit import rewrite_gguf
 
 Q = gguf.GGMLQuantizationType

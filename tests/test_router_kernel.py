@@ -12,9 +12,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.router import _config, router_logits  # noqa: E402
-from workers import ops  # noqa: E402
+from mlapipe.kernels import reference  # noqa: E402
+from mlapipe.kernels.router import _config, router_logits  # noqa: E402
+from mlapipe.workers import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V2_LITE = dict(E=64, hidden=2048)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from runtime.block_manager import BlockManager, OutOfBlocks
-from runtime.microbatch import StepOutput
-from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Request, Scheduler
+from mlapipe.runtime.block_manager import BlockManager, OutOfBlocks
+from mlapipe.runtime.microbatch import StepOutput
+from mlapipe.runtime.sampling_params import SamplingParams
+from mlapipe.runtime.scheduler import Request, Scheduler
 
 
 def _scheduler(num_blocks=64, block_size=4, ubatch=8, n_ctx=64, groups=1, eos=None):

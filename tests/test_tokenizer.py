@@ -5,9 +5,9 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from runtime.gguf_model import GGUFModel
-from runtime.tiny_models import SPECIAL_TOKENS, build_vocab, write_tiny_model
-from runtime.tokenizer import GGUFTokenizer, TokenizerError, deepseek_pre_tokenizer
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.tiny_models import SPECIAL_TOKENS, build_vocab, write_tiny_model
+from mlapipe.runtime.tokenizer import GGUFTokenizer, TokenizerError, deepseek_pre_tokenizer
 
 TEXTS = [
     "Hello, world! What is the capital of France?",

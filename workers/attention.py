@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
-from kernels.host import upload
-from runtime.config import ModelConfig
-from workers import ops
+from mlapipe.kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
+from mlapipe.kernels.host import upload
+from mlapipe.runtime.config import ModelConfig
+from mlapipe.workers import ops
 
 
 @dataclass

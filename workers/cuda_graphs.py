@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.norm_rope import rope_cos_sin
-from runtime.microbatch import MicroBatch
-from workers.attention import AttentionMetadata, SequenceGroup
+from mlapipe.kernels.norm_rope import rope_cos_sin
+from mlapipe.runtime.microbatch import MicroBatch
+from mlapipe.workers.attention import AttentionMetadata, SequenceGroup
 
 
 def bucket_for(num_seqs: int) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from runtime.config import ModelConfig
-from workers import ops
-from workers.attention import AttentionMetadata, MLAAttention
+from mlapipe.kernels import reference
+from mlapipe.runtime.config import ModelConfig
+from mlapipe.workers import ops
+from mlapipe.workers.attention import AttentionMetadata, MLAAttention
 
 # Batches up to this many tokens (decode steps, short chunks) run the MoE block's launch-bound form; larger
 # ones (prefill chunks) its matmul-rate form. At one token the fused form saves ~20 us a layer of small

@@ -6,9 +6,9 @@ It is the pipeline's own StageWorker, called directly: the same run loop, decode
 
 from __future__ import annotations
 
-from runtime.gguf_model import GGUFModel
-from runtime.microbatch import MicroBatch, StepOutput
-from workers.stage import StageWorker
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.workers.stage import StageWorker
 
 
 class LocalExecutor:

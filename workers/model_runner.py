@@ -12,18 +12,18 @@ import zlib
 
 import torch
 
-from kernels.host import upload
-from kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
-from kernels.norm_rope import rope_cos_sin, yarn_inv_freq
-from runtime.config import ModelConfig
-from runtime.gguf_model import GGUFModel
-from runtime.microbatch import MicroBatch, StepOutput
-from runtime.shapes import RandomModel, is_random_spec
-from workers.attention import AttentionMetadata, build_group
-from workers.cuda_graphs import DecodeGraphs
-from workers.kv_cache import allocate_latent_cache, slot_mapping
-from workers.layers import ModelShard
-from workers.sampler import sample_token
+from mlapipe.kernels.host import upload
+from mlapipe.kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
+from mlapipe.kernels.norm_rope import rope_cos_sin, yarn_inv_freq
+from mlapipe.runtime.config import ModelConfig
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.workers.attention import AttentionMetadata, build_group
+from mlapipe.workers.cuda_graphs import DecodeGraphs
+from mlapipe.workers.kv_cache import allocate_latent_cache, slot_mapping
+from mlapipe.workers.layers import ModelShard
+from mlapipe.workers.sampler import sample_token
 
 ATTENTION_MODES = ("auto", "absorbed", "naive")
 MAX_GRAPH_BATCH = 256  # decode steps of up to this many sequences replay a CUDA graph

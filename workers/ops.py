@@ -11,18 +11,18 @@ import os
 
 import torch
 
-from kernels import reference
+from mlapipe.kernels import reference
 
 # kernel name -> module holding its Triton launcher of the same name
 TRITON_MODULES = {
-    "mla_decode": "kernels.mla_decode",
-    "mla_prefill": "kernels.mla_prefill",
-    "router_logits": "kernels.router",
-    "moe_routing": "kernels.moe_routing",
-    "fused_moe": "kernels.fused_moe",
-    "rms_norm": "kernels.fused_norm_rope",
-    "apply_rope_pairs": "kernels.fused_norm_rope",
-    "write_latent_cache": "kernels.fused_norm_rope",
+    "mla_decode": "mlapipe.kernels.mla_decode",
+    "mla_prefill": "mlapipe.kernels.mla_prefill",
+    "router_logits": "mlapipe.kernels.router",
+    "moe_routing": "mlapipe.kernels.moe_routing",
+    "fused_moe": "mlapipe.kernels.fused_moe",
+    "rms_norm": "mlapipe.kernels.fused_norm_rope",
+    "apply_rope_pairs": "mlapipe.kernels.fused_norm_rope",
+    "write_latent_cache": "mlapipe.kernels.fused_norm_rope",
 }
 
 
@@ -75,7 +75,7 @@ def prefill_plan(block_table, lengths, starts, page):
     the reference runs (it needs none)."""
     if uses_reference(block_table.device):
         return None
-    from kernels.mla_prefill import prefill_plan as make_plan
+    from mlapipe.kernels.mla_prefill import prefill_plan as make_plan
 
     return make_plan(block_table, lengths, starts, page)
 

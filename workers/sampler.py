@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.sampling_params import SamplingParams
+from mlapipe.runtime.sampling_params import SamplingParams
 
 
 def _generator(seed: int, step: int) -> torch.Generator:

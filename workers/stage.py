@@ -20,7 +20,7 @@ import socket
 import time
 from collections import deque
 
-from runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.runtime.microbatch import MicroBatch, StepOutput
 
 
 class StageWorker:
@@ -73,7 +73,7 @@ class StageWorker:
     def load_layers(self, model, first_layer: int, end_layer: int, **runner_options) -> int:
         """Reads only this stage's tensors from the GGUF (a path, or a model already open in this
         process); returns the number of layers loaded."""
-        from workers.model_runner import ModelRunner, open_model
+        from mlapipe.workers.model_runner import ModelRunner, open_model
 
         model = open_model(model) if isinstance(model, str) else model
         self.runner = ModelRunner(model, first_layer, end_layer, device=self.device, **runner_options)
@@ -85,20 +85,20 @@ class StageWorker:
 
     # transports ---------------------------------------------------------------------------------
     def free_port(self) -> int:
-        from workers.transport.torch_dist import free_tcp_port
+        from mlapipe.workers.transport.torch_dist import free_tcp_port
 
         return free_tcp_port()
 
     def connect_torch(self, backend: str, master: str, timeout_s: float) -> None:
         """Joins the pipeline's process group; blocks until every stage has joined."""
-        from workers.transport.torch_dist import TorchDistTransport
+        from mlapipe.workers.transport.torch_dist import TorchDistTransport
 
         self.transport = TorchDistTransport(
             backend, master, self.stage, self.num_stages, timeout_s, self.device
         )
 
     def serve_grpc(self, timeout_s: float) -> str:
-        from workers.transport.grpc_stream import GrpcTransport
+        from mlapipe.workers.transport.grpc_stream import GrpcTransport
 
         self.transport = GrpcTransport(self.device, timeout_s)
         return self.transport.serve(_node_ip())

@@ -1,1 +1,1 @@
-"""GPU benchmarks: `python -m kernels.bench attention|moe`. Each checks correctness first, then prints a table."""
+"""GPU benchmarks: `python -m mlapipe.kernels.bench attention|moe`. Each checks correctness first, then prints a table."""

@@ -1,7 +1,7 @@
 import importlib
 import sys
 
-SUITES = {"attention": "kernels.bench.attention", "moe": "kernels.bench.moe"}
+SUITES = {"attention": "mlapipe.kernels.bench.attention", "moe": "mlapipe.kernels.bench.moe"}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""MLA attention benchmark: `python -m kernels.bench attention [--quick]`.
+"""MLA attention benchmark: `python -m mlapipe.kernels.bench attention [--quick]`.
 
 Order of work: the two ceilings (copy bandwidth, bf16 matmul rate) of this GPU; correctness of both
 kernels against kernels/reference.py in bf16 (NaN-poisoned pages, permuted block tables); the
@@ -17,11 +17,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from kernels import amb, reference
-from kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
-from kernels.mla_attention import mla_attention
-from kernels.mla_decode import _mla_decode_kernel, mla_decode
-from kernels.mla_prefill import _decompress_kernel, _prefill_attention_kernel, mla_prefill
+from mlapipe.kernels import amb, reference
+from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
+from mlapipe.kernels.mla_attention import mla_attention
+from mlapipe.kernels.mla_decode import _mla_decode_kernel, mla_decode
+from mlapipe.kernels.mla_prefill import _decompress_kernel, _prefill_attention_kernel, mla_prefill
 
 MODELS = {"V3": 128, "V2-Lite": 16}  # heads; both have latent 512 + 64, K 128 + 64, V 128
 KV_LORA_RANK, ROPE_DIM, NOPE_DIM, V_DIM, PAGE = 512, 64, 128, 128, 64

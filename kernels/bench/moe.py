@@ -1,4 +1,4 @@
-"""Fused MoE bench: `python -m kernels.bench moe [--tokens 1,16,...] [--models v3,v2-lite] [--no-variant]`.
+"""Fused MoE bench: `python -m mlapipe.kernels.bench moe [--tokens 1,16,...] [--models v3,v2-lite] [--no-variant]`.
 
 Checks the Triton path against kernels.reference in bf16 first, then times, for each model and token
 count, fused_moe (ordering + two grouped GEMMs + slot sum; routing excluded) against a torch baseline timed
@@ -17,9 +17,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
-from kernels.fused_moe import (
+from mlapipe.kernels import reference
+from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
+from mlapipe.kernels.fused_moe import (
     BATCH_INVARIANT_ENV,
     MoeTiles,
     down_weighted,
@@ -27,7 +27,7 @@ from kernels.fused_moe import (
     gate_up_silu,
     selected_configs,
 )
-from kernels.moe_routing import moe_align, moe_routing
+from mlapipe.kernels.moe_routing import moe_align, moe_routing
 
 MODELS = {
     # hidden, expert ffn, experts, used, gating, groups, kept groups, renormalize, scale
@@ -195,7 +195,7 @@ def sweep(args, mm_tflops: float) -> list[list]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench moe")
+    parser = argparse.ArgumentParser(prog="python -m mlapipe.kernels.bench moe")
     parser.add_argument("--tokens", default="1,16,128,512,2048,8192")
     parser.add_argument("--models", default="v3,v2-lite")
     parser.add_argument("--variant-tokens", default="1,16,128", help="T at which to time the variant tile")

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch profiler over a few steps of a random-weight model, one GPU.
 
-python -m kernels.bench.profile_decode [--shape v2-lite] [--seqs 1]
+python -m mlapipe.kernels.bench.profile_decode [--shape v2-lite] [--seqs 1]
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from runtime.engine import Engine
-from runtime.sampling_params import SamplingParams
-from runtime.shapes import random_spec
+from mlapipe.runtime.engine import Engine
+from mlapipe.runtime.sampling_params import SamplingParams
+from mlapipe.runtime.shapes import random_spec
 
 
 def main() -> None:
