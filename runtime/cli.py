@@ -148,7 +148,9 @@ def cmd_inspect(args) -> int:
     model = GGUFModel(args.model)
     cfg = model.config
     print(f"model: {model.path}")
-    print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
+    if len(model.paths) > 1:
+        print(f"shards: {len(model.paths)} ({model.paths[0]} ... {model.paths[-1]})")
+    print(f"architecture: deepseek2, MLA layout: {model.mla.describe()}")
     for name, value in cfg.describe():
         print(f"  {name:26s} {value}")
     print("tensor types:")

@@ -37,20 +37,20 @@ def load_shard_weights(
     if isinstance(model, RandomModel):
         return random_shard_weights(model, first_layer, end_layer, device, dtype)
     cfg = model.config
+
+    def dtype_for(name: str, ndim: int) -> torch.dtype:
+        keep_fp32 = any(name.endswith(n) for n in FP32_WEIGHTS) or ndim == 1
+        return torch.float32 if keep_fp32 else dtype
+
     weights: dict[str, torch.Tensor] = {}
-
-    def put(name: str, array) -> None:
-        keep_fp32 = any(name.endswith(n) for n in FP32_WEIGHTS) or array.ndim == 1
-        weights[name] = torch.from_numpy(array).to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-
     if first_layer == 0:
-        put("embed", model.read("embed"))
+        weights["embed"] = model.load("embed", device, dtype_for("embed", 2))
     for layer in range(first_layer, end_layer):
-        for name, array in model.read_layer(layer).items():
-            put(f"layers.{layer}.{name}", array)
+        for name, tensor in model.load_layer(layer, device, dtype_for).items():
+            weights[f"layers.{layer}.{name}"] = tensor
     if end_layer == cfg.num_layers:
-        put("norm", model.read("norm"))
-        put("head", model.read("head"))
+        weights["norm"] = model.load("norm", device, torch.float32)
+        weights["head"] = model.load("head", device, dtype_for("head", 2))
     return weights
 
 
