@@ -188,11 +188,12 @@ def write_tiny_model(
     weight_type: str = "F32",
     layout: str = "kv_b",
     pre: str = "deepseek-v3",  # tokenizer.ggml.pre: "deepseek-llm" for V2 / V2-Lite files
+    shards: int = 1,
     **overrides: Any,
 ) -> str:
     vocab = build_vocab(pre=pre)
     cfg = tiny_config(kind, len(vocab.tokens), **overrides)
-    return write_gguf(path, cfg, random_state_dict(cfg, seed), vocab, weight_type, layout)
+    return write_gguf(path, cfg, random_state_dict(cfg, seed), vocab, weight_type, layout, shards)
 
 
 def demo_model_path() -> str:
