@@ -7,9 +7,10 @@ a matmul. All three MLA layouts are accepted; either way the model gets `attn.w_
 `attn.w_uv` (H, V, C), the per-head up-projections of the latent.
 
 Loading never copies a whole file to the host: the files stay memory-mapped, and each tensor's bytes
-go from the mapping (the page cache) to its device. F32 / F16 / BF16 are converted on the device;
-quantized types are dequantized with gguf's own code one tensor at a time just before the upload (so
-host memory beyond the page cache is at most about one tensor in fp32). `read_blocks` hands out the
+go from the mapping (the page cache) to its device. F32 / F16 / BF16 are converted on the device, the
+block types are decoded there by kernels/quant's torch reference decoders (bit-identical to gguf's);
+the few types without one (TQ1_0, TQ2_0, MXFP4) are dequantized by gguf on the host one tensor at a
+time just before the upload, so host memory beyond the page cache stays at most about one tensor. `read_blocks` hands out the
 raw block bytes for code that keeps weights quantized (kernels/quant/tensor.py's contract).
 """
 
@@ -26,6 +27,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from mlapipe.kernels.quant.reference import dequantize_rows
+from mlapipe.kernels.quant.types import QUANT_TYPES
 from mlapipe.runtime.config import ConfigError, ModelConfig
 from mlapipe.runtime.gguf_layouts import (
     MLAForm,
@@ -44,6 +47,9 @@ __all__ = ["GGUFModel", "ModelFileError", "TensorInfo", "expected_shapes", "gguf
 Q = GGMLQuantizationType
 # file types uploaded as they are and converted on the device
 DEVICE_CAST = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+# block types the torch reference decoders of kernels/quant decode on the device (bit-identical to gguf)
+DEVICE_DECODERS = frozenset(code for code in QUANT_TYPES if Q(code) not in DEVICE_CAST)
+DECODE_CHUNK_VALUES = 1 << 24  # values decoded per step: 64 MiB of fp32 temporaries
 DtypeFor = Callable[[str, int], torch.dtype]  # (our name, ndim) -> the dtype it gets on its device
 
 
@@ -150,14 +156,17 @@ class GGUFModel:
         info = self.tensors[name] if name in self.tensors else self.file_tensors[name]
         device = torch.device(device)
         raw = self._data[name]
-        if info.qtype in DEVICE_CAST:
+        if info.qtype in DEVICE_CAST or int(info.qtype) in DEVICE_DECODERS:
             on_device = torch.from_numpy(raw).to(device)  # the bytes, straight from the mapping
             if on_device.device.type == "cpu":
                 on_device = on_device.clone()  # own memory, not the file's pages
-            values = on_device.view(DEVICE_CAST[info.qtype]).reshape(info.shape)
-        else:  # one tensor dequantized on the host by gguf's code, then uploaded
-            values = torch.from_numpy(gguf_quants.dequantize(raw, info.qtype).reshape(info.shape)).to(device)
-        values = values.to(dtype)
+            if info.qtype in DEVICE_CAST:
+                values = on_device.view(DEVICE_CAST[info.qtype]).reshape(info.shape).to(dtype)
+            else:
+                values = _decode_on_device(on_device, int(info.qtype), info.shape, dtype)
+        else:  # a type without a torch decoder: dequantized on the host by gguf, one tensor, then uploaded
+            values = torch.from_numpy(gguf_quants.dequantize(raw, info.qtype).reshape(info.shape))
+            values = values.to(device=device, dtype=dtype)
         if self.on_bytes_read is not None:
             self.on_bytes_read(info.num_bytes)
         return values
@@ -216,6 +225,21 @@ class GGUFModel:
             count, size = summary.get(t.qtype.name, (0, 0))
             summary[t.qtype.name] = (count + 1, size + t.num_bytes)
         return summary
+
+
+def _decode_on_device(
+    data: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Block bytes already on their device -> values, decoded there by the torch reference decoders
+    (bit-identical to gguf's numpy ones), a bounded number of rows at a time so the fp32 temporaries
+    stay small beside the tensor itself."""
+    cols = shape[-1]
+    rows = data.view(-1, data.numel() // max(1, math.prod(shape[:-1])))
+    out = torch.empty((rows.shape[0], cols), dtype=dtype, device=data.device)
+    step = max(1, DECODE_CHUNK_VALUES // cols)
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = dequantize_rows(rows[start : start + step], qtype).to(dtype)
+    return out.reshape(shape)
 
 
 def _decode_metadata(reader) -> dict[str, Any]:

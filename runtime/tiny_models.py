@@ -120,7 +120,10 @@ def tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict[str, Any]:
         )
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose v2 or v3")
-    return cfg | overrides
+    cfg = cfg | overrides
+    # DeepSeek's configs give every head its own "kv head" (converters write it as head_count_kv)
+    cfg["num_key_value_heads"] = overrides.get("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
 
 
 def random_state_dict(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
