@@ -63,7 +63,7 @@ class Vocab:
     chat_template: str | None = None
 
 
-def _metadata(cfg: Mapping[str, Any], layout: str) -> list[tuple[str, str, Any]]:
+def metadata_items(cfg: Mapping[str, Any], layout: str) -> list[tuple[str, str, Any]]:
     """(kind, key, value) for every deepseek2 key, from an HF config dict, as the converter that writes
     `layout` writes them:
     - "kv_b": llama.cpp's convert_hf_to_gguf.py before the MLA split; V2 files from before V3 support
@@ -210,25 +210,7 @@ def write_gguf(
     tmp_stem = os.path.join(os.path.dirname(stem), f".tmp{os.getpid()}-{os.path.basename(stem)}")
     per_shard = -(-len(tensors) // shards)
     writer = gguf.GGUFWriter(f"{tmp_stem}.gguf", ARCH, split_max_tensors=per_shard if shards > 1 else 0)
-    writer.add_name(cfg.get("name", "tiny deepseek2"))
-    adders = {
-        "u32": writer.add_uint32,
-        "f32": writer.add_float32,
-        "bool": writer.add_bool,
-        "str": writer.add_string,
-    }
-    for kind, key, value in _metadata(cfg, layout):
-        adders[kind](f"{ARCH}.{key}", value)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    writer.add_bos_token_id(vocab.bos_token_id)
-    writer.add_eos_token_id(vocab.eos_token_id)
-    writer.add_add_bos_token(vocab.add_bos)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
+    add_metadata(writer, cfg, vocab, layout)
     qtype = WEIGHT_TYPES[weight_type]
     for name, array in tensors.items():
         if qtype == gguf.GGMLQuantizationType.F32 or array.ndim == 1 or name.endswith(KEEP_F32):
@@ -248,6 +230,30 @@ def write_gguf(
     for i in range(shards):
         os.replace(shard_path(tmp_stem, i, shards), shard_path(stem, i, shards))
     return shard_path(stem, 0, shards)
+
+
+def add_metadata(writer: gguf.GGUFWriter, cfg: Mapping[str, Any], vocab: Vocab, layout: str) -> None:
+    """Every key/value of the model (the architecture is the writer's own), as `layout`'s converter
+    writes them."""
+    writer.add_name(cfg.get("name", "tiny deepseek2"))
+    adders = {
+        "u32": writer.add_uint32,
+        "f32": writer.add_float32,
+        "bool": writer.add_bool,
+        "str": writer.add_string,
+    }
+    for kind, key, value in metadata_items(cfg, layout):
+        adders[kind](f"{ARCH}.{key}", value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(vocab.bos_token_id)
+    writer.add_eos_token_id(vocab.eos_token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
 
 
 def _as_f32(value: Any) -> np.ndarray:
