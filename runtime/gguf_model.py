@@ -158,10 +158,11 @@ class GGUFModel:
         raw = self._data[name]
         if info.qtype in DEVICE_CAST or int(info.qtype) in DEVICE_DECODERS:
             on_device = torch.from_numpy(raw).to(device)  # the bytes, straight from the mapping
-            if on_device.device.type == "cpu":
-                on_device = on_device.clone()  # own memory, not the file's pages
             if info.qtype in DEVICE_CAST:
-                values = on_device.view(DEVICE_CAST[info.qtype]).reshape(info.shape).to(dtype)
+                values = on_device.view(DEVICE_CAST[info.qtype]).reshape(info.shape)
+                if values.device.type == "cpu" and values.dtype == dtype:
+                    values = values.clone()  # own memory, not the file's pages
+                values = values.to(dtype)
             else:
                 values = _decode_on_device(on_device, int(info.qtype), info.shape, dtype)
         else:  # a type without a torch decoder: dequantized on the host by gguf, one tensor, then uploaded
