@@ -80,8 +80,12 @@ def _add_perplexity(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
-    p.add_argument("-f", "--file", required=True, help="text file (e.g. wikitext-2's wiki.test.raw)")
-    p.add_argument("--chunks", type=int, default=None, help="evaluate at most N chunks (default: all)")
+    p.add_argument(
+        "-f", "--file", required=True, type=_existing_file, help="text file (e.g. wikitext-2's wiki.test.raw)"
+    )
+    p.add_argument(
+        "--chunks", type=_int_at_least(1), default=None, help="evaluate at most N chunks (default: all)"
+    )
     _add_engine_options(p)
     p.set_defaults(ctx_size=512)  # -c: the chunk length, and the engine's n_ctx
 
@@ -419,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from mlapipe.runtime.engine import PromptError
     from mlapipe.runtime.errors import ClusterUnreachable
