@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named model shape")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model (as generate --demo)")
     p.add_argument("--layers", type=int, default=None, help="layers of the random-weight shape")
     p.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt sizes, e.g. 512,2048")
     p.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generation sizes")
@@ -62,7 +64,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    model = args.model or random_spec(args.shape, args.layers)
+    if args.demo:
+        from mlapipe.runtime.tiny_models import demo_model_path
+
+        model = demo_model_path()
+    else:
+        model = args.model or random_spec(args.shape, args.layers)
     tests = [Test(f"pp{p}", p, 0) for p in args.n_prompt if p > 0]
     tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
@@ -100,7 +107,10 @@ def run(args) -> int:
                         f"{statistics.mean(rates):.2f} ± {spread:.2f}",
                     ]
                 )
-                print(f"  {rows[-1]}", flush=True)
+                print(
+                    f"bench: {' '.join(f'{h} {v}' for h, v in zip(header[1:], rows[-1][1:]))}",
+                    file=sys.stderr,
+                )
     print(_markdown(header, rows))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from mlapipe.runtime import bench
 
@@ -28,7 +29,9 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
-    p.add_argument("-m", "--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
     p.add_argument("--pipeline", type=int, default=None, help="also print the memory plan of N stages")
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
@@ -137,6 +140,7 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from mlapipe.runtime.display import finish_description, printable, speed_summary
     from mlapipe.runtime.engine import Engine
     from mlapipe.runtime.sampling_params import SamplingParams
     from mlapipe.runtime.tiny_models import demo_model_path
@@ -149,12 +153,19 @@ def cmd_generate(args) -> int:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        print(prompt, end="", flush=True)
-        count = 0
+        prompt_tokens = len(engine.tokenizer.encode(prompt))
+        print(printable(prompt), end="", flush=True)
+        count, reason, first, last = 0, None, None, None
+        started = time.perf_counter()
         for event in engine.stream(prompt, params):
-            print(event.text, end="", flush=True)
+            last = time.perf_counter()
+            first = first or last
+            print(printable(event.text), end="", flush=True)
             count += 1
-        print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+            reason = event.finish_reason or reason
+        finish = finish_description(reason, prompt_tokens, count, args.max_tokens, engine.n_ctx)
+        speed = speed_summary(prompt_tokens, count, started, first, last)
+        print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
 
 
@@ -192,8 +203,9 @@ def cmd_perplexity(args) -> int:
 
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.tiny_models import demo_model_path
 
-    model = GGUFModel(args.model)
+    model = GGUFModel(demo_model_path() if args.demo else args.model)
     cfg = model.config
     print(f"model: {model.path}")
     print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
@@ -270,10 +282,17 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import mlapipe
+
+    return mlapipe.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files"
     )
+    parser.add_argument("--version", action="version", version=f"mlapipe {_version()}")
     parser.add_argument(
         "--log-level",
         type=str.upper,

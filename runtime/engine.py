@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from mlapipe.runtime.metrics import EngineMetrics
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.scheduler import Request, Scheduler
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.threads import cpu_threads as default_cpu_threads
 from mlapipe.runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
@@ -52,12 +54,13 @@ class RequestOutput:
 class StreamEvent:
     token_id: int
     text: str  # the text this token adds
+    finish_reason: str | None = None  # set on the request's last token: "stop" | "length"
 
 
 class Engine:
     def __init__(
         self,
-        model: str,
+        model: str | os.PathLike,
         *,
         pipeline: int = 1,
         devices: str | None = None,  # "cuda" or "cpu"; default: cuda when available
@@ -77,7 +80,9 @@ class Engine:
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
+        cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
     ):
+        model = os.fspath(model)  # a path object works as well as a string
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
@@ -88,6 +93,7 @@ class Engine:
         if self.blocks.num_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or _default_device()
+        self.cpu_threads = cpu_threads or default_cpu_threads()
         runner_options = {"attention": attention}
         self.plan = None
         loading = _loading_bar(self.model, progress)
@@ -115,6 +121,7 @@ class Engine:
                 self.n_ctx,
                 device=device,
                 amb_mib=amb_mib,
+                cpu_threads=self.cpu_threads,
                 **runner_options,
             )
         loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
@@ -179,6 +186,7 @@ class Engine:
             check_plan=check_plan,
             placement=placement,
             runner_options=options,
+            cpu_threads=self.cpu_threads,
         )
 
     # requests -----------------------------------------------------------------------------------
@@ -250,7 +258,8 @@ class Engine:
                 full = self.tokenizer.decode(request.output_token_ids[:emitted])
                 if full.endswith("\ufffd") and not request.finished:
                     full = text  # an incomplete UTF-8 sequence: wait for the bytes that complete it
-                yield StreamEvent(token, full[len(text) :])
+                last = request.finished and emitted == len(request.output_token_ids)
+                yield StreamEvent(token, full[len(text) :], request.finish_reason if last else None)
                 text = full
 
     def score(self, token_ids: Sequence[int]) -> list[float]:

@@ -58,6 +58,7 @@ class RayPipeline:
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
+        cpu_threads: int = 1,  # torch threads of each CPU stage
     ):
         from mlapipe.workers.stage import StageWorker
 
@@ -87,7 +88,7 @@ class RayPipeline:
         ]
         self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
         try:
-            self.devices = self._get([a.init_device.remote(use_gpu) for a in self.actors])
+            self.devices = self._get([a.init_device.remote(use_gpu, cpu_threads) for a in self.actors])
             if check_plan is not None:
                 check_plan(self.devices)
             options = runner_options or {}

@@ -21,10 +21,16 @@ class LocalExecutor:
         block_size: int,
         max_seq_len: int,
         device: str = "cpu",
+        cpu_threads: int = 1,  # torch threads on CPU (runtime/threads.py), restored at shutdown
         **runner_options,
     ):
+        import torch
+
+        self._threads_before = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)
         self.stage = StageWorker(0, 1)
-        self.stage.device = device  # this process's device as it is: no Ray, no thread settings
+        self.stage.device = device  # this process's device as it is: no Ray
         self.stage.load_layers(model, 0, model.config.num_layers, **runner_options)
         self.stage.allocate_kv_cache(num_kv_blocks, block_size, max_seq_len)
         self.runner = self.stage.runner
@@ -41,4 +47,7 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
+        import torch
+
         self._done.clear()
+        torch.set_num_threads(self._threads_before)
