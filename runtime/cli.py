@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from mlapipe.runtime import bench
+from mlapipe.runtime.shapes import SHAPES
 
 
 def _add_generate(sub) -> None:
@@ -28,8 +30,24 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
-    p.add_argument("-m", "--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
+    p.add_argument("--layers", type=int, default=None, help="layers of the named shape")
+    p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
     p.add_argument("--pipeline", type=int, default=None, help="also print the memory plan of N stages")
+    p.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        default=None,
+        help="plan for devices of this size (e.g. 139GiB), sizing the KV cache from memory",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache (default 0.9)",
+    )
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
     )
@@ -79,6 +97,31 @@ def _add_engine_options(p) -> None:
         default=None,
         help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
     )
+    add_memory_options(p)
+
+
+def add_memory_options(p) -> None:
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache; the cache gets what is "
+        "left (default 0.9 on GPUs)",
+    )
+    p.add_argument(
+        "--dequantize", action="store_true", help="decode every weight at load instead of keeping GGUF blocks"
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'139GiB', '141GB', '80G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 139GiB or 141GB, got {text!r}")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper() or " ")
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base**power) if unit else int(float(number))
 
 
 def _float_list(text: str) -> list[float]:
@@ -109,6 +152,8 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
+        "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters
@@ -144,8 +189,12 @@ def cmd_generate(args) -> int:
 
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.shapes import RandomModel, random_spec
 
-    model = GGUFModel(args.model)
+    if args.model:
+        model = GGUFModel(args.model)
+    else:
+        model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
     print(f"model: {model.path}")
     print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
@@ -163,27 +212,78 @@ def cmd_inspect(args) -> int:
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
     if args.pipeline is not None:
-        from mlapipe.runtime.planner import plan_for_model
+        _print_plan(model, args)
+    return 0
 
-        # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
-        # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
-        n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+
+def _print_plan(model, args) -> None:
+    from mlapipe.runtime.planner import (
+        DEFAULT_KV_MEMORY_FRACTION,
+        PlanError,
+        layer_weight_bytes,
+        plan_for_model,
+        plan_kv_from_memory,
+    )
+    from mlapipe.runtime.weight_storage import bytes_by_type, fallback_tensors
+
+    cfg = model.config
+    # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
+    # 64 tokens for 4 sequences of n_ctx (runtime/engine.py), or the cache sized from the devices'
+    # memory; keep the two in step.
+    n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+    options = dict(split=args.split, amb_mib=args.amb, ubatch=args.ubatch, n_ctx=n_ctx)
+    if args.device_memory is None:
         kv_tokens = 4 * -(-n_ctx // 64) * 64
-        plan = plan_for_model(
-            model,
-            args.pipeline,
-            split=args.split,
-            amb_mib=args.amb,
-            ubatch=args.ubatch,
-            n_ctx=n_ctx,
-            num_kv_tokens=kv_tokens,
-        )
+        plan = plan_for_model(model, args.pipeline, num_kv_tokens=kv_tokens, **options)
         print(
             f"pipeline plan (n_ctx {n_ctx}, KV cache {kv_tokens} tokens, ubatch {args.ubatch}, "
             "bf16 weights and KV):"
         )
-        print(plan.format())
-    return 0
+    else:
+        fraction = args.gpu_memory_utilization or DEFAULT_KV_MEMORY_FRACTION
+        layers, embed, head = layer_weight_bytes(model)
+        try:
+            plan = plan_kv_from_memory(
+                cfg,
+                layers,
+                embed,
+                head,
+                args.pipeline,
+                total_bytes=[args.device_memory] * args.pipeline,
+                device_names=[
+                    f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
+                ],
+                kv_memory_fraction=fraction,
+                **options,
+            )
+        except PlanError as e:
+            raise ValueError(f"{model.path} on {args.pipeline} device(s): {e}") from None
+        print(
+            f"pipeline plan ({args.pipeline} x {args.device_memory / 2**30:.2f} GiB at {fraction:g}, n_ctx {n_ctx}, "
+            f"ubatch {args.ubatch}, KV cache sized from memory, bf16 KV):"
+        )
+    print(plan.format())
+    print("weights per device by type (as loaded):")
+    for stage in plan.stages:
+        names = _stage_tensors(model, stage)
+        table = bytes_by_type(model.tensors, names, 2)
+        cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        print(f"  stage {stage.stage}: {cells}")
+    fallback = fallback_tensors(model.tensors)
+    if fallback:
+        kinds = sorted({model.tensors[n].qtype.name for n in fallback})
+        print(
+            f"loaded as BF16 (no kernel for {', '.join(kinds)}): {len(fallback)} tensors, e.g. {', '.join(fallback[:4])}"
+        )
+
+
+def _stage_tensors(model, stage) -> list[str]:
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:

@@ -19,6 +19,13 @@ from mlapipe.runtime.block_manager import BlockManager
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.metrics import EngineMetrics
+from mlapipe.runtime.planner import (
+    DEFAULT_KV_MEMORY_FRACTION,
+    check_fits,
+    layer_weight_bytes,
+    plan_for_model,
+    plan_kv_from_memory,
+)
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.scheduler import Request, Scheduler
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
@@ -77,6 +84,8 @@ class Engine:
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
+        kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
+        dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
     ):
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
@@ -84,25 +93,66 @@ class Engine:
         self.tokenizer = None if random_weights else GGUFTokenizer(self.model.metadata)
         self.n_ctx = min(n_ctx or 4096, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
-        self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
-        if self.blocks.num_blocks < blocks_per_seq:
+        if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or _default_device()
-        runner_options = {"attention": attention}
+        # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
+        # else (CPU: the test and oracle path) 4 sequences of n_ctx.
+        if kv_memory_fraction is None and kv_blocks is None and device == "cuda":
+            kv_memory_fraction = DEFAULT_KV_MEMORY_FRACTION
+        sized_from_memory = kv_memory_fraction is not None and kv_blocks is None
+        fixed_blocks = kv_blocks or 4 * blocks_per_seq
+        runner_options = {"attention": attention, "dequantize": dequantize_weights}
         self.plan = None
+        use_pipeline = use_ray or (use_ray is None and (pipeline > 1 or address))
+        num_stages = pipeline if use_pipeline else 1
+        element_size = 2 if device == "cuda" else 4
+        self._plan_options = dict(split=split, amb_mib=amb, ubatch=ubatch, n_ctx=self.n_ctx)
+        self._plan_options |= dict(element_size=element_size, kv_element_size=element_size)
+        self._plan_options["dequantize"] = dequantize_weights
+
+        def check_plan(device_infos: list[dict]) -> int:
+            """Plans the stages on the devices found (before any weight is read); returns KV blocks."""
+            options = dict(self._plan_options)
+            names = [d["device"] for d in device_infos]
+            if sized_from_memory:
+                dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
+                layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+                self.plan = plan_kv_from_memory(
+                    self.config,
+                    layers,
+                    embed,
+                    head,
+                    num_stages,
+                    total_bytes=[d["total_bytes"] for d in device_infos],
+                    free_bytes=[d["free_bytes"] for d in device_infos],
+                    device_names=names,
+                    kv_memory_fraction=kv_memory_fraction,
+                    block_size=block_size,
+                    element_size=element_size,
+                    **options,
+                )
+                return self.plan.num_kv_tokens // block_size
+            self.plan = plan_for_model(
+                self.model, num_stages, num_kv_tokens=fixed_blocks * block_size, **options
+            )
+            check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
+            return fixed_blocks
+
         loading = _loading_bar(self.model, progress)
-        if use_ray or (use_ray is None and (pipeline > 1 or address)):
+        if use_pipeline:
             self.executor = self._start_pipeline(
                 pipeline,
                 device,
-                amb,
                 ubatch,
                 transport,
                 address,
-                split,
                 deadline_s,
                 placement,
                 runner_options,
+                check_plan,
+                fixed_blocks,
+                block_size,
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -110,13 +160,15 @@ class Engine:
             amb_mib = amb if isinstance(amb, (int, float)) else amb[0]
             self.executor = LocalExecutor(
                 self.model,
-                self.blocks.num_blocks,
+                fixed_blocks,
                 block_size,
                 self.n_ctx,
                 device=device,
                 amb_mib=amb_mib,
+                check_plan=check_plan,
                 **runner_options,
             )
+        self.blocks = BlockManager(self.executor.num_kv_blocks, block_size)
         loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
         loading.close()
         self.scheduler = Scheduler(
@@ -140,39 +192,37 @@ class Engine:
                 raise
 
     def _start_pipeline(
-        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options
+        self,
+        num_stages,
+        device,
+        ubatch,
+        transport,
+        address,
+        deadline_s,
+        placement,
+        options,
+        check_plan,
+        num_kv_blocks,
+        block_size,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
-        from mlapipe.runtime.planner import check_fits, plan_for_model
 
         transport = transport or ("nccl" if device == "cuda" else "gloo")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        element_size = 2 if device == "cuda" else 4
-        plan = plan_for_model(
-            self.model,
-            num_stages,
-            split=split,
-            amb_mib=amb,
-            ubatch=ubatch,
-            n_ctx=self.n_ctx,
-            num_kv_tokens=self.blocks.num_blocks * self.blocks.block_size,
-            element_size=element_size,
-            kv_element_size=element_size,
+        # the layer split and amb per stage do not depend on the devices' memory: plan them now, and
+        # again with the devices' numbers once the stages report them (check_plan)
+        split_plan = plan_for_model(
+            self.model, num_stages, num_kv_tokens=num_kv_blocks * block_size, **self._plan_options
         )
-        self.plan = plan
-
-        def check_plan(device_infos):
-            check_fits(plan, [d["free_bytes"] for d in device_infos], [d["device"] for d in device_infos])
-
-        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in plan.stages]
+        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in split_plan.stages]
         return RayPipeline(
             self.model.path,
             stages,
             use_gpu=device == "cuda",
             transport=transport,
-            num_kv_blocks=self.blocks.num_blocks,
-            block_size=self.blocks.block_size,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
             max_seq_len=self.n_ctx,
             deadline_s=deadline_s,
             address=address,
