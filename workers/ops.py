@@ -103,7 +103,10 @@ def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
             from mlapipe.kernels.quant.fused_moe import fused_moe as quant_fused_moe
 
             return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids)
-        w_gate_up, w_down = dequantize(w_gate_up, hidden.dtype), dequantize(w_down, hidden.dtype)
+        # decode only the experts the batch routes to, renumbered 0..U-1
+        used = topk_ids.unique()
+        topk_ids = torch.searchsorted(used, topk_ids)
+        w_gate_up, w_down = (dequantize(w[used], hidden.dtype) for w in (w_gate_up, w_down))
     return _pick("fused_moe", hidden.device)(hidden, w_gate_up, w_down, topk_weights, topk_ids)
 
 
