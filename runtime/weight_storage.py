@@ -9,7 +9,8 @@ loader (workers/model_runner.py) and the planner, so the plan counts what loadin
 
 A model whose weights are dequantized on load (the oracle path, `dequantize=True`) has no "quant"
 tensors. Routed gate and up projections are stacked into one gate|up tensor per expert, which needs them
-in one type: a layer where they differ keeps both dense.
+in one type, and the quantized fused MoE reads both of its stacks as blocks: a layer where gate and up
+differ in type, or one of the three is dense, keeps all three dense.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ DENSE_SUFFIXES = (".attn.wkv_b", ".attn.wk_b", ".attn.wv_b")
 
 def kernel_types() -> frozenset:
     """GGML types the quantized kernels read (kernels/quant's decoder table)."""
-    try:
-        from mlapipe.kernels.quant.types import KERNEL_TYPES
-    except ImportError:  # TODO(stand-in) until kernels/quant/types.py lands
-        KERNEL_TYPES = (Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q4_0)
-    return frozenset(Q(int(t)) for t in KERNEL_TYPES)
+    from mlapipe.kernels.quant.types import QUANT_TYPES  # a table: imports neither torch nor triton
+
+    return frozenset(Q(row.code) for row in QUANT_TYPES.values() if row.has_kernel) - FLOAT_TYPES
 
 
 def storage_forms(tensors: Mapping, dequantize: bool = False) -> dict[str, str]:
@@ -47,11 +46,12 @@ def storage_forms(tensors: Mapping, dequantize: bool = False) -> dict[str, str]:
             forms[name] = "dense"
         else:
             forms[name] = "quant"
-    for name in forms:  # gate|up stacking needs one type
+    for name in list(forms):
         if name.endswith(".moe.w_gate"):
-            up = name[: -len("w_gate")] + "w_up"
-            if up in tensors and tensors[name].qtype != tensors[up].qtype:
-                forms[name] = forms[up] = "dense"
+            experts = [name[: -len("w_gate")] + n for n in ("w_gate", "w_up", "w_down")]
+            gate_up_differ = tensors[experts[0]].qtype != tensors[experts[1]].qtype
+            if gate_up_differ or any(forms[n] != "quant" for n in experts):
+                forms |= dict.fromkeys(experts, "dense")
     return forms
 
 
@@ -62,7 +62,8 @@ def device_bytes(info, form: str, element_size: int) -> int:
 
 
 def fallback_tensors(tensors: Mapping) -> list[str]:
-    """Quantized tensors that load dense because their type has no kernel (what inspect reports)."""
+    """Quantized tensors that load dense (no kernel for their type, or an expert triple that cannot stay
+    in blocks together): what inspect reports."""
     forms = storage_forms(tensors)
     return [
         name

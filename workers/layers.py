@@ -45,7 +45,9 @@ class MoEBlock:
         E, inter, _ = gate.shape
         routed_gate_up = stacking.gate_up_per_expert(gate, up)
         if routed_gate_up is None:
-            raise ValueError("routed gate and up projections must share one type (weight_storage keeps both dense)")
+            raise ValueError(
+                "routed gate and up projections must share one type (weight_storage keeps both dense)"
+            )
         shared_gate = weights.get("shared.w_gate")  # (n*I, hidden)
         n = 0 if shared_gate is None else shared_gate.shape[0] // inter
         self.num_experts, self.num_shared, self.inter = E, n, inter

@@ -16,6 +16,7 @@ import torch
 from mlapipe.kernels.host import upload
 from mlapipe.kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
 from mlapipe.kernels.norm_rope import rope_cos_sin, yarn_inv_freq
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.runtime.gguf_model import GGUFModel
@@ -101,11 +102,11 @@ def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch
     whose decoded values have that scale."""
     info = model.tensors[name]
     shape = info.shape
+    std = 1.0 if name == "embed" else shape[-1] ** -0.5
+    if form == "quant":  # seeded by name and model seed, like the generator below
+        return random_quant_tensor(shape, int(info.qtype), std, name, model.seed, device)
     # one generator per tensor, seeded by its name: the same weights whatever the stage split
     generator = torch.Generator(device=device).manual_seed(model.seed * 1_000_003 + zlib.crc32(name.encode()))
-    std = 1.0 if name == "embed" else shape[-1] ** -0.5
-    if form == "quant":
-        return random_quant_tensor(shape, int(info.qtype), std, generator, device)
     t = torch.empty(shape, device=device, dtype=torch.float32 if form == "fp32" else dtype)
     if name.endswith("router_bias"):
         t.normal_(0.0, 0.01, generator=generator)
@@ -114,27 +115,6 @@ def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch
     else:
         t.normal_(0.0, std, generator=generator)
     return t
-
-
-def random_quant_tensor(shape, qtype: int, std: float, generator, device) -> QuantTensor:
-    try:
-        from mlapipe.kernels.quant.random_blocks import random_quant_tensor as make
-    except ImportError:  # TODO(stand-in) until kernels/quant/random_blocks.py lands
-        return _standin_random_blocks(shape, qtype, std, generator, device)
-    return make(shape, qtype, std, generator=generator, device=device)
-
-
-def _standin_random_blocks(shape, qtype, std, generator, device):
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    fields = {8: (0,), 2: (0,), 12: (0, 2), 13: (0, 2), 14: (208,), 10: (80, 82), 11: (108,)}
-    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    lead, cols = shape[:-1], shape[-1]
-    data = torch.randint(0, 256, (*lead, cols // elems, nbytes), generator=generator, device=device, dtype=torch.uint8)
-    scale = torch.full((*lead, cols // elems, 1), std / (73 if qtype == 8 else 8), dtype=torch.float16, device=device)
-    for offset in fields[qtype]:
-        data[..., offset : offset + 2] = scale.view(torch.uint8)
-    return QuantTensor(data.reshape(*lead, -1), qtype, tuple(shape))
 
 
 def mla_up_projections(cfg: ModelConfig, weights: dict, prefix: str) -> dict:

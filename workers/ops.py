@@ -100,7 +100,7 @@ def moe_routing(
 def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
     if isinstance(w_gate_up, QuantTensor) or isinstance(w_down, QuantTensor):
         if not uses_reference(hidden.device):
-            from mlapipe.kernels.quant.fused_moe import fused_moe as quant_fused_moe
+            from mlapipe.kernels.quant.fused_moe import quant_fused_moe
 
             return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids)
         # decode only the experts the batch routes to, renumbered 0..U-1
@@ -125,15 +125,9 @@ def dequantize(w, dtype: torch.dtype) -> torch.Tensor:
 
 def reference_dequantize(w: QuantTensor) -> torch.Tensor:
     """fp32 values of a QuantTensor by the torch reference decoders (bit-exact with gguf's numpy ones)."""
-    try:
-        from mlapipe.kernels.quant import reference as quant_reference
+    from mlapipe.kernels.quant.reference import dequantize_rows
 
-        return quant_reference.dequantize(w.data, w.qtype).reshape(w.shape)
-    except ImportError:  # TODO(stand-in) until kernels/quant/reference.py lands
-        from gguf import quants
-
-        values = quants.dequantize(w.data.cpu().numpy(), w.qtype)
-        return torch.from_numpy(values.astype("float32")).reshape(w.shape).to(w.device)
+    return dequantize_rows(w.data, w.qtype).reshape(w.shape)
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
@@ -156,7 +150,7 @@ def embedding(token_ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tenso
     if not uses_reference(token_ids.device):
         from mlapipe.kernels.quant.dequantize import quant_embedding
 
-        return quant_embedding(token_ids, table).to(dtype)
+        return quant_embedding(token_ids, table, dtype)
     rows = QuantTensor(table.data[token_ids], table.qtype, (token_ids.shape[0], table.shape[-1]))
     return reference_dequantize(rows).to(dtype)
 
