@@ -42,8 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=None, help="layers of the random-weight shape")
     p.add_argument(
         "--wtype",
-        default=None,
-        help="weight type (q8_0, q4_k, bf16, ...) or recipe (UD-Q2_K_XL, Q4_K_M, ...) of the random weights",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=[None],
+        help="weight types (q8_0, q4_k, bf16, ...) or recipes (UD-Q2_K_XL, Q4_K_M, ...) of the random "
+        "weights, comma-separated to compare them in one run",
     )
     p.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt sizes, e.g. 512,2048")
     p.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generation sizes")
@@ -76,17 +78,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.model and args.wtype:
+    if args.model and args.wtype != [None]:
         raise ValueError("--wtype makes random weights of a --shape; a GGUF file has its own types")
-    model = args.model or random_spec(args.shape, args.layers, wtype=args.wtype)
     tests = [Test(f"pp{p}", p, 0) for p in args.n_prompt if p > 0]
     tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
     longest = max(t.prompt + t.generate for t in tests) + 1
-    header = ["model", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
+    header = ["model", "wtype", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
     rows = []
-    sweep = itertools.product(args.pipeline, args.ubatch, args.amb, args.decode_steps)
-    for pipeline, ubatch, amb, decode_steps in sweep:
+    sweep = itertools.product(args.wtype, args.pipeline, args.ubatch, args.amb, args.decode_steps)
+    for wtype, pipeline, ubatch, amb, decode_steps in sweep:
+        model = args.model or random_spec(args.shape, args.layers, wtype=wtype)
         max_seqs = max(args.concurrent)
         blocks = max_seqs * -(-longest // 64) + 8
         with Engine(
@@ -102,16 +104,18 @@ def run(args) -> int:
             devices=args.devices,
             decode_steps=decode_steps,
         ) as engine:
-            name = (f"{args.shape} {args.wtype or 'bf16'}" if args.shape else engine.model.path) + (
+            name = args.shape or engine.model.path
+            kind = (wtype or ("file" if args.model else "BF16")) + (
                 " (dequantized)" if args.dequantize else ""
             )
-            print(memory_report(engine, name), flush=True)
+            print(memory_report(engine, f"{name} {kind}"), flush=True)
             for seqs, test in itertools.product(args.concurrent, tests):
                 rates = [_measure(engine, test, seqs, seed=i) for i in range(args.repetitions + 1)][1:]
                 spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
                 rows.append(
                     [
                         name,
+                        kind,
                         pipeline,
                         ubatch,
                         f"{amb:g}",

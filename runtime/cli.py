@@ -204,6 +204,7 @@ def cmd_inspect(args) -> int:
     for qtype, (count, size) in sorted(model.type_summary().items()):
         print(f"  {qtype:6s} {count:5d} tensors {size / 2**20:12.2f} MiB")
     print(f"parameters: {model.num_parameters:,}")
+    _print_fallback(model)
     for dtype, size in (("bf16/f16", 2), ("f32", 4)):
         per_token = cfg.latent_kv_bytes_per_token(size)
         print(
@@ -224,7 +225,7 @@ def _print_plan(model, args) -> None:
         plan_for_model,
         plan_kv_from_memory,
     )
-    from mlapipe.runtime.weight_storage import bytes_by_type, fallback_tensors
+    from mlapipe.runtime.weight_storage import bytes_by_type
 
     cfg = model.config
     # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
@@ -269,11 +270,17 @@ def _print_plan(model, args) -> None:
         table = bytes_by_type(model.tensors, names, 2)
         cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
         print(f"  stage {stage.stage}: {cells}")
+
+
+def _print_fallback(model) -> None:
+    from mlapipe.runtime.weight_storage import fallback_tensors
+
     fallback = fallback_tensors(model.tensors)
     if fallback:
         kinds = sorted({model.tensors[n].qtype.name for n in fallback})
         print(
-            f"loaded as BF16 (no kernel for {', '.join(kinds)}): {len(fallback)} tensors, e.g. {', '.join(fallback[:4])}"
+            f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
+            f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
         )
 
 

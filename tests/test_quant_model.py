@@ -126,6 +126,28 @@ def test_engine_scores_and_tokens_equal_on_a_quantized_file(q4_k_file):
     np.testing.assert_allclose(kept_scores, scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("file_type", ["q8_0_file", "q4_k_file"])
+def test_quantized_kernels_on_a_gpu_match_bf16_dequantized_on_load(request, file_type):
+    """On a GPU the blocks go to the Triton kernels with bf16 activations, the oracle to cuBLAS on
+    weights decoded to bf16 at load: the same values in a different summation order, so bf16 rounding
+    (~1e-2 of the logits' range) is all that may differ."""
+    path = request.getfixturevalue(file_type)
+    prompt = list(range(5, 45))
+    model = GGUFModel(path)
+    out = []
+    for dequantize in (False, True):
+        runner = ModelRunner(model, 0, model.config.num_layers, device="cuda", dequantize=dequantize)
+        runner.allocate_kv_cache(num_blocks=12, block_size=16)
+        batch = MicroBatch(
+            0, [SequenceChunk("r", prompt, 0, list(range(12)), sample=False, return_logits=True)]
+        )
+        out.append(torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"]))
+        assert bool(_quant_tensors(runner)) != dequantize
+    kept, decoded = out
+    assert float((kept - decoded).abs().max() / decoded.abs().max()) <= 3e-2
+
+
 # random weights of a recipe -------------------------------------------------------------------------
 SPEC = random_spec("v3-tiny", seed=5, wtype="UD-Q2_K_XL")
 PROMPTS = [list(range(5, 40)), [40, 41, 42]]
