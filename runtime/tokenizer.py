@@ -101,6 +101,11 @@ class GGUFTokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
         )
 
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's text as token ids. The template writes bos_token itself, so add_bos is not
+        applied on top (a second BOS), as transformers' apply_chat_template(tokenize=True) does."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
