@@ -222,11 +222,11 @@ class Engine:
             )
         return advanced, finished
 
-    def abort(self, request_id: str) -> None:
-        """Ends an unfinished request (its client went away) and frees its KV blocks: now, or when the
-        micro-batch it is in comes back (the stages are still writing its blocks). Unknown or finished
-        ids are ignored; it finishes with finish_reason "abort"."""
-        request = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends an unfinished request and frees its KV blocks: now, or when the micro-batch it is in
+        comes back (the stages are still writing its blocks). Unknown or finished ids are ignored.
+        finish_reason: "abort" (its client went away) or "stop" (the caller found a stop string)."""
+        request = self.scheduler.abort(request_id, finish_reason)
         if request is not None:  # ended now: step() will not report it
             self.metrics.on_step([], [request], 0)
             log.info("request %s aborted", request_id)

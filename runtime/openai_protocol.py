@@ -198,26 +198,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_logprobs(tokens: list, top_text) -> dict[str, list]:
+def token_label(raw: bytes) -> str:
+    """A token as OpenAI names it: its text, or "bytes:\\xe2\\x80" for a piece of a character."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def completion_logprobs(tokens: list, token_bytes) -> dict[str, list]:
     """The completions API's logprobs object for some tokens (serve_loop.TokenInfo); text_offset is
-    where each token's text starts in the completion; top_text(token id) is a token's text."""
+    where each token's text starts in the completion; token_bytes(token id) is what a token stands for."""
+    label = lambda token_id: token_label(token_bytes(token_id))
     return {
-        "tokens": [t.text for t in tokens],
+        "tokens": [label(t.token_id) for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{top_text(i): lp for i, lp in t.top} for t in tokens],
+        "top_logprobs": [{label(i): lp for i, lp in t.top} for t in tokens],
         "text_offset": [t.offset for t in tokens],
     }
 
 
-def chat_logprobs(tokens: list, top_text) -> dict[str, list]:
+def chat_logprobs(tokens: list, token_bytes) -> dict[str, list]:
     """The chat API's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 
-    def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(token_id)
+        return {"token": token_label(raw), "logprob": logprob, "bytes": list(raw)}
 
     return {
         "content": [
-            {**entry(t.text, t.logprob), "top_logprobs": [entry(top_text(i), lp) for i, lp in t.top]}
+            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
             for t in tokens
         ]
     }

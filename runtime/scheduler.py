@@ -36,7 +36,7 @@ class Request:
     num_computed: int = 0  # tokens whose latent KV is in the cache
     in_flight: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "scored" | "abort" | "error: ..."
-    abort_requested: bool = False  # abort() while in flight: ends when its micro-batch comes back
+    abort_reason: str | None = None  # abort() while in flight: ends when its micro-batch comes back
     output_logprobs: list = field(default_factory=list)  # per output token, when sampling.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -233,8 +233,8 @@ class Scheduler:
                         break
                 request.output_logprobs.extend(output.logprobs.get(chunk.request_id, ()))
                 advanced.append(request)
-            if request.abort_requested and not request.finished:
-                request.finish_reason = "abort"
+            if request.abort_reason and not request.finished:
+                request.finish_reason = request.abort_reason
             if request.finished:
                 self._release(request)
                 finished.append(request)
@@ -262,16 +262,16 @@ class Scheduler:
             failed.append(request)
         return failed
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str, finish_reason: str = "abort") -> Request | None:
         """Ends an unfinished request and frees its blocks; returns it if it ended now. One in flight
         ends in update(), when its micro-batch is back: the stages may still be writing its blocks."""
         request = self._requests.get(request_id)
         if request is None:
             return None
         if request.in_flight:
-            request.abort_requested = True
+            request.abort_reason = finish_reason
             return None
-        request.finish_reason = "abort"
+        request.finish_reason = finish_reason
         if request in self.waiting:
             self.waiting.remove(request)
         self._release(request)

@@ -53,7 +53,6 @@ class Rejected:  # the request cannot run (400): a bad prompt
 @dataclass
 class TokenInfo:
     token_id: int
-    text: str  # the token alone, decoded
     offset: int  # where the token's text starts in the completion text
     logprob: float
     top: list[tuple[int, float]]
@@ -285,7 +284,6 @@ class EngineLoop:
                 del self._tracked[request.request_id]
                 self._end(tracked.stream, Failed(f"request failed: {finish_reason[7:]}"))
                 return
-        tokenizer = self.engine.tokenizer
         while tracked.seen < len(tokens):
             index = tracked.seen
             tracked.seen += 1
@@ -294,15 +292,13 @@ class EngineLoop:
             tracked.text += tracked.detokenizer.add(tokens[index], final=last)
             if tracked.want_logprobs and index < len(request.output_logprobs):
                 logprob, top = request.output_logprobs[index]
-                tracked.pending_tokens.append(
-                    TokenInfo(tokens[index], tokenizer.decode([tokens[index]]), before, logprob, top)
-                )
+                tracked.pending_tokens.append(TokenInfo(tokens[index], before, logprob, top))
             cut = tracked.stops.find(tracked.text, before) if tracked.stops.stops else None
             if cut is not None:
                 tracked.text = tracked.text[:cut]
                 finish_reason = "stop"
                 if not request.finished:
-                    self.engine.abort(request.request_id)  # frees its blocks now
+                    self.engine.abort(request.request_id, "stop")  # frees its blocks now
                 break
         end = len(tracked.text) if finish_reason else tracked.stops.releasable(tracked.text)
         if end > tracked.released or tracked.pending_tokens:

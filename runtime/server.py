@@ -198,7 +198,7 @@ class _Shape:
     def __init__(self, body, tokenizer, logprobs: bool):
         self.id, self.created, self.model = api.new_id(self.id_prefix), api.now(), body.model
         self.logprobs = logprobs
-        self.token_text = lambda token_id: tokenizer.decode([token_id])
+        self.token_bytes = tokenizer.token_bytes
 
     def _head(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
@@ -221,7 +221,7 @@ class _CompletionShape(_Shape):
         super().__init__(body, tokenizer, body.logprobs is not None)
 
     def _logprobs(self, tokens) -> dict | None:
-        return api.completion_logprobs(tokens, self.token_text) if self.logprobs else None
+        return api.completion_logprobs(tokens, self.token_bytes) if self.logprobs else None
 
     def opening(self) -> dict | None:
         return None  # completions streams open with text
@@ -245,7 +245,7 @@ class _ChatShape(_Shape):
         super().__init__(body, tokenizer, body.logprobs)
 
     def _logprobs(self, tokens) -> dict | None:
-        return api.chat_logprobs(tokens, self.token_text) if self.logprobs else None
+        return api.chat_logprobs(tokens, self.token_bytes) if self.logprobs else None
 
     def opening(self) -> dict:
         return self._chunk(
