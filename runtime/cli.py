@@ -1,4 +1,4 @@
-"""mlapipe command line: generate | batch | bench | inspect | serve."""
+"""mlapipe command line: generate | batch | bench | perplexity | inspect | serve."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def _add_serve(sub) -> None:
         help="seconds SIGTERM waits for requests in progress before failing them",
     )
     _add_engine_options(p)
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity over a text file, as llama-perplexity computes it",
+        description="Cuts the tokenized text into chunks of -c tokens (BOS first), scores the second half "
+        "of each and prints the running estimate [i]ppl and the final PPL +/- its standard error.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument("-f", "--file", required=True, help="text file (e.g. wikitext-2's wiki.test.raw)")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most N chunks (default: all)")
+    _add_engine_options(p)
+    p.set_defaults(ctx_size=512)  # -c: the chunk length, and the engine's n_ctx
 
 
 def _add_engine_options(p) -> None:
@@ -170,6 +186,38 @@ def cmd_generate(args) -> int:
             print(event.text, end="", flush=True)
             count += 1
         print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.perplexity import perplexity
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.file}: {e}") from None
+    path = demo_model_path() if args.demo else args.model
+    with Engine(path, **engine_options(args)) as engine:
+        result = perplexity(
+            engine,
+            text,
+            args.ctx_size,
+            args.chunks,
+            on_chunk=lambda i, ppl: print(f"[{i}]{ppl:.4f},", end="", flush=True),
+            on_start=lambda tokens, chunks: print(
+                f"perplexity: {path}: {tokens} tokens, {chunks} chunks of n_ctx={args.ctx_size}, "
+                "scoring the second half of each",
+                file=sys.stderr,
+            ),
+        )
+    print()
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.uncertainty:.5f}")
+    print(
+        f"[{result.num_chunks} chunks of {args.ctx_size} tokens, {result.num_scored} scored]", file=sys.stderr
+    )
     return 0
 
 
@@ -300,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_inspect(sub)
+    _add_perplexity(sub)
     _add_serve(sub)
     bench.add_parser(sub)
     return parser
@@ -318,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": cmd_batch,
             "bench": bench.run,
             "inspect": cmd_inspect,
+            "perplexity": cmd_perplexity,
             "serve": cmd_serve,
         }
         return commands[args.command](args)

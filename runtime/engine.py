@@ -190,7 +190,7 @@ class Engine:
             raise RequestFailed(
                 f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
             )
-        token_ids = self._prompt_ids(prompt)
+        token_ids = self._prompt_ids(prompt, score_only)
         request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
         self.scheduler.add(request)
         self.metrics.on_request_added(request)
@@ -289,7 +289,7 @@ class Engine:
         self.close()
 
     # helpers ------------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, prompt: Prompt, score_only: bool = False) -> list[int]:
         if isinstance(prompt, str) and self.tokenizer is None:
             raise PromptError(f"{self.model.path} has no tokenizer: give prompts as token ids")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -298,7 +298,7 @@ class Engine:
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise PromptError(f"token ids {bad[:5]} outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if len(token_ids) >= self.n_ctx:
+        if len(token_ids) > self.n_ctx - (0 if score_only else 1):  # generating needs room for a token
             raise PromptError(
                 f"prompt is {len(token_ids)} tokens, longer than the context allows: n_ctx={self.n_ctx} "
                 f"(the model supports up to {self.config.context_length}; raise n_ctx or shorten the prompt)"
