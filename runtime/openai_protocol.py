@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlapipe.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from mlapipe.runtime.sampling_params import MAX_LOGPROBS, MIN_TEMPERATURE, SamplingParams, SamplingParamsError
 
 MAX_STOP_STRINGS = 16
 
@@ -107,16 +107,23 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_k=max(self.top_k, 0),
-            top_p=self.top_p,
-            seed=self.seed,
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
+        """The engine's SamplingParams; a value it refuses is a 400 naming the field."""
+        # below MIN_TEMPERATURE the distribution is one-hot anyway: raised to it, as vLLM does
+        temperature = max(self.temperature, MIN_TEMPERATURE) if self.temperature > 0 else 0.0
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=max(self.top_k, 0),
+                top_p=self.top_p,
+                seed=self.seed,
+                stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos,
+                logprobs=logprobs,
+            )
+        except SamplingParamsError as e:
+            name = str(e).split(" ", 1)[0]  # its messages start with the parameter's name
+            raise APIError(400, str(e), param=name if name in type(self).model_fields else None) from None
 
 
 class CompletionRequest(_SamplingFields):

@@ -280,9 +280,10 @@ class EngineLoop:
         finish_reason = None
         if request.finished:
             finish_reason = request.finish_reason
-            if finish_reason.startswith("error"):
+            if finish_reason.startswith("error"):  # 503 if the engine is gone; else this request alone (500)
                 del self._tracked[request.request_id]
-                self._end(tracked.stream, Failed(f"request failed: {finish_reason[7:]}"))
+                status = 503 if self.engine.failure else 500
+                self._end(tracked.stream, Failed(f"request failed: {finish_reason[7:]}", status))
                 return
         while tracked.seen < len(tokens):
             index = tracked.seen
