@@ -1,4 +1,4 @@
-"""mlapipe command line: generate | batch | bench | perplexity | inspect."""
+"""mlapipe command line: generate | batch | bench | perplexity | inspect | serve."""
 
 from __future__ import annotations
 
@@ -85,6 +85,36 @@ def _add_batch(sub) -> None:
     p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_engine_options(p)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) over HTTP")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests in progress (running or waiting) at most; more are refused with 429",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MLAPIPE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $MLAPIPE_API_KEY; none: no key)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: file stem)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for requests in progress before failing them",
+    )
     _add_engine_options(p)
 
 
@@ -503,6 +533,38 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import functools
+    import pathlib
+
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.serve_loop import EngineLoop
+    from mlapipe.runtime.server import serve
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    path = demo_model_path() if args.demo else args.model
+    name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
+    options = engine_options(args)  # unknown options fail here, before the server starts
+    loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
+    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+
+    def listening(url: str) -> None:
+        print(
+            f"mlapipe: loading {path}; OpenAI API on {url}/v1 (503 until loaded)", file=sys.stderr, flush=True
+        )
+
+    return serve(
+        loop,
+        name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        on_listening=listening,
+    )
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so both stop a batch the same way."""
 
@@ -525,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_inspect(sub)
     _add_perplexity(sub)
+    _add_serve(sub)
     bench.add_parser(sub)
     return parser
 
@@ -541,8 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     from mlapipe.runtime.tokenizer import TokenizerError
 
     try:
-        commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}
-        commands["perplexity"] = cmd_perplexity
+        commands = {
+            "generate": cmd_generate,
+            "batch": cmd_batch,
+            "bench": bench.run,
+            "inspect": cmd_inspect,
+            "perplexity": cmd_perplexity,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
     except (ModelFileError, PromptError, TokenizerError, ClusterUnreachable, ValueError) as e:
         print(f"mlapipe: error: {_one_line(e)}", file=sys.stderr)

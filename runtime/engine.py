@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
+from mlapipe.runtime.detokenizer import IncrementalDetokenizer
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.metrics import EngineMetrics
@@ -308,6 +309,20 @@ class Engine:
             )
         return advanced, finished
 
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends an unfinished request and frees its KV blocks: now, or when the micro-batch it is in
+        comes back (the stages are still writing its blocks). Unknown or finished ids are ignored.
+        finish_reason: "abort" (its client went away) or "stop" (the caller found a stop string)."""
+        request = self.scheduler.abort(request_id, finish_reason)
+        if request is not None:  # ended now: step() will not report it
+            self.metrics.on_step([], [request], 0)
+            log.info("request %s aborted", request_id)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run requests any more (a pipeline stage failed), or None."""
+        return self._failure
+
     # conveniences -------------------------------------------------------------------------------
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
@@ -325,7 +340,8 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         request_id = self.add_request(prompt, params)
-        request, emitted, text = None, 0, ""
+        request, emitted = None, 0
+        text = IncrementalDetokenizer(self.tokenizer)
         while request is None or not request.finished:
             advanced, finished = self.step()
             for r in advanced + finished:
@@ -334,13 +350,11 @@ class Engine:
             if request is None:
                 continue
             _raise_if_failed(request)
-            for token in request.output_token_ids[emitted:]:
+            tokens = request.output_token_ids
+            for token in tokens[emitted:]:
                 emitted += 1
-                full = self.tokenizer.decode(request.output_token_ids[:emitted])
-                if full.endswith("\ufffd") and not request.finished:
-                    full = text  # an incomplete UTF-8 sequence: wait for the bytes that complete it
-                yield StreamEvent(token, full[len(text) :])
-                text = full
+                last = request.finished and emitted == len(tokens)
+                yield StreamEvent(token, text.add(token, final=last))
 
     def score(self, token_ids: Sequence[int]) -> list[float]:
         """log p(t_i | t_<i) for i = 1..n-1 (perplexity is exp(-mean))."""

@@ -240,6 +240,10 @@ class ModelRunner:
         Logits are computed for those rows only, in one matmul. Greedy choices stay on the device, so a
         greedy decode step never waits for the host; seeded sampling runs on the host (one sync).
         """
+        return self._sample(batch, hidden)[0]
+
+    def _sample(self, batch: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(), and the logits of the sampling rows it chose from."""
         sampling = [i for i, c in enumerate(batch.chunks) if c.sample]
         if len(sampling) == hidden.shape[0]:  # every row samples (decode): no index tensor to upload
             rows = hidden
@@ -256,7 +260,7 @@ class ModelRunner:
             for row, c in chosen:
                 tokens[row] = sample_token(logits[row], c.sampling, c.num_generated)
             tokens = tokens.to(hidden.device)
-        return tokens
+        return tokens, logits
 
     @torch.inference_mode()
     def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
@@ -264,9 +268,11 @@ class ModelRunner:
         out = StepOutput(batch_id=batch.batch_id, sampled={})
         sampling = [c for c in batch.chunks if c.sample]
         if sampling:
-            tokens = self.sample(batch, hidden)
-            for c, token in zip(sampling, tokens.tolist()):
+            tokens, logits = self._sample(batch, hidden)
+            for row, (c, token) in enumerate(zip(sampling, tokens.tolist())):
                 out.sampled[c.request_id] = [token]
+                if c.sampling.logprobs is not None:
+                    out.logprobs[c.request_id] = [token_logprobs(logits[row], token, c.sampling.logprobs)]
         start = 0
         for c, end in zip(batch.chunks, batch.chunk_ends):
             if c.score_targets is not None or c.return_logits:
@@ -277,6 +283,13 @@ class ModelRunner:
                     out.scores[c.request_id] = score_targets(logits, c.score_targets)
             start = end
         return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under one row of logits (vocab,), and the `top` most likely (token, log p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
 
 
 def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:
