@@ -28,7 +28,7 @@ def finish_description(
 ) -> str:
     """Why a generation ended, the way llama.cpp's tools say it."""
     if reason == "length":
-        if prompt_tokens + generated >= n_ctx and generated < max_tokens:
+        if prompt_tokens + generated >= n_ctx:
             return f"length (context full at {n_ctx} tokens)"
         return f"length ({max_tokens} tokens asked)"
     if reason == "stop":

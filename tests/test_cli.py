@@ -69,7 +69,7 @@ def test_generated_control_bytes_are_escaped_on_the_terminal_only(cache):
 
 
 def test_generate_says_when_the_context_is_full(cache):
-    done = _mlapipe("generate", "--demo", "-p", "Hello", "-n", "100", "-c", "24", cache=cache)
+    done = _mlapipe("generate", "--demo", "-p", "Hello", "-c", "24", cache=cache)  # -n: what fits
     assert done.returncode == 0, done.stderr
     generated = 24 - len(_demo_tokenizer(cache).encode("Hello"))  # the prompt and its tokens fill n_ctx
     assert f"[{generated} tokens, finish: length (context full at 24 tokens);" in done.stderr, done.stderr

@@ -135,12 +135,12 @@ def test_cli_prints_running_values_and_final_estimate(demo):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-c", "1024"], "-c 1024 is larger than the engine's context (512"),
+        (["-c", "1024"], "n_ctx=1024 is above the model's maximum context of 512 tokens"),
         (
             ["-c", "64", "-f", "short"],
             "tokens; perplexity with -c 64 needs at least 128 (2 x n_ctx)",
         ),
-        (["-f", "/nonexistent/text.txt"], "cannot read /nonexistent/text.txt"),
+        (["-f", "/nonexistent/text.txt"], "/nonexistent/text.txt: no such file"),
     ],
 )
 def test_cli_bad_input_is_one_line(demo, args, message, tmp_path, monkeypatch, capsys):
