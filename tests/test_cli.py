@@ -105,10 +105,12 @@ def test_demo_for_inspect_and_bench(cache, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith(f"model: {next(cache.glob('*.gguf'))}\n")
     assert main(["bench", "--demo", "-p", "8", "-n", "4", "-r", "1", "--devices", "cpu"]) == 0
     out, err = capsys.readouterr()
-    lines = out.splitlines()
-    assert lines[0].startswith("|") and "model" in lines[0] and len(lines) == 4  # header, rule, pp8, tg4
-    assert "[" not in out and "'" not in out  # no raw Python lists
-    assert err.count("bench: pipeline 1") == 2  # progress goes to stderr
+    table = out.split("\n\n")[0].splitlines()  # the table first, then the memory report
+    assert table[0].startswith("|") and "model" in table[0] and len(table) == 4  # header, rule, pp8, tg4
+    assert all(line.startswith("|") for line in table)
+    assert out.split("\n\n")[1].startswith("memory of ")
+    assert "['" not in out  # no raw Python lists
+    assert err.count("bench: wtype file pipeline 1") == 2  # progress goes to stderr
 
 
 def test_seeded_sampling_is_reproducible(cache):
