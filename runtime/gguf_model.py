@@ -151,6 +151,16 @@ class GGUFModel:
         return self._data[name].reshape(*rows_shape, row_bytes), int(info.qtype), info.shape
 
     # loading --------------------------------------------------------------------------------------
+    def load_blocks(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """read_blocks' bytes copied straight from the mapping to `device` (a tensor of its own)."""
+        blocks, _, _ = self.read_blocks(name)
+        on_device = torch.from_numpy(blocks).to(device)
+        if on_device.device.type == "cpu":
+            on_device = on_device.clone()  # own memory, not the file's pages
+        if self.on_bytes_read is not None:
+            self.on_bytes_read(self.file_tensors[name].num_bytes)
+        return on_device
+
     def load(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """One tensor of ours, as `dtype` on `device` (a tensor of its own, never a view of the file)."""
         info = self.tensors[name] if name in self.tensors else self.file_tensors[name]

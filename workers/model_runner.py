@@ -15,10 +15,13 @@ import torch
 from mlapipe.kernels.host import upload
 from mlapipe.kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
 from mlapipe.kernels.norm_rope import rope_cos_sin, yarn_inv_freq
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.weight_storage import storage_forms
 from mlapipe.workers.attention import AttentionMetadata, build_group
 from mlapipe.workers.cuda_graphs import DecodeGraphs
 from mlapipe.workers.kv_cache import allocate_latent_cache, slot_mapping
@@ -27,72 +30,84 @@ from mlapipe.workers.sampler import sample_token
 
 ATTENTION_MODES = ("auto", "absorbed", "naive")
 MAX_GRAPH_BATCH = 256  # decode steps of up to this many sequences replay a CUDA graph
-FP32_WEIGHTS = ("moe.router", "moe.router_bias")  # routing is a discrete choice: keep it exact
 
 
 def load_shard_weights(
-    model: GGUFModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Reads only this shard's tensors from the file (plus embedding / head where the shard has them)."""
+    model: GGUFModel | RandomModel,
+    first_layer: int,
+    end_layer: int,
+    device,
+    dtype: torch.dtype,
+    dequantize: bool = False,
+) -> dict:
+    """Reads only this shard's tensors from the file (plus embedding / head where the shard has them),
+    each in its device form (runtime/weight_storage.py): block bytes as a QuantTensor, read straight
+    from the file to the device; decoded to `dtype`; or fp32. `dequantize` decodes every tensor."""
+    forms = storage_forms(model.tensors, dequantize)
+    names = shard_tensor_names(model, first_layer, end_layer)
     if isinstance(model, RandomModel):
-        return random_shard_weights(model, first_layer, end_layer, device, dtype)
-    cfg = model.config
-
-    def dtype_for(name: str, ndim: int) -> torch.dtype:
-        keep_fp32 = any(name.endswith(n) for n in FP32_WEIGHTS) or ndim == 1
-        return torch.float32 if keep_fp32 else dtype
-
-    weights: dict[str, torch.Tensor] = {}
-    if first_layer == 0:
-        weights["embed"] = model.load("embed", device, dtype_for("embed", 2))
+        weights = {name: random_weight(model, name, forms[name], device, dtype) for name in names}
+    else:
+        weights = {name: read_weight(model, name, forms[name], device, dtype) for name in names}
     for layer in range(first_layer, end_layer):
-        for name, tensor in model.load_layer(layer, device, dtype_for).items():
-            weights[f"layers.{layer}.{name}"] = tensor
+        weights |= mla_up_projections(model.config, weights, f"layers.{layer}.")
+    return weights
+
+
+def shard_tensor_names(model, first_layer: int, end_layer: int) -> list[str]:
+    """Our names of the shard's tensors, layer by layer (each layer's ffn_norm last)."""
+    cfg = model.config
+    names = ["embed"] if first_layer == 0 else []
+    for layer in range(first_layer, end_layer):
+        prefix = f"layers.{layer}."
+        own = [n for n in model.tensors if n.startswith(prefix)]
+        names += sorted(own, key=lambda n: n == prefix + "ffn_norm")
     if end_layer == cfg.num_layers:
-        weights["norm"] = model.load("norm", device, torch.float32)
-        weights["head"] = model.load("head", device, dtype_for("head", 2))
-    return weights
+        names += ["norm", "head"]
+    return names
 
 
-def random_shard_weights(
-    model: RandomModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Seeded random weights of the shard's tensors, made on the device (a 16B-parameter shape never
-    exists on the host). Scaled by 1/sqrt(fan-in) so activations and routing stay realistic."""
-    cfg = model.config
-    wanted = [n for n in model.tensors if not n.startswith("layers.")]
-    wanted = [
-        n
-        for n in wanted
-        if (n == "embed" and first_layer == 0) or (n != "embed" and end_layer == cfg.num_layers)
-    ]
-    wanted += [
-        n
-        for n in model.tensors
-        if n.startswith("layers.") and first_layer <= int(n.split(".")[1]) < end_layer
-    ]
-    weights = {}
-    for name in wanted:
-        shape = model.tensors[name].shape
-        keep_fp32 = len(shape) == 1 or any(name.endswith(n) for n in FP32_WEIGHTS)
-        # one generator per tensor, seeded by its name: the same weights whatever the stage split
-        generator = torch.Generator(device=device).manual_seed(
-            model.seed * 1_000_003 + zlib.crc32(name.encode())
-        )
-        t = torch.empty(shape, device=device, dtype=torch.float32 if keep_fp32 else dtype)
-        if name.endswith("router_bias"):
-            t.normal_(0.0, 0.01, generator=generator)
-        elif len(shape) == 1:
-            t.fill_(1.0)  # norm weights
-        else:
-            t.normal_(0.0, 1.0 if name == "embed" else shape[-1] ** -0.5, generator=generator)
-        weights[name] = t
+def read_weight(model: GGUFModel, name: str, form: str, device, dtype: torch.dtype):
+    """One tensor from the file to the device: its block bytes (QuantTensor), or decoded there."""
+    info = model.tensors[name]
+    if form != "quant":
+        return model.load(name, device, torch.float32 if form == "fp32" else dtype)
+    return QuantTensor(model.load_blocks(name, device), int(info.qtype), tuple(info.shape))
+
+
+def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch.dtype):
+    """A seeded random tensor made on the device (a 671B shape never exists on the host), scaled by
+    1/sqrt(fan-in) so activations and routing stay realistic; quantized tensors as valid random blocks
+    whose decoded values have that scale."""
+    info = model.tensors[name]
+    shape = info.shape
+    std = 1.0 if name == "embed" else shape[-1] ** -0.5
+    if form == "quant":  # seeded by name and model seed, like the generator below
+        return random_quant_tensor(shape, int(info.qtype), std, name, model.seed, device)
+    # one generator per tensor, seeded by its name: the same weights whatever the stage split
+    generator = torch.Generator(device=device).manual_seed(model.seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.empty(shape, device=device, dtype=torch.float32 if form == "fp32" else dtype)
+    if name.endswith("router_bias"):
+        t.normal_(0.0, 0.01, generator=generator)
+    elif len(shape) == 1:
+        t.fill_(1.0)  # norm weights
+    else:
+        t.normal_(0.0, std, generator=generator)
+    return t
+
+
+def mla_up_projections(cfg: ModelConfig, weights: dict, prefix: str) -> dict:
+    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded
+    (runtime/gguf_layouts.py); the loaded forms are removed."""
     H, N = cfg.num_heads, cfg.qk_nope_head_dim
-    for layer in range(first_layer, end_layer):
-        kv_b = weights.pop(f"layers.{layer}.attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
-        weights[f"layers.{layer}.attn.w_uk"] = kv_b[:, :N].contiguous()
-        weights[f"layers.{layer}.attn.w_uv"] = kv_b[:, N:].contiguous()
-    return weights
+    C = cfg.kv_lora_rank
+    if prefix + "attn.wkv_b" in weights:  # older and ik_llama.cpp files (ik's split copies are not loaded)
+        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, -1, C)
+        w_uk, w_uv = kv_b[:, :N], kv_b[:, N:]
+    else:  # mainline's 3-D (H, C, N) / (H, V, C), or ik's 2-D (H*C, N) / (H*V, C) without attn_kv_b
+        w_uk = weights.pop(prefix + "attn.wk_b").view(H, C, N).transpose(1, 2)
+        w_uv = weights.pop(prefix + "attn.wv_b").view(H, -1, C)
+    return {prefix + "attn.w_uk": w_uk.contiguous(), prefix + "attn.w_uv": w_uv.contiguous()}
 
 
 def open_model(model_path: str) -> GGUFModel | RandomModel:
@@ -110,6 +125,7 @@ class ModelRunner:
         amb_mib: float = 0.0,
         attention: str = "auto",
         decode_threshold: int = DEFAULT_DECODE_THRESHOLD,
+        dequantize: bool = False,  # decode every weight at load (the oracle of the quantized path)
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -118,8 +134,8 @@ class ModelRunner:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.attention_mode = attention
         self.decode_threshold = decode_threshold
-        weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype)
-        self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib)
+        weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype, dequantize)
+        self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib, self.dtype)
         cfg = self.cfg
         self.kv_cache: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
@@ -204,6 +220,10 @@ class ModelRunner:
         Logits are computed for those rows only, in one matmul. Greedy choices stay on the device, so a
         greedy decode step never waits for the host; seeded sampling runs on the host (one sync).
         """
+        return self._sample(batch, hidden)[0]
+
+    def _sample(self, batch: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(), and the logits of the sampling rows it chose from."""
         sampling = [i for i, c in enumerate(batch.chunks) if c.sample]
         if len(sampling) == hidden.shape[0]:  # every row samples (decode): no index tensor to upload
             rows = hidden
@@ -220,7 +240,7 @@ class ModelRunner:
             for row, c in chosen:
                 tokens[row] = sample_token(logits[row], c.sampling, c.num_generated)
             tokens = tokens.to(hidden.device)
-        return tokens
+        return tokens, logits
 
     @torch.inference_mode()
     def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
@@ -228,9 +248,11 @@ class ModelRunner:
         out = StepOutput(batch_id=batch.batch_id, sampled={})
         sampling = [c for c in batch.chunks if c.sample]
         if sampling:
-            tokens = self.sample(batch, hidden)
-            for c, token in zip(sampling, tokens.tolist()):
+            tokens, logits = self._sample(batch, hidden)
+            for row, (c, token) in enumerate(zip(sampling, tokens.tolist())):
                 out.sampled[c.request_id] = [token]
+                if c.sampling.logprobs is not None:
+                    out.logprobs[c.request_id] = [token_logprobs(logits[row], token, c.sampling.logprobs)]
         start = 0
         for c, end in zip(batch.chunks, batch.chunk_ends):
             if c.score_targets is not None or c.return_logits:
@@ -241,6 +263,13 @@ class ModelRunner:
                     out.scores[c.request_id] = score_targets(logits, c.score_targets)
             start = end
         return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under one row of logits (vocab,), and the `top` most likely (token, log p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
 
 
 def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:
