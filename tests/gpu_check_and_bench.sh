@@ -17,7 +17,9 @@ if [[ $what == tests || $what == all || $what == tests+profile ]]; then
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/gpu_tests.log"
 fi
 if [[ $what == load ]]; then  # a 16.8 GB V2-Lite Q8_0 file in ik's layout: load time, then mlapipe bench -m
-  python3 tests/gpu_load_bench.py --out /tmp/v2lite-q8_0-ik.gguf --bench 2>&1 | tee "$out/load_bench.log"
+  f=/tmp/v2lite-q8_0-ik.gguf
+  python3 tests/gpu_load_bench.py --out $f --keep 2>&1 | tee "$out/load_bench.log"
+  python3 tests/gpu_load_bench.py --out $f --reuse --dequantize --bench 2>&1 | tee -a "$out/load_bench.log"
 fi
 if [[ $what == single || $what == all || $what == benches ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 | tee "$out/bench_single.log"

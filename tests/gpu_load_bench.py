@@ -2,7 +2,7 @@
 real tensor names and metadata), written with random valid blocks, then loaded onto one device the way
 the engine loads it (workers/model_runner.py load_shard_weights), and optionally `mlapipe bench -m`.
 
-    python3 tests/gpu_load_bench.py --out /tmp/v2lite-q8_0-ik.gguf [--bench] [--cold] [--keep]
+    python3 tests/gpu_load_bench.py --out /tmp/v2lite-q8_0-ik.gguf [--bench] [--cold] [--dequantize] [--keep]
     python3 tests/gpu_load_bench.py --shape tiny --device cpu --out /tmp/t.gguf   # CI-sized check
 
 The file is written straight to disk a tensor at a time from a small repeated block pattern (a few
@@ -29,6 +29,8 @@ import gguf
 import numpy as np
 import torch
 
+from mlapipe.kernels.quant.reference import dequantize_rows
+from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.runtime.gguf_layouts import FORMS, gguf_name, model_shapes
 from mlapipe.runtime.gguf_model import GGUFModel
@@ -183,7 +185,7 @@ class _HostMemory:
         self._sample()
 
 
-def time_load(path: str, device: str) -> dict:
+def time_load(path: str, device: str, dequantize: bool = False) -> dict:
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     before = _HostMemory()
@@ -192,12 +194,20 @@ def time_load(path: str, device: str) -> dict:
         start = time.perf_counter()
         model = GGUFModel(path)
         opened = time.perf_counter()
-        weights = load_shard_weights(model, 0, model.config.num_layers, dev, dtype)
+        weights = load_shard_weights(model, 0, model.config.num_layers, dev, dtype, dequantize=dequantize)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         done = time.perf_counter()
-    finite = all(bool(torch.isfinite(w).all()) for w in weights.values())
-    on_device = sum(w.numel() * w.element_size() for w in weights.values())
+    blocks = {n: w for n, w in weights.items() if isinstance(w, QuantTensor)}
+    dense = {n: w for n, w in weights.items() if n not in blocks}
+    finite = all(bool(torch.isfinite(w).all()) for w in dense.values())
+    for w in blocks.values():  # one row of each block tensor decoded
+        finite &= bool(
+            torch.isfinite(dequantize_rows(w.data.reshape(-1, w.data.shape[-1])[:1], w.qtype)).all()
+        )
+    on_device = sum(w.nbytes for w in blocks.values()) + sum(
+        w.numel() * w.element_size() for w in dense.values()
+    )
     return {
         "layout": model.mla_layout,
         "file bytes": model.load_bytes,
@@ -207,6 +217,8 @@ def time_load(path: str, device: str) -> dict:
         "peak RssAnon": memory.peak["RssAnon"] - before.peak["RssAnon"],
         "peak RssFile": memory.peak["RssFile"],
         "bytes on device": on_device,
+        "block tensors": len(blocks),
+        "dense tensors": len(dense),
         "all finite": finite,
     }
 
@@ -222,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--reuse", action="store_true", help="keep an existing file at --out")
     p.add_argument("--cold", action="store_true", help="drop the page cache before loading (root)")
+    p.add_argument(
+        "--dequantize", action="store_true", help="load every weight decoded (bf16), not in blocks"
+    )
     p.add_argument("--bench", action="store_true", help="then run mlapipe bench -m on the file")
     p.add_argument("--keep", action="store_true", help="keep the file afterwards")
     args = p.parse_args(argv)
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-    result = time_load(args.out, args.device)
+    result = time_load(args.out, args.device, args.dequantize)
     cache = "cold" if args.cold else "warm (just written)"
     rows += [
         ("layout", result["layout"]),
@@ -250,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
         ),
         ("page cache", cache),
+        ("weights", "decoded to bf16/f32" if args.dequantize else "kept in blocks where a kernel reads them"),
         ("tensor bytes in file", f"{result['file bytes'] / 1e9:.3f} GB"),
         ("open (metadata + index)", f"{result['open s']:.2f} s"),
         ("load to device", f"{result['load s']:.2f} s = {result['GB/s']:.2f} GB/s (file bytes / time)"),
         ("weights on device", f"{result['bytes on device'] / 1e9:.2f} GB"),
+        ("tensors in blocks / dense", f"{result['block tensors']} / {result['dense tensors']}"),
         ("peak host RssAnon (own)", f"{result['peak RssAnon'] / 2**20:.0f} MiB"),
         ("peak host RssFile (mmap)", f"{result['peak RssFile'] / 2**20:.0f} MiB"),
         ("all values finite", str(result["all finite"])),

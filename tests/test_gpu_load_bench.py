@@ -20,6 +20,22 @@ def test_load_bench_writes_a_valid_file_and_times_loading_it(tmp_path, capsys):
         "all values finite          True",
     ):
         assert row in table, table
+    assert "tensors in blocks / dense" in table and not table.split("tensors in blocks / dense")[
+        1
+    ].startswith("  0 /")
+    # the same file again, every weight decoded
+    assert (
+        gpu_load_bench.main(
+            ["--shape", "tiny", "--device", "cpu", "--out", path, "--reuse", "--keep", "--dequantize"]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert (
+        "decoded to bf16/f32" in table
+        and "all values finite          True" in table
+        and "write " not in table
+    )
     model = GGUFModel(path)
     assert model.mla_layout == "ik" and model.type_summary()["Q8_0"][0] > 0
     assert (
