@@ -25,6 +25,7 @@ from mlapipe.runtime.metrics import EngineMetrics
 from mlapipe.runtime.planner import (
     DEFAULT_KV_MEMORY_FRACTION,
     check_fits,
+    has_quantized_experts,
     layer_weight_bytes,
     plan_for_model,
     plan_kv_from_memory,
@@ -140,6 +141,7 @@ class Engine:
             if sized_from_memory:
                 dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
                 layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+                options["quantized_experts"] = has_quantized_experts(self.model, dequantize)
                 self.plan = plan_kv_from_memory(
                     self.config,
                     layers,
