@@ -232,3 +232,22 @@ def test_a_file_written_in_the_recipe_loads_like_the_random_recipe_model(tmp_pat
     with Engine(path, block_size=16) as engine:
         scores = engine.score(list(range(5, 30)))
     assert np.isfinite(scores).all() and np.std(scores) > 0
+
+
+def test_the_block_manager_is_sized_from_the_memory_fraction():
+    """The cache is what the weights and compute buffer leave of the fraction, in whole blocks; the
+    scheduler's blocks and the stage's allocation follow it."""
+    mib = 2**20
+    with Engine(
+        SPEC, devices="cpu", block_size=16, n_ctx=256, kv_memory_fraction=0.5, device_memory=64 * mib
+    ) as engine:
+        plan = engine.plan
+        (stage,) = plan.stages
+        per_token = engine.config.latent_dim * 4 * 4  # fp32 latent rows on CPU, 4 layers
+        left = 32 * mib - stage.weight_bytes - stage.compute_bytes
+        assert plan.num_kv_tokens == left // per_token // 16 * 16 > 4 * 256  # more than the fixed 4 x n_ctx
+        assert engine.blocks.num_blocks * 16 == plan.num_kv_tokens
+        kv = engine.executor.runner.kv_cache
+        assert kv.shape[:3] == (4, engine.blocks.num_blocks, 16)
+    with pytest.raises(ValueError, match="does not fit on cpu"):
+        Engine(SPEC, devices="cpu", kv_memory_fraction=0.9, device_memory=4 * mib)
