@@ -77,7 +77,19 @@ def _add_engine_options(p) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
     )
 
 
@@ -109,6 +121,8 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters

@@ -41,4 +41,7 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
+        """Frees the model's device memory now: the caller may build another engine next."""
         self._done.clear()
+        self.runner = None
+        self.stage.shutdown()
