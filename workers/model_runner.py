@@ -259,6 +259,9 @@ def free_cached_memory(device) -> None:
     pinned host blocks. Other processes (the next engine's stage actors) see the memory free after."""
     import gc
 
+    from mlapipe.kernels.quant.tables import release_device_tables
+
+    release_device_tables()  # module-level: shared by every runner of the process, remade on use
     gc.collect()  # reference cycles (modules, graphs) holding tensors
     if torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
         return
