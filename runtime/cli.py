@@ -1,9 +1,12 @@
-"""mlapipe command line: generate | batch | bench | inspect."""
+"""mlapipe command line: generate | batch | bench | perplexity | inspect."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import signal
 import sys
 
 from mlapipe.runtime import bench
@@ -16,11 +19,13 @@ def _add_generate(sub) -> None:
     src.add_argument(
         "--demo", action="store_true", help="a tiny random DeepSeek-V3-style model, built on first use"
     )
-    p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--max-tokens", type=int, default=64)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("-p", "--prompt", required=True, type=_utf8_text)
+    p.add_argument(
+        "-n", "--max-tokens", type=_int_at_least(1), default=None, help="tokens to generate (default 64)"
+    )
+    p.add_argument("--temp", type=_finite_float, default=0.0)
+    p.add_argument("--top-k", type=_int_at_least(0), default=0)
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_engine_options(p)
@@ -29,44 +34,86 @@ def _add_generate(sub) -> None:
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
     p.add_argument("-m", "--model", required=True)
-    p.add_argument("--pipeline", type=int, default=None, help="also print the memory plan of N stages")
+    p.add_argument(
+        "--pipeline", type=_int_at_least(1), default=None, help="also print the memory plan of N stages"
+    )
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=int, default=512, help="tokens per micro-batch")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--ubatch", type=_int_at_least(1), default=512, help="tokens per micro-batch")
+    p.add_argument("-c", "--ctx-size", type=_int_at_least(2), default=None, help="context length (n_ctx)")
     p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
 
 
 def _add_batch(sub) -> None:
     p = sub.add_parser("batch", help="run prompts from a JSONL file, writing each result as it finishes")
-    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt": text or token ids, ...}')
-    p.add_argument("--output", required=True, help="JSONL results; re-running skips ids already in it")
+    p.add_argument(
+        "--input", required=True, type=_existing_file, help='JSONL: {"id", "prompt": text or token ids, ...}'
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        type=_output_file,
+        help="JSONL results; re-running skips ids already in it",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
-    p.add_argument("-n", "--max-tokens", type=int, default=64, help="default max tokens per request")
-    p.add_argument("--temp", type=float, default=0.0, help="default temperature")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "-n", "--max-tokens", type=_int_at_least(1), default=64, help="default max tokens per request"
+    )
+    p.add_argument("--temp", type=_finite_float, default=0.0, help="default temperature")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0)
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_engine_options(p)
 
 
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity over a text file, as llama-perplexity computes it",
+        description="Cuts the tokenized text into chunks of -c tokens (BOS first), scores the second half "
+        "of each and prints the running estimate [i]ppl and the final PPL +/- its standard error.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument(
+        "-f", "--file", required=True, type=_existing_file, help="text file (e.g. wikitext-2's wiki.test.raw)"
+    )
+    p.add_argument(
+        "--chunks", type=_int_at_least(1), default=None, help="evaluate at most N chunks (default: all)"
+    )
+    _add_engine_options(p)
+    p.set_defaults(ctx_size=512)  # -c: the chunk length, and the engine's n_ctx
+
+
 def _add_engine_options(p) -> None:
     """Options passed to Engine only when given, so the engine's own defaults apply otherwise."""
-    p.add_argument("--pipeline", type=int, default=None, help="pipeline stages")
+    p.add_argument("--pipeline", type=_int_at_least(1), default=None, help="pipeline stages")
     p.add_argument(
         "--amb", type=_amb_values, default=None, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=int, default=None, help="tokens per micro-batch")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--ubatch", type=_int_at_least(1), default=None, help="tokens per micro-batch")
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=_int_at_least(2),
+        default=None,
+        help="context length (n_ctx; default 4096 or the model's maximum if smaller)",
+    )
     p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
-    p.add_argument("--transport", default=None, help="nccl | gloo | grpc (default: the fastest available)")
+    p.add_argument(
+        "--transport",
+        default=None,
+        choices=["nccl", "gloo", "grpc"],
+        help="default: nccl on GPUs, gloo on CPU",
+    )
     p.add_argument(
         "--decode-steps",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="decode tokens per driver round trip (default 16; 1 streams every token as it comes)",
     )
@@ -75,7 +122,7 @@ def _add_engine_options(p) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=None,
         help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
     )
@@ -93,16 +140,91 @@ def _add_engine_options(p) -> None:
     )
 
 
+# argument types: each refuses what the engine cannot use, so argparse names the flag ------------------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free one), got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
+        values = [_finite_float(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def _amb_values(text: str) -> float | list[float]:
-    values = _float_list(text)
+    try:
+        values = [_finite_float(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected MiB values separated by commas, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"attention max batch is MiB >= 0 (0: unlimited), got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+def _utf8_text(text: str) -> str:
+    # Python decodes argv with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at position {e.start})"
+        ) from None
+    return text
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    return path
+
+
+def _output_file(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path}: not writable")
+    return path
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr (exit 2), pointing at --help, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"mlapipe: error: {message} (see {self.prog} --help)\n")
 
 
 def engine_options(args) -> dict:
@@ -140,19 +262,65 @@ def cmd_generate(args) -> int:
     from mlapipe.runtime.tiny_models import demo_model_path
 
     path = demo_model_path() if args.demo else args.model
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
+    SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )  # before loading
     with Engine(path, **engine_options(args)) as engine:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        room = engine.n_ctx - len(engine.tokenizer.encode(prompt))
+        if args.max_tokens is not None and args.max_tokens > room:
+            raise ValueError(
+                f"-n {args.max_tokens} does not fit: the prompt takes {engine.n_ctx - room} of the "
+                f"{engine.n_ctx}-token context, so at most {max(room, 0)} tokens can follow "
+                f"(lower -n, or raise -c up to the model's {engine.config.context_length})"
+            )
+        params = SamplingParams(
+            max_tokens=args.max_tokens or max(1, min(64, room)),
+            temperature=args.temp,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         print(prompt, end="", flush=True)
         count = 0
         for event in engine.stream(prompt, params):
             print(event.text, end="", flush=True)
             count += 1
         print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.perplexity import perplexity
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.file}: {e}") from None
+    path = demo_model_path() if args.demo else args.model
+    with Engine(path, **engine_options(args)) as engine:
+        result = perplexity(
+            engine,
+            text,
+            args.ctx_size,
+            args.chunks,
+            on_chunk=lambda i, ppl: print(f"[{i}]{ppl:.4f},", end="", flush=True),
+            on_start=lambda tokens, chunks: print(
+                f"perplexity: {path}: {tokens} tokens, {chunks} chunks of n_ctx={args.ctx_size}, "
+                "scoring the second half of each",
+                file=sys.stderr,
+            ),
+        )
+    print()
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.uncertainty:.5f}")
+    print(
+        f"[{result.num_chunks} chunks of {args.ctx_size} tokens, {result.num_scored} scored]", file=sys.stderr
+    )
     return 0
 
 
@@ -215,31 +383,43 @@ def cmd_batch(args) -> int:
         print(f"[all {len(items)} requests already done; {args.output}]", file=sys.stderr)
         return 0
     path = demo_model_path() if args.demo else args.model
+    previous = signal.signal(signal.SIGTERM, _terminate)  # kill (SIGTERM) stops as Ctrl-C does
     try:
         with Engine(path, **engine_options(args)) as engine:
+            signal.signal(signal.SIGTERM, _terminate)  # again: ray.init installs its own handler
             summary = run_batch(engine, items, args.output, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill does not cut the message short
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(
-            f"mlapipe: interrupted; results finished so far are in {args.output}; "
+            f"mlapipe: {what}; results finished so far are in {args.output}; "
             "re-run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(
-        f"[{summary.written} written, {summary.skipped} already done, {len(summary.failed)} failed; "
-        f"{args.output}]",
+        f"[{summary.written} written, {summary.skipped} already done, "
+        f"{len(summary.refused)} refused, {len(summary.failed)} failed; {args.output}]",
         file=sys.stderr,
     )
-    if summary.failed:
+    if summary.failed or summary.refused:
         print(f"mlapipe: error: {describe_failures(summary)}", file=sys.stderr)
         return 1
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so both stop a batch the same way."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files"
-    )
+    parser = _OneLineParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -251,23 +431,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_inspect(sub)
+    _add_perplexity(sub)
     bench.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from mlapipe.runtime.engine import PromptError
+    from mlapipe.runtime.errors import ClusterUnreachable
     from mlapipe.runtime.gguf_model import ModelFileError
     from mlapipe.runtime.tokenizer import TokenizerError
 
     try:
         commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}
+        commands["perplexity"] = cmd_perplexity
         return commands[args.command](args)
-    except (ModelFileError, PromptError, TokenizerError, ValueError) as e:
-        print(f"mlapipe: error: {e}", file=sys.stderr)
+    except (ModelFileError, PromptError, TokenizerError, ClusterUnreachable, ValueError) as e:
+        print(f"mlapipe: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
 from mlapipe.runtime.errors import StageFailed
@@ -85,12 +87,31 @@ class Engine:
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
     ):
         self._closed = False
+        check_engine_args(
+            pipeline=pipeline,
+            amb=amb,
+            ubatch=ubatch,
+            n_ctx=n_ctx,
+            block_size=block_size,
+            kv_blocks=kv_blocks,
+            max_seqs_per_batch=max_seqs_per_batch,
+            decode_steps=decode_steps,
+            deadline_s=deadline_s,
+            metrics_port=metrics_port,
+            transport=transport,
+            devices=devices,
+        )
         tls = _tls_files(transport_tls, transport)
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
         self.tokenizer = None if random_weights else GGUFTokenizer(self.model.metadata)
-        self.n_ctx = min(n_ctx or 4096, self.config.context_length)
+        if n_ctx is not None and n_ctx > self.config.context_length:
+            raise ValueError(
+                f"n_ctx={n_ctx} is above the model's maximum context of {self.config.context_length} tokens "
+                f"({self.model.path}: context_length)"
+            )
+        self.n_ctx = n_ctx or min(4096, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
         self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
         if self.blocks.num_blocks < blocks_per_seq:
@@ -140,6 +161,7 @@ class Engine:
         )
         self._ids = itertools.count()
         self._failure: str | None = None
+        self._in_process = not hasattr(self.executor, "actors")  # LocalExecutor: stage errors raise here
         self.metrics = EngineMetrics(self.scheduler, self.blocks, self.executor)
         if metrics_port is not None:
             try:
@@ -155,8 +177,8 @@ class Engine:
         from mlapipe.runtime.planner import check_fits, plan_for_model
 
         transport = transport or ("nccl" if device == "cuda" else "gloo")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if transport == "nccl" and device != "cuda":
+            raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
         element_size = 2 if device == "cuda" else 4
         plan = plan_for_model(
             self.model,
@@ -200,7 +222,7 @@ class Engine:
             raise RequestFailed(
                 f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
             )
-        token_ids = self._prompt_ids(prompt)
+        token_ids = self._prompt_ids(prompt, score_only)
         request = Request(f"req-{next(self._ids)}", token_ids, params or SamplingParams(), score_only)
         self.scheduler.add(request)
         self.metrics.on_request_added(request)
@@ -211,14 +233,29 @@ class Engine:
         """Runs what can run now; returns (requests that got tokens, requests that finished)."""
         self._check_open()
         batches = self.scheduler.schedule_all()
-        if batches:
-            self.executor.submit(batches)
         advanced, finished = [], []
         try:
+            if batches:
+                self.executor.submit(batches)
             outputs = self.executor.collect()
         except StageFailed as failure:  # the pipeline is gone: nothing queued can run any more
             self._failure = str(failure)
             outputs, finished = [], self.scheduler.abort_all(self._failure)
+        except Exception as error:
+            if not self._in_process:
+                raise
+            # The in-process stage raised on these micro-batches: their requests fail, nothing else does,
+            # and the engine stays usable (their KV blocks are freed; no other state was touched).
+            reason = f"{type(error).__name__}: {error}"
+            log.warning("micro-batches %s failed: %s", [b.batch_id for b in batches], reason)
+            outputs = []
+            for batch in batches:
+                finished += self.scheduler.fail_batch(batch.batch_id, reason)
+        except BaseException:  # Ctrl-C inside an in-process step: the batch never finishes; forget it
+            if self._in_process:
+                for batch in batches:
+                    self.scheduler.fail_batch(batch.batch_id, "interrupted")
+            raise
         for output in outputs:
             got, done = self.scheduler.update(output)
             advanced += got
@@ -244,6 +281,8 @@ class Engine:
         while len(done) < len(ids):
             for request in self.step()[1]:
                 done[request.request_id] = request
+            if len(done) < len(ids) and not self.scheduler.has_unfinished and not self.scheduler.in_flight:
+                raise RuntimeError("the scheduler lost requests it was given")  # never spin
         return [self._output(done[i]) for i in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
@@ -298,16 +337,23 @@ class Engine:
         self.close()
 
     # helpers ------------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, prompt: Prompt, score_only: bool = False) -> list[int]:
         if isinstance(prompt, str) and self.tokenizer is None:
             raise PromptError(f"{self.model.path} has no tokenizer: give prompts as token ids")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            # Token ids are used as given: 2.5 (or True) is refused, never truncated to 2 (or 1).
+            bad_type = [t for t in prompt if isinstance(t, bool) or not isinstance(t, Integral)]
+            if bad_type:
+                raise PromptError(f"token ids must be integers, got {bad_type[0]!r}")
+            token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise PromptError("empty prompt")
         bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise PromptError(f"token ids {bad[:5]} outside the vocabulary (0..{self.config.vocab_size - 1})")
-        if len(token_ids) >= self.n_ctx:
+        if len(token_ids) > self.n_ctx - (0 if score_only else 1):  # generating needs room for a token
             raise PromptError(
                 f"prompt is {len(token_ids)} tokens, longer than the context allows: n_ctx={self.n_ctx} "
                 f"(the model supports up to {self.config.context_length}; raise n_ctx or shorten the prompt)"
@@ -333,6 +379,65 @@ def _tls_files(text: str | None, transport: str | None):
     if transport != "grpc":
         raise ValueError(f"transport_tls secures the grpc transport; transport is {transport or 'its default'}")
     return TlsFiles.parse(text)
+
+
+def check_engine_args(
+    *,
+    pipeline,
+    amb,
+    ubatch,
+    n_ctx,
+    block_size,
+    kv_blocks,
+    max_seqs_per_batch,
+    decode_steps,
+    deadline_s,
+    metrics_port,
+    transport,
+    devices,
+) -> None:
+    """Refuses engine settings out of range before anything is loaded (the CLI's argparse types check
+    the same ranges, so a user sees the flag's name; this names the keyword)."""
+
+    def integer(name, value, low, high=None, optional=False):
+        if optional and value is None:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, Integral)
+            or value < low
+            or (high and value > high)
+        ):
+            span = f"in [{low}, {high}]" if high else f"at least {low}"
+            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+
+    integer("pipeline", pipeline, 1)
+    integer("ubatch", ubatch, 1)
+    integer("n_ctx", n_ctx, 2, optional=True)
+    integer("block_size", block_size, 1)
+    integer("kv_blocks", kv_blocks, 1, optional=True)
+    integer("max_seqs_per_batch", max_seqs_per_batch, 1)
+    integer("decode_steps", decode_steps, 1)
+    integer("metrics_port", metrics_port, 0, 65535, optional=True)
+    ambs = [amb] if isinstance(amb, (int, float)) else list(amb)
+    if not ambs or any(
+        isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0 for a in ambs
+    ):
+        raise ValueError(
+            f"amb must be a finite number of MiB >= 0 (0: unlimited), or one per stage, got {amb!r}"
+        )
+    if len(ambs) > 1 and len(ambs) != pipeline:
+        raise ValueError(
+            f"amb has {len(ambs)} values for {pipeline} pipeline stages; give one or one per stage"
+        )
+    if not (isinstance(deadline_s, (int, float)) and math.isfinite(deadline_s) and deadline_s > 0):
+        raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+    if transport is not None and transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if devices is not None and devices not in ("cuda", "cpu"):
+        raise ValueError(f"devices must be 'cuda' or 'cpu', got {devices!r}")
+    if transport == "nccl" and (devices == "cpu" or (devices is None and _default_device() == "cpu")):
+        raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
 
 
 def _raise_if_failed(request: Request) -> None:

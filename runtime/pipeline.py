@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -27,8 +26,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.runtime.ray_local import ensure_ray
 
 log = logging.getLogger("mlapipe.pipeline")
+
+HEALTH_GROUP = "health"
+TRANSPORT_GROUP = "transport"
+PROBE_TIMEOUT_S = 5.0  # a live stage answers a health check in milliseconds, even mid-batch
 
 
 @dataclass
@@ -36,15 +40,6 @@ class StageSpec:
     first_layer: int
     end_layer: int
     amb_mib: float
-
-
-def ensure_ray(address: str | None) -> None:
-    """Joins the cluster at `address` (or RAY_ADDRESS), else starts a local one: the embedded default."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"address": address} if address else {}
-    ray.init(log_to_driver=False, configure_logging=False, **kwargs)
 
 
 class RayPipeline:
@@ -84,8 +79,10 @@ class RayPipeline:
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
         self._pg = placement_group([bundle] * len(stages), strategy=placement)
         ray.get(self._pg.ready(), timeout=deadline_s)
-        # "transport": expect() runs beside the run loop (max_concurrency=1 keeps batches in order)
-        actor_cls = ray.remote(concurrency_groups={"transport": 1})(StageWorker)
+        # Health checks run in a concurrency group of their own: a stage busy in (or stuck on) a
+        # micro-batch still answers them, so only a dead or stopped process fails one. expect() runs
+        # in another, beside the run loop (the default group, max_concurrency=1, keeps batches in order).
+        actor_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1, TRANSPORT_GROUP: 1})(StageWorker)
         self.actors = [
             actor_cls.options(
                 num_gpus=1 if use_gpu else 0,
@@ -157,7 +154,7 @@ class RayPipeline:
         stages interleave them step by step (see workers/stage.py)."""
         if self.transport == "grpc" and len(self.actors) > 1:  # what each stage's link will admit
             for actor in self.actors:
-                actor.expect.options(concurrency_group="transport").remote(batches)
+                actor.expect.options(concurrency_group=TRANSPORT_GROUP).remote(batches)
         if any(b.num_steps > 1 for b in batches):
             refs = [a.run_round.remote(batches) for a in self.actors]
             self._pending[batches[0].batch_id] = (refs, time.monotonic() + self.deadline_s)
@@ -189,7 +186,10 @@ class RayPipeline:
                 try:
                     result = ray.get(ref)
                 except Exception as e:  # Ray wraps the stage's exception, or reports the actor's death
-                    self._fail(stage, _short(e))
+                    # Another stage's death often surfaces first as this stage's transport error
+                    # (gloo: connection reset by the peer), so the stages are asked before blaming it.
+                    culprit = self._probe_stages()
+                    self._fail(*(culprit or (stage, _short(e))))
                 refs, _ = self._pending[batch_id]
                 refs[stage] = None  # resolved: never waited on again
                 if stage == len(refs) - 1:
@@ -200,21 +200,50 @@ class RayPipeline:
         return []
 
     def _fail_on_deadline(self) -> None:
-        stage = self._find_dead_stage()
-        reason = (
-            "the actor died"
-            if stage is not None
-            else f"no result within the {self.deadline_s:.0f} s deadline"
-        )
-        self._fail(stage if stage is not None else self._slowest_stage(), reason)
+        culprit = self._probe_stages()
+        if culprit is None:
+            culprit = (self._slowest_stage(), f"no result within the {self.deadline_s:.0f} s deadline")
+        self._fail(*culprit)
 
-    def _find_dead_stage(self) -> int | None:
-        for stage, actor in enumerate(self.actors):
+    def _probe_stages(self) -> tuple[int, str] | None:
+        """(stage, why) for the first stage that is dead, else the first that does not answer a health
+        check (stopped or hung), else None. All stages are asked at once."""
+        refs = [a.ping.options(concurrency_group=HEALTH_GROUP).remote() for a in self.actors]
+        # Within half the deadline (a deadline is a promise to fail that fast), at most 5 s.
+        timeout = min(PROBE_TIMEOUT_S, max(1.0, self.deadline_s / 2))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        dead, silent = [], []
+        for stage, ref in enumerate(refs):
+            if ref not in ready:
+                silent.append(stage)
+                continue
             try:
-                ray.get(actor.ping.remote(), timeout=5)
+                ray.get(ref, timeout=0)
             except Exception:
-                return stage
+                dead.append(stage)
+        for stage in dead:
+            return stage, f"the actor died ({self._process_state(stage) or 'its process exited'})"
+        for stage in silent:
+            state = self._process_state(stage) or "hung, or its node is unreachable"
+            return stage, f"the actor stopped responding ({state})"
         return None
+
+    def _process_state(self, stage: int) -> str | None:
+        """What the stage's process is doing, when it runs on this node (psutil can see it)."""
+        import psutil
+
+        info = self.devices[stage] if stage < len(getattr(self, "devices", [])) else {}
+        if not info.get("pid") or info.get("node_id") != ray.get_runtime_context().get_node_id():
+            return None
+        try:
+            status = psutil.Process(info["pid"]).status()
+        except psutil.NoSuchProcess:
+            return f"process {info['pid']} exited"
+        if status == psutil.STATUS_STOPPED:
+            return f"process {info['pid']} is stopped (SIGSTOP?)"
+        if status == psutil.STATUS_ZOMBIE:
+            return f"process {info['pid']} exited"
+        return f"process {info['pid']} is {status}"
 
     def _slowest_stage(self) -> int:
         """The first stage still working on the oldest batch in flight."""
