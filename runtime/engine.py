@@ -18,9 +18,17 @@ from dataclasses import dataclass
 from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
+from mlapipe.runtime.detokenizer import IncrementalDetokenizer
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.metrics import EngineMetrics
+from mlapipe.runtime.planner import (
+    DEFAULT_KV_MEMORY_FRACTION,
+    check_fits,
+    layer_weight_bytes,
+    plan_for_model,
+    plan_kv_from_memory,
+)
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.scheduler import Request, Scheduler
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
@@ -85,6 +93,8 @@ class Engine:
         metrics_host: str = "127.0.0.1",  # the metrics server's address ("0.0.0.0": every interface)
         transport_tls: str | None = None,  # "CERT,KEY,CA[,SERVER_NAME]": mutual TLS on gRPC links
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
+        kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
+        dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
     ):
         self._closed = False
         check_engine_args(
@@ -113,25 +123,66 @@ class Engine:
             )
         self.n_ctx = n_ctx or min(4096, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
-        self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
-        if self.blocks.num_blocks < blocks_per_seq:
+        if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or _default_device()
-        runner_options = {"attention": attention}
+        # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
+        # else (CPU: the test and oracle path) 4 sequences of n_ctx.
+        if kv_memory_fraction is None and kv_blocks is None and device == "cuda":
+            kv_memory_fraction = DEFAULT_KV_MEMORY_FRACTION
+        sized_from_memory = kv_memory_fraction is not None and kv_blocks is None
+        fixed_blocks = kv_blocks or 4 * blocks_per_seq
+        runner_options = {"attention": attention, "dequantize": dequantize_weights}
         self.plan = None
+        use_pipeline = use_ray or (use_ray is None and (pipeline > 1 or address))
+        num_stages = pipeline if use_pipeline else 1
+        element_size = 2 if device == "cuda" else 4
+        self._plan_options = dict(split=split, amb_mib=amb, ubatch=ubatch, n_ctx=self.n_ctx)
+        self._plan_options |= dict(element_size=element_size, kv_element_size=element_size)
+        self._plan_options["dequantize"] = dequantize_weights
+
+        def check_plan(device_infos: list[dict]) -> int:
+            """Plans the stages on the devices found (before any weight is read); returns KV blocks."""
+            options = dict(self._plan_options)
+            names = [d["device"] for d in device_infos]
+            if sized_from_memory:
+                dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
+                layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+                self.plan = plan_kv_from_memory(
+                    self.config,
+                    layers,
+                    embed,
+                    head,
+                    num_stages,
+                    total_bytes=[d["total_bytes"] for d in device_infos],
+                    free_bytes=[d["free_bytes"] for d in device_infos],
+                    device_names=names,
+                    kv_memory_fraction=kv_memory_fraction,
+                    block_size=block_size,
+                    element_size=element_size,
+                    **options,
+                )
+                return self.plan.num_kv_tokens // block_size
+            self.plan = plan_for_model(
+                self.model, num_stages, num_kv_tokens=fixed_blocks * block_size, **options
+            )
+            check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
+            return fixed_blocks
+
         loading = _loading_bar(self.model, progress)
-        if use_ray or (use_ray is None and (pipeline > 1 or address)):
+        if use_pipeline:
             self.executor = self._start_pipeline(
                 pipeline,
                 device,
-                amb,
                 ubatch,
                 transport,
                 address,
-                split,
                 deadline_s,
                 placement,
                 runner_options,
+                check_plan,
+                fixed_blocks,
+                block_size,
                 tls,
             )
         else:
@@ -140,13 +191,15 @@ class Engine:
             amb_mib = amb if isinstance(amb, (int, float)) else amb[0]
             self.executor = LocalExecutor(
                 self.model,
-                self.blocks.num_blocks,
+                fixed_blocks,
                 block_size,
                 self.n_ctx,
                 device=device,
                 amb_mib=amb_mib,
+                check_plan=check_plan,
                 **runner_options,
             )
+        self.blocks = BlockManager(self.executor.num_kv_blocks, block_size)
         loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
         loading.close()
         self.scheduler = Scheduler(
@@ -171,39 +224,38 @@ class Engine:
                 raise
 
     def _start_pipeline(
-        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options, tls
+        self,
+        num_stages,
+        device,
+        ubatch,
+        transport,
+        address,
+        deadline_s,
+        placement,
+        options,
+        check_plan,
+        num_kv_blocks,
+        block_size,
+        tls,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
-        from mlapipe.runtime.planner import check_fits, plan_for_model
 
         transport = transport or ("nccl" if device == "cuda" else "gloo")
         if transport == "nccl" and device != "cuda":
             raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
-        element_size = 2 if device == "cuda" else 4
-        plan = plan_for_model(
-            self.model,
-            num_stages,
-            split=split,
-            amb_mib=amb,
-            ubatch=ubatch,
-            n_ctx=self.n_ctx,
-            num_kv_tokens=self.blocks.num_blocks * self.blocks.block_size,
-            element_size=element_size,
-            kv_element_size=element_size,
+        # the layer split and amb per stage do not depend on the devices' memory: plan them now, and
+        # again with the devices' numbers once the stages report them (check_plan)
+        split_plan = plan_for_model(
+            self.model, num_stages, num_kv_tokens=num_kv_blocks * block_size, **self._plan_options
         )
-        self.plan = plan
-
-        def check_plan(device_infos):
-            check_fits(plan, [d["free_bytes"] for d in device_infos], [d["device"] for d in device_infos])
-
-        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in plan.stages]
+        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in split_plan.stages]
         return RayPipeline(
             self.model.path,
             stages,
             use_gpu=device == "cuda",
             transport=transport,
-            num_kv_blocks=self.blocks.num_blocks,
-            block_size=self.blocks.block_size,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
             max_seq_len=self.n_ctx,
             deadline_s=deadline_s,
             address=address,
@@ -270,6 +322,20 @@ class Engine:
             )
         return advanced, finished
 
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends an unfinished request and frees its KV blocks: now, or when the micro-batch it is in
+        comes back (the stages are still writing its blocks). Unknown or finished ids are ignored.
+        finish_reason: "abort" (its client went away) or "stop" (the caller found a stop string)."""
+        request = self.scheduler.abort(request_id, finish_reason)
+        if request is not None:  # ended now: step() will not report it
+            self.metrics.on_step([], [request], 0)
+            log.info("request %s aborted", request_id)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run requests any more (a pipeline stage failed), or None."""
+        return self._failure
+
     # conveniences -------------------------------------------------------------------------------
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
@@ -287,7 +353,8 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         request_id = self.add_request(prompt, params)
-        request, emitted, text = None, 0, ""
+        request, emitted = None, 0
+        text = IncrementalDetokenizer(self.tokenizer)
         while request is None or not request.finished:
             advanced, finished = self.step()
             for r in advanced + finished:
@@ -296,13 +363,11 @@ class Engine:
             if request is None:
                 continue
             _raise_if_failed(request)
-            for token in request.output_token_ids[emitted:]:
+            tokens = request.output_token_ids
+            for token in tokens[emitted:]:
                 emitted += 1
-                full = self.tokenizer.decode(request.output_token_ids[:emitted])
-                if full.endswith("\ufffd") and not request.finished:
-                    full = text  # an incomplete UTF-8 sequence: wait for the bytes that complete it
-                yield StreamEvent(token, full[len(text) :])
-                text = full
+                last = request.finished and emitted == len(tokens)
+                yield StreamEvent(token, text.add(token, final=last))
 
     def score(self, token_ids: Sequence[int]) -> list[float]:
         """log p(t_i | t_<i) for i = 1..n-1 (perplexity is exp(-mean))."""

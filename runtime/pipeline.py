@@ -55,7 +55,7 @@ class RayPipeline:
         max_seq_len: int | None = None,  # n_ctx: sizes the CUDA-graph decode buffers
         deadline_s: float = 120.0,
         address: str | None = None,
-        check_plan=None,  # callable(list of device infos) raising before any weight is loaded
+        check_plan=None,  # callable(list of device infos) -> KV blocks or None, raising before any weight is loaded
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
@@ -97,8 +97,9 @@ class RayPipeline:
         self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
         try:
             self.devices = self._get([a.init_device.remote(use_gpu) for a in self.actors])
-            if check_plan is not None:
-                check_plan(self.devices)
+            if check_plan is not None:  # a plan sized from the devices' memory picks the cache's size
+                num_kv_blocks = check_plan(self.devices) or num_kv_blocks
+            self.num_kv_blocks = num_kv_blocks
             options = runner_options or {}
             self._get(
                 [
