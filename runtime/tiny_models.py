@@ -187,9 +187,10 @@ def write_tiny_model(
     seed: int = 0,
     weight_type: str = "F32",
     layout: str = "kv_b",
+    pre: str = "deepseek-v3",  # tokenizer.ggml.pre: "deepseek-llm" for V2 / V2-Lite files
     **overrides: Any,
 ) -> str:
-    vocab = build_vocab()
+    vocab = build_vocab(pre=pre)
     cfg = tiny_config(kind, len(vocab.tokens), **overrides)
     return write_gguf(path, cfg, random_state_dict(cfg, seed), vocab, weight_type, layout)
 

@@ -1,0 +1,112 @@
+"""The GGUF block types we decode: one row per ggml type, like ggml's `type_traits[]`.
+
+A row names the type, its block geometry (values per block, bytes per block, both read from gguf's
+GGML_QUANT_SIZES), where its fp16 scales sit in a block, and its two decoders:
+- `decoder`: the Triton tile decoder in kernels/quant/decoders.py (one shared signature, see there),
+  which the shared kernels (dequantize, linear, fused MoE, embedding gather) take as a tl.constexpr;
+- `reference`: the pure-torch decoder in kernels/quant/reference.py, block bytes -> fp32 values,
+  bit-exact with gguf's numpy `gguf.quants.dequantize`.
+Both are looked up by name on first use, so this module imports neither torch nor triton: the driver
+(runtime/, planner and inspect) reads sizes from it without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QuantType:
+    code: int  # ggml type code (gguf.GGMLQuantizationType value)
+    name: str  # ggml's name: "Q4_K"
+    block_elems: int  # values per block (1 for the plain float types)
+    block_bytes: int  # bytes per block
+    # byte offsets inside a block of the fp16 scales: the multiplier "d" first, then "dmin" / "m" (the
+    # offset of types that subtract or add one); IQ1_M spreads its d over 4 nibbles (see random_blocks)
+    fp16_fields: tuple[int, ...]
+    has_table: bool  # reads a lookup table (IQ grids, signs, non-linear values): see tables.py
+    has_kernel: bool = True  # a Triton decoder exists
+
+    @property
+    def decoder(self):
+        """The Triton tile decoder (a triton.JITFunction): decoders.decode_<name>."""
+        module = importlib.import_module("mlapipe.kernels.quant.decoders")
+        return getattr(module, f"decode_{self.name.lower()}")
+
+    @property
+    def reference(self):
+        """The torch decoder: uint8 (nblocks, block_bytes) -> fp32 (nblocks, block_elems)."""
+        module = importlib.import_module("mlapipe.kernels.quant.reference")
+        return getattr(module, f"decode_{self.name.lower()}")
+
+
+def _row(name: str, fp16_fields: tuple[int, ...], has_table: bool = False) -> QuantType:
+    code = GGMLQuantizationType[name]
+    elems, nbytes = GGML_QUANT_SIZES[code]
+    return QuantType(int(code), name, elems, nbytes, fp16_fields, has_table)
+
+
+# In the order the kernels were written (most used by DeepSeek GGUFs first), then the rest gguf decodes.
+QUANT_TYPES: dict[int, QuantType] = {
+    row.code: row
+    for row in (
+        _row("Q8_0", (0,)),
+        _row("Q4_K", (0, 2)),
+        _row("Q6_K", (208,)),
+        _row("Q5_K", (0, 2)),
+        _row("Q2_K", (80, 82)),
+        _row("Q3_K", (108,)),
+        _row("Q4_0", (0,)),
+        _row("IQ4_XS", (0,), has_table=True),
+        _row("IQ2_XXS", (0,), has_table=True),
+        _row("IQ3_S", (0,), has_table=True),
+        _row("IQ1_S", (0,), has_table=True),
+        _row("Q4_1", (0, 2)),
+        _row("Q5_0", (0,)),
+        _row("Q5_1", (0, 2)),
+        _row("IQ4_NL", (0,), has_table=True),
+        _row("IQ2_XS", (0,), has_table=True),
+        _row("IQ2_S", (0,), has_table=True),
+        _row("IQ3_XXS", (0,), has_table=True),
+        _row("IQ1_M", (), has_table=True),
+        _row("BF16", ()),
+        _row("F16", ()),
+        _row("F32", ()),
+    )
+}
+
+
+def quant_type(qtype: int) -> QuantType:
+    """The table row of a ggml type code; a one-line error for a type we cannot decode."""
+    row = QUANT_TYPES.get(int(qtype))
+    if row is None:
+        try:
+            name = GGMLQuantizationType(int(qtype)).name
+        except ValueError:
+            name = f"code {int(qtype)}"
+        known = ", ".join(r.name for r in QUANT_TYPES.values())
+        raise ValueError(f"quant type {name} has no block decoder (decodable: {known})")
+    return row
+
+
+def has_kernel(qtype: int) -> bool:
+    """Whether the type has a Triton decoder (otherwise the loader keeps the tensor in bf16)."""
+    row = QUANT_TYPES.get(int(qtype))
+    return row is not None and row.has_kernel
+
+
+def row_bytes(qtype: int, cols: int) -> int:
+    """Bytes of one row of `cols` values (cols must be a whole number of blocks)."""
+    row = quant_type(qtype)
+    if cols % row.block_elems:
+        raise ValueError(f"{row.name} rows hold multiples of {row.block_elems} values, not {cols}")
+    return cols // row.block_elems * row.block_bytes
+
+
+def nbytes(qtype: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of logical torch-order shape (*lead, cols) stored as `qtype` blocks."""
+    return math.prod(shape[:-1]) * row_bytes(qtype, shape[-1])
