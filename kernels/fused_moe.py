@@ -310,14 +310,11 @@ def down_weighted(
     layout: MoeLayout,
     topk_weights: torch.Tensor,  # (T, K)
     tiles: MoeTiles | None,  # None: autotune
-    slot_out: torch.Tensor | None = None,  # (R, H) to write into (rows of the layout's tiles only)
 ) -> torch.Tensor:
     """GEMM 2: slot_out (R, H) = routing weight * down(act) of every real row, at its row id."""
     H, inter = w_down.shape[1], w_down.shape[2]
     num_tiles, block_m = layout.max_tiles, layout.block_m
-    if slot_out is None:
-        slot_out = torch.empty(layout.num_rows, H, dtype=act.dtype, device=act.device)
-    assert slot_out.shape == (layout.num_rows, H) and slot_out.dtype == act.dtype
+    slot_out = torch.empty(layout.num_rows, H, dtype=act.dtype, device=act.device)
     weights = topk_weights.float().contiguous()
     args = (
         act, w_down, slot_out, layout.sorted_row_ids, layout.tile_expert, weights, layout.num_rows, H, inter,

@@ -10,11 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from mlapipe.kernels import reference  # noqa: E402
-from mlapipe.kernels.quant.dispatch import dequantize, kernel_types, quant_type  # noqa: E402
+from mlapipe.kernels.quant.dispatch import dequantize, kernel_type, kernel_types  # noqa: E402
 from mlapipe.kernels.quant.linear import (  # noqa: E402
     SPLIT_MAX_TOKENS,
     LinearPlan,
@@ -24,18 +23,20 @@ from mlapipe.kernels.quant.linear import (  # noqa: E402
     plan_linear,
     quant_linear,
 )
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 from mlapipe.kernels.quant.tensor import QuantTensor  # noqa: E402
-from tests.quant_random import random_quant  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TYPES = [pytest.param(t, id=quant_type(t).name) for t in kernel_types()]
+FIRST_TYPES = [8, 12]  # Q8_0, Q4_K: every shape and dtype; the other types on one odd shape
+TYPES = [pytest.param(t, id=kernel_type(t).name) for t in FIRST_TYPES]
+OTHER_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in kernel_types() if t not in FIRST_TYPES]
 
 
 def weight(qtype: int, N: int, blocks: int, seed: int = 0) -> QuantTensor:
-    """(N, blocks * block_elems) random blocks on DEVICE, values about K^-0.5."""
-    K = blocks * quant_type(qtype).block_elems
-    w = random_quant(qtype, (N, K), np.random.default_rng(seed), K**-0.5)
-    return QuantTensor(w.data.to(DEVICE), w.qtype, w.shape)
+    """(N, blocks * block_elems) random valid blocks on DEVICE, values of std K^-0.5 (plain float types:
+    blocks of 32 values)."""
+    K = blocks * max(32, kernel_type(qtype).block_elems)
+    return random_quant_tensor((N, K), qtype, K**-0.5, "w", seed=seed, device=DEVICE)
 
 
 def assert_within_rounding(out: torch.Tensor, x: torch.Tensor, w: QuantTensor) -> None:
@@ -68,13 +69,20 @@ def test_linear_matches_reference(qtype, T, N, blocks, dtype):
     assert_within_rounding(quant_linear(x, w), x, w)
 
 
+@pytest.mark.parametrize("qtype", OTHER_TYPES)
+def test_linear_other_types(qtype):
+    w = weight(qtype, 33, 1)
+    x = torch.randn(3, w.shape[1], device=DEVICE)
+    assert_within_rounding(quant_linear(x, w), x, w)
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_both_launches_over_several_chunks(qtype):
     """A plan of 3 chunks, the last one short: the split launch's partials and sum, and the tiled launch's
     in-order chunk totals, both within rounding; and the tiled launch past SPLIT_MAX_TOKENS rows."""
-    kind = quant_type(qtype)
+    kind = kernel_type(qtype)
     w = weight(qtype, 37, 5)
-    plan = LinearPlan(kind.tile_k, 2 * kind.block_elems, 3)  # chunks of 2, 2 and 1 blocks
+    plan = LinearPlan(32, 2 * kind.block_elems, 3)  # chunks of 2, 2 and 1 blocks
     assert plan.chunk_k * (plan.num_chunks - 1) < w.shape[1] < plan.chunk_k * plan.num_chunks
     x = torch.randn(5, w.shape[1], device=DEVICE)
     assert_within_rounding(linear_split(x, w, plan), x, w)
@@ -94,16 +102,17 @@ def test_plan_is_fixed_by_the_weight_shape():
             assert column_blocks * plan.num_chunks >= 264 or plan.num_chunks == 1 and column_blocks >= 264
     assert plan_linear(7168, 16384, 32, 132).num_chunks == 3  # V3 o_proj: 112 column blocks
     assert plan_linear(129280, 7168, 32, 132).num_chunks == 1  # the output head fills the GPU alone
+    assert plan_linear(2048, 2048, 256, 132).chunk_k % 256 == 0  # K-quant chunks start on super-blocks
 
 
 def test_bad_input_names_the_problem():
-    w = weight(kernel_types()[0], 8, 2)
+    w = weight(8, 8, 2)
     with pytest.raises(ValueError, match="does not match"):
         quant_linear(torch.randn(2, w.shape[1] + 32, device=DEVICE), w)
     with pytest.raises(ValueError, match="QuantTensor"):
         quant_linear(torch.randn(2, 64, device=DEVICE), torch.randn(8, 64))
     bogus = QuantTensor(w.data, 999, w.shape)
-    with pytest.raises(ValueError, match="no quantized kernel for ggml type 999"):
+    with pytest.raises(ValueError, match="no block decoder"):
         quant_linear(torch.randn(2, w.shape[1], device=DEVICE), bogus)
 
 
@@ -122,7 +131,7 @@ GPU_SHAPES = [(7168, 2048), (2048, 1408), (3072, 2048), (7168, 16384)]  # (N, K)
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("N, K", GPU_SHAPES)
 def test_gpu_bf16_accuracy_determinism_invariance(qtype, N, K):
-    kind = quant_type(qtype)
+    kind = kernel_type(qtype)
     if K % kind.block_elems:
         pytest.skip(f"{kind.name} rows need a multiple of {kind.block_elems}")
     w = weight(qtype, N, K // kind.block_elems)

@@ -1,36 +1,33 @@
-"""What the shared quantized kernels need of a type: its Triton tile decoder, the smallest K tile it
-decodes, its lookup table on the device, its torch reference decoder; and the dtype tl.dot runs in."""
+"""What the shared quantized GEMMs need of a type (kernels/quant/types.py's row, its decoder and table),
+and the dtype their tl.dot runs in."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
-from mlapipe.kernels.quant import _q8_0_stub
+from mlapipe.kernels.quant import dequantize as _dequantize
+from mlapipe.kernels.quant import tables
+from mlapipe.kernels.quant.types import QUANT_TYPES, QuantType, quant_type
+
+MIN_TILE_K = 32  # the decoders' smallest BLOCK_K; the GEMMs' reduction dim is a multiple of it
 
 
-@dataclass(frozen=True)
-class KernelType:
-    name: str
-    block_elems: int
-    block_bytes: int
-    tile_k: int  # smallest K tile the decoder handles (BLOCK_K is a multiple of it)
-    decode: object  # @triton.jit (w_ptr, rows, row_bytes, k0, BLOCK_K, table_ptr) -> fp32 (rows, BLOCK_K)
-    dequantize: object  # torch: (uint8 (..., row_bytes), cols) -> fp32 (..., cols)
+def kernel_type(qtype: int) -> QuantType:
+    """The type's row, with a one-line error when it has no Triton decoder."""
+    row = quant_type(qtype)
+    if not row.has_kernel:
+        raise ValueError(f"quant type {row.name} has no Triton decoder for the quantized GEMMs")
+    return row
 
 
-def quant_type(qtype: int) -> KernelType:
-    entry = _q8_0_stub.TYPES.get(int(qtype))
-    if entry is None:
-        raise ValueError(f"no quantized kernel for ggml type {qtype}")
-    return KernelType(entry.name, entry.block_elems, entry.block_bytes, 32, entry.decode, entry.dequantize)
+def kernel_types() -> list[int]:
+    """ggml type codes the shared GEMMs can decode, in the table's order."""
+    return [code for code, row in QUANT_TYPES.items() if row.has_kernel]
 
 
 def table_of(qtype: int, device: torch.device) -> torch.Tensor:
-    """The type's decode table on device; a 1-byte dummy for types without one (never read)."""
-    return torch.zeros(1, dtype=torch.uint8, device=device)
+    return tables.device_table(qtype, device)
 
 
 def compute_dtype(activation_dtype: torch.dtype):
@@ -40,10 +37,10 @@ def compute_dtype(activation_dtype: torch.dtype):
 
 
 def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Torch reference decode of a QuantTensor to its logical shape."""
-    return quant_type(w.qtype).dequantize(w.data, w.shape[-1]).reshape(w.shape).to(dtype)
+    """Torch reference decode of a QuantTensor to its logical shape (bit-exact with gguf's numpy)."""
+    return _dequantize.dequantize_reference(w, dtype)
 
 
-def kernel_types() -> list[int]:
-    """ggml type codes the shared kernels can decode."""
-    return sorted(_q8_0_stub.TYPES)
+def dequantize_on_device(w, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The Triton whole-tensor dequantization (kernels/quant/dequantize.py)."""
+    return _dequantize.dequantize(w, dtype)

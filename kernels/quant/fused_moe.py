@@ -1,27 +1,32 @@
-"""Routed experts on GGUF blocks: kernels/fused_moe.py's two grouped GEMMs with the weight tiles decoded in
-registers, or, for prefill-sized batches, its bf16 kernels over experts dequantized into a bounded scratch.
+"""Routed experts on GGUF blocks: kernels/fused_moe.py's two grouped GEMMs with the expert weight tiles
+decoded in registers by the type's decoder (a tl.constexpr), the same ordering and slot sum.
 
 Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_gate_up (E, 2I, H)
 (gate rows [0, I), up rows [I, 2I): gate and up concatenated by rows in block bytes, so one type) and
-w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`.
+w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
+(stable by expert, tile-padded; tile_expert -1 = skip).
 
-1. `_gate_up_kernel`: program (tile, column block), BLOCK_M sorted rows x BLOCK_N intermediate columns;
-   decodes the tile's expert's gate and up rows (BLOCK_N, BLOCK_K) per step and runs two fp32 tl.dot
-   accumulators over all of H in increasing k; writes silu(gate) * up to act (P, I) at the sorted position.
-2. `_down_kernel`: act tile times the decoded w_down rows over all of I, times the routing weight in fp32,
-   to slot_out (R, H) at row r.
+1. `_gate_up_kernel`: program (tile, column block): BLOCK_N intermediate columns x BLOCK_M sorted rows.
+   Per BLOCK_K step it decodes the expert's gate and up rows (BLOCK_N, BLOCK_K) and multiplies them by the
+   rows' hidden states transposed (BLOCK_K, BLOCK_M): the weight tile is the dot's first operand, so on
+   Hopper wgmma reads it from the registers the decoder left it in, and the 64-row minimum of wgmma
+   falls on weight columns, not on the handful of token rows of a decode step. Two fp32 accumulators
+   over all of H in increasing k; silu(gate) * up goes to act (P, I) at the sorted position.
+2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
+   routing weight in fp32, to slot_out (R, H) at row r.
 3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32.
 
-The arithmetic is the bf16 kernel's, step for step: the decoded fp32 tile is rounded to the activations'
-dtype (bf16 on the GPU, as dequantize-on-load rounds it) and chained through tl.dot from a zero
-accumulator in increasing k, no split over the reduction dimension, no atomics. So the fused path gives
-the bits of `kernels.fused_moe.fused_moe` on the bf16-dequantized experts, as long as the matrix
-instructions accumulate the same way at every row tile (checked on an H200: kernels/NOTES-quant.md), and
-the scratch path (prefill) is exactly that computation: switching paths with T keeps batch invariance.
+Determinism and batch invariance as in the bf16 kernel: no atomics, no split over a reduction dim; each
+output element is one program's chain of tl.dot steps from a zero accumulator in increasing k, on
+decoded values rounded to the activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32
+with IEEE products for fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows
+per expert, never from T; that no tile choice changes the bits is checked on an H200 (GPU tests).
 
-Scratch path (`SCRATCH_MIN_ROWS_PER_EXPERT` and up): the layer's experts are dequantized to bf16 in groups
-of at most scratch_mib (the amb-like bound), each group's tiles run through the bf16 GEMMs (tiles of
-other experts say -1 for that group), all groups write one slot_out, then one slot sum.
+Scratch path (prefill-sized, from SCRATCH_MIN_ROWS_PER_EXPERT rows per expert): the experts are
+dequantized to the activations' dtype in groups of at most scratch_mib (the amb-like bound) and the same
+two kernels run over each group with a plain-bf16 decoder (tiles of other experts say -1 for that group;
+all groups write one act and one slot_out, then one slot sum). The decoder's values are the same
+rounded numbers, so the scratch path gives the fused path's bits: switching with T keeps invariance.
 
 Shared experts: when their type equals the routed stack's, the loader stacks them after the routed
 experts (ids E.., as kernels/moe_routing.py appends them) and they run in the same launch; a different
@@ -32,16 +37,21 @@ stack with every token routed to all of them at weight 1, and add the two output
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels import fused_moe as bf16_moe
 from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column
 from mlapipe.kernels.moe_routing import moe_align
-from mlapipe.kernels.quant.dispatch import compute_dtype, quant_type, table_of
+from mlapipe.kernels.quant.dispatch import (
+    compute_dtype,
+    dequantize_on_device,
+    kernel_type,
+    table_of,
+)
+from mlapipe.kernels.quant.linear import decoded_dot, reduction_block_k
 from mlapipe.kernels.quant.tensor import QuantTensor
 
 # Rows per expert (T*K/E) from which dequantizing to the bf16 scratch beats decoding in the GEMMs
@@ -75,6 +85,8 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
@@ -88,21 +100,28 @@ def _gate_up_kernel(
     cols = column * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter_size
     cols_read = tl.minimum(cols, inter_size - 1)  # past I: decode the last column, never stored
-    ks = tl.arange(0, BLOCK_K)
     w_expert = w_ptr + expert.to(tl.int64) * stride_w_e
-    at_ptrs = hidden_ptr + tokens[None, :] * stride_hidden_t + ks[:, None]  # (BLOCK_K, BLOCK_M)
+    at_ptrs = (
+        hidden_ptr + tokens[None, :] * stride_hidden_t + tl.arange(0, BLOCK_K)[:, None]
+    )  # (BLOCK_K, BLOCK_M)
     acc_gate = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(0, hidden_size, BLOCK_K):
-        at = tl.load(at_ptrs + k0, mask=row_ok[None, :], other=0.0).to(COMPUTE)
-        gate = DECODE(w_expert, cols_read, row_bytes, k0, BLOCK_K, table_ptr).to(COMPUTE)
-        up = DECODE(w_expert, cols_read + inter_size, row_bytes, k0, BLOCK_K, table_ptr).to(COMPUTE)
-        if IEEE:
-            acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
-            acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
-        else:
-            acc_gate = tl.dot(gate, at, acc_gate)
-            acc_up = tl.dot(up, at, acc_up)
+    # One step: STEP values from a pointer at the step's first block (as linear.decoded_dot, two tiles).
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
+    for k0 in range(0, hidden_size, STEP):
+        w_step = w_expert + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
+        for sub in tl.static_range(STEP // BLOCK_K):
+            at = tl.load(at_ptrs + (k0 + sub * BLOCK_K), mask=row_ok[None, :], other=0.0).to(COMPUTE)
+            gate = DECODE(w_step, cols_read, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
+            up = DECODE(w_step, cols_read + inter_size, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(
+                COMPUTE
+            )
+            if IEEE:
+                acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
+                acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
+            else:
+                acc_gate = tl.dot(gate, at, acc_gate)
+                acc_up = tl.dot(up, at, acc_up)
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # (BLOCK_N, BLOCK_M)
     act_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + cols[:, None]
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[:, None])
@@ -131,6 +150,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
@@ -143,17 +164,13 @@ def _down_kernel(
     cols = column * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden_size
     cols_read = tl.minimum(cols, hidden_size - 1)
-    ks = tl.arange(0, BLOCK_K)
     w_expert = w_ptr + expert.to(tl.int64) * stride_w_e
-    at_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + ks[:, None]  # (BLOCK_K, BLOCK_M)
+    at_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + tl.arange(0, BLOCK_K)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(0, inter_size, BLOCK_K):
-        at = tl.load(at_ptrs + k0).to(COMPUTE)
-        w = DECODE(w_expert, cols_read, row_bytes, k0, BLOCK_K, table_ptr).to(COMPUTE)
-        if IEEE:
-            acc = tl.dot(w, at, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, at, acc)
+    acc = decoded_dot(
+        acc, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, positions >= 0, 0, inter_size,
+        DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+    )  # fmt: skip
     routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
     out = acc * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
     out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
@@ -161,50 +178,25 @@ def _down_kernel(
 
 
 @triton.jit
-def _dequantize_rows_kernel(
-    w_ptr,  # (rows, row_bytes) uint8 blocks
-    table_ptr,
-    out_ptr,  # (rows, cols) out
-    num_rows,
-    cols,
-    row_bytes,
-    DECODE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_rows
-    rows_read = tl.minimum(rows, num_rows - 1)
-    ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, cols, BLOCK_K):
-        values = DECODE(w_ptr, rows_read, row_bytes, k0, BLOCK_K, table_ptr)
-        offsets = rows[:, None].to(tl.int64) * cols + k0 + ks[None, :]
-        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+def decode_bf16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    """The scratch's decoder: bf16 rows (row_bytes = 2 * cols) read as bf16 (wide loads) -> fp32."""
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.bfloat16))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
 
 
-def _block_k(cols: int, tile_k: int, largest: int = 64) -> int:
-    """Largest power-of-two multiple of the type's tile up to `largest` that divides the reduction dim."""
-    assert cols % tile_k == 0, f"{cols} columns are not a multiple of the type's {tile_k}-element tile"
-    block_k = tile_k
-    while block_k < largest and cols % (2 * block_k) == 0:
-        block_k *= 2
-    return block_k
+@triton.jit
+def decode_fp16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float16))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
 
 
-def dequantize_into(w: QuantTensor, out: torch.Tensor) -> torch.Tensor:
-    """Decode w (*lead, rows, cols) into out (same logical shape, any float dtype) on w's device."""
-    kind = quant_type(w.qtype)
-    cols = w.shape[-1]
-    rows = w.data.numel() // w.data.shape[-1]
-    assert out.shape == tuple(w.shape) and out.is_contiguous()
-    if rows == 0:
-        return out
-    block_n = 32 if _interpreted(w.device) else 64
-    _dequantize_rows_kernel[(triton.cdiv(rows, block_n),)](
-        w.data, table_of(w.qtype, w.device), out, rows, cols, w.data.shape[-1],
-        DECODE=kind.decode, BLOCK_N=block_n, BLOCK_K=_block_k(cols, kind.tile_k),
-    )  # fmt: skip
-    return out
+@triton.jit
+def decode_fp32_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float32))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :])
+
+
+_SCRATCH_DECODERS = {torch.float16: decode_fp16_scratch, torch.float32: decode_fp32_scratch}
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -218,7 +210,7 @@ def _fused_tiles(num_rows: int, num_experts: int, device: torch.device) -> tuple
         assert len(values) == 4, f"{CONFIG_ENV} wants 4 integers (block_m,block_n,warps,stages), got {text!r}"
         return values
     if _interpreted(device):
-        return 16, 32, 4, 1
+        return 16, 64, 4, 1
     rows_per_expert = num_rows / num_experts
     if rows_per_expert >= 96:
         return 128, 128, 8, 3
@@ -244,69 +236,78 @@ def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids) -> None:
         raise ValueError("quant_fused_moe: hidden must be contiguous along its last dim")
 
 
-def _fused_path(hidden, w_gate_up, w_down, topk_weights, topk_ids, slot_out) -> None:
-    T, H = hidden.shape
-    E, two_inter, _ = w_gate_up.shape
-    inter, K = two_inter // 2, topk_ids.shape[1]
-    block_m, block_n, warps, stages = _fused_tiles(T * K, E, hidden.device)
-    layout = moe_align(topk_ids.contiguous(), E, block_m)
+@dataclass(frozen=True)
+class ExpertBlocks:
+    """One expert stack as the GEMMs read it: bytes (E, rows, row_bytes), its decoder and table."""
+
+    data: torch.Tensor  # uint8 (E, rows, row_bytes)
+    decoder: object  # @triton.jit tile decoder
+    table: torch.Tensor
+    block_elems: int
+    block_bytes: int
+
+    @classmethod
+    def of(cls, w: QuantTensor) -> ExpertBlocks:
+        kind = kernel_type(w.qtype)
+        return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.block_bytes)
+
+
+def _run_gemms(hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles):
+    """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped)."""
+    H, inter, K = hidden.shape[1], act.shape[1], layout.num_rows // hidden.shape[0]
+    block_m, block_n, warps, stages = tiles
     compute = compute_dtype(hidden.dtype)
     common = dict(COMPUTE=compute, IEEE=compute == tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8)
     launch = dict(num_warps=warps, num_stages=stages)
-    gate_up_type, down_type = quant_type(w_gate_up.qtype), quant_type(w_down.qtype)
-    act = torch.empty(layout.max_tiles * block_m, inter, dtype=hidden.dtype, device=hidden.device)
+    largest_k = 256 if _interpreted(hidden.device) else 64  # the interpreter pays per call, not per value
     _gate_up_kernel[(layout.max_tiles * triton.cdiv(inter, block_n),)](
-        hidden, w_gate_up.data, table_of(w_gate_up.qtype, hidden.device), act, layout.sorted_row_ids,
-        layout.tile_expert, layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0),
-        w_gate_up.data.stride(0), w_gate_up.data.shape[-1], act.stride(0),
-        DECODE=gate_up_type.decode, BLOCK_K=_block_k(H, gate_up_type.tile_k), **common, **launch,
+        hidden, gate_up.data, gate_up.table, act, layout.sorted_row_ids, layout.tile_expert, layout.num_rows,
+        K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0), gate_up.data.shape[-1],
+        act.stride(0), DECODE=gate_up.decoder, BLOCK_K=reduction_block_k(H, largest_k),
+        BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes, **common, **launch,
     )  # fmt: skip
-    weights = topk_weights.float().contiguous()
     _down_kernel[(layout.max_tiles * triton.cdiv(H, block_n),)](
-        act, w_down.data, table_of(w_down.qtype, hidden.device), slot_out, layout.sorted_row_ids,
-        layout.tile_expert, weights, layout.num_rows, H, inter, layout.max_tiles, act.stride(0),
-        w_down.data.stride(0), w_down.data.shape[-1], slot_out.stride(0),
-        DECODE=down_type.decode, BLOCK_K=_block_k(inter, down_type.tile_k), **common, **launch,
+        act, down.data, down.table, slot_out, layout.sorted_row_ids, layout.tile_expert, topk_weights,
+        layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
+        slot_out.stride(0), DECODE=down.decoder, BLOCK_K=reduction_block_k(inter, largest_k),
+        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, **common, **launch,
     )  # fmt: skip
 
 
-def experts_per_group(E: int, H: int, inter: int, scratch_mib: float) -> int:
-    """Experts whose bf16 gate|up and down fit in scratch_mib together (at least one)."""
-    per_expert = 3 * H * inter * 2
+def experts_per_group(E: int, H: int, inter: int, scratch_mib: float, element_size: int = 2) -> int:
+    """Experts whose dequantized gate|up and down fit in scratch_mib together (at least one)."""
+    per_expert = 3 * H * inter * element_size
     return max(1, min(E, int(scratch_mib * (1 << 20)) // per_expert))
 
 
-def _scratch_path(hidden, w_gate_up, w_down, topk_weights, topk_ids, slot_out, scratch_mib) -> None:
-    """The bf16 kernels of kernels/fused_moe.py over experts dequantized group by group into a scratch."""
+def _scratch_blocks(w: QuantTensor, first: int, last: int, dtype: torch.dtype) -> ExpertBlocks:
+    """Experts [first, last) of w dequantized to dtype, as rows the scratch decoder reads."""
+    values = dequantize_on_device(w[first:last], dtype)
+    data = values.view(torch.uint8).reshape(last - first, values.shape[1], -1)
+    decoder = decode_bf16_scratch if dtype == torch.bfloat16 else _SCRATCH_DECODERS[dtype]
+    return ExpertBlocks(data, decoder, data, 1, values.element_size())
+
+
+def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out, tiles, scratch_mib) -> None:
+    """The same GEMMs over experts dequantized group by group (at most scratch_mib of bf16 at a time)."""
     E, two_inter, H = w_gate_up.shape
-    inter, K = two_inter // 2, topk_ids.shape[1]
-    tiles = bf16_moe.pinned_tiles(hidden.device)
-    batch_invariant = os.environ.get(bf16_moe.BATCH_INVARIANT_ENV, "1") != "0"
-    block_m = tiles.block_m if tiles else bf16_moe.choose_block_m(topk_ids.numel(), E, batch_invariant)
-    layout = moe_align(topk_ids.contiguous(), E, block_m)
-    group = experts_per_group(E, H, inter, scratch_mib)
-    gate_up = torch.empty(group, two_inter, H, dtype=hidden.dtype, device=hidden.device)
-    down = torch.empty(group, H, inter, dtype=hidden.dtype, device=hidden.device)
+    group = experts_per_group(E, H, two_inter // 2, scratch_mib, hidden.element_size())
     for first in range(0, E, group):
         last = min(E, first + group)
-        n = last - first
-        dequantize_into(w_gate_up[first:last], gate_up[:n])
-        dequantize_into(w_down[first:last], down[:n])
         owner = layout.tile_expert
         in_group = (owner >= first) & (owner < last)
         group_layout = replace(layout, tile_expert=torch.where(in_group, owner - first, -1).to(torch.int32))
-        act = bf16_moe.gate_up_silu(hidden, gate_up[:n], group_layout, K, tiles)
-        bf16_moe.down_weighted(act, down[:n], group_layout, topk_weights, tiles, slot_out=slot_out)
+        gate_up = _scratch_blocks(w_gate_up, first, last, hidden.dtype)
+        down = _scratch_blocks(w_down, first, last, hidden.dtype)
+        _run_gemms(hidden, gate_up, down, group_layout, topk_weights, act, slot_out, tiles)
 
 
-def choose_path(num_rows: int, num_experts: int, activation_dtype: torch.dtype) -> str:
-    """'fused' (decode in the GEMMs) or 'scratch' (dequantize, then the bf16 kernels), by rows per expert."""
+def choose_path(num_rows: int, num_experts: int) -> str:
+    """'fused' (decode in the GEMMs) or 'scratch' (dequantize first), by rows per expert."""
     pinned = os.environ.get(PATH_ENV)
     if pinned:
         assert pinned in ("fused", "scratch"), f"{PATH_ENV} must be 'fused' or 'scratch', got {pinned!r}"
         return pinned
-    if activation_dtype != torch.bfloat16:
-        return "fused"  # the bf16 kernels take the activations' dtype; fp32/fp16 stay exact in the fused path
     return "scratch" if num_rows / num_experts >= SCRATCH_MIN_ROWS_PER_EXPERT else "fused"
 
 
@@ -324,13 +325,19 @@ def quant_fused_moe(
     out = torch.empty_like(hidden)
     if T == 0:
         return out
+    E, two_inter, _ = w_gate_up.shape
     K = topk_ids.shape[1]
+    tiles = _fused_tiles(T * K, E, hidden.device)
+    layout = moe_align(topk_ids.contiguous(), E, tiles[0])
+    act = torch.empty(layout.max_tiles * tiles[0], two_inter // 2, dtype=hidden.dtype, device=hidden.device)
     slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
-    path = choose_path(T * K, w_gate_up.shape[0], hidden.dtype)
-    if path == "scratch":
-        _scratch_path(hidden, w_gate_up, w_down, topk_weights, topk_ids, slot_out, scratch_mib)
+    weights = topk_weights.float().contiguous()
+    if choose_path(T * K, E) == "scratch":
+        _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, scratch_mib)
     else:
-        _fused_path(hidden, w_gate_up, w_down, topk_weights, topk_ids, slot_out)
+        _run_gemms(
+            hidden, ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down), layout, weights, act, slot_out, tiles
+        )
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels.quant.dispatch import compute_dtype, quant_type, table_of
+from mlapipe.kernels.quant.dispatch import MIN_TILE_K, compute_dtype, kernel_type, table_of
 from mlapipe.kernels.quant.tensor import QuantTensor
 
 SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it row tiles alone fill the GPU
@@ -47,40 +47,55 @@ class LinearPlan:
     num_chunks: int
 
 
-def plan_linear(N: int, K: int, tile_k: int, num_sms: int, split_block_n: int = 64) -> LinearPlan:
-    """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach two programs a
-    SM in the split launch, each chunk at least 4 BLOCK_K steps. tile_k: the type's smallest decodable
-    K tile; BLOCK_K is the largest power of two multiple of it up to 64 that divides K."""
-    assert K % tile_k == 0, f"K={K} is not a multiple of the type's {tile_k}-element tile"
-    block_k = tile_k
-    while block_k < 64 and K % (2 * block_k) == 0:
+def reduction_block_k(K: int, largest: int = 64) -> int:
+    """BLOCK_K of a GEMM reducing over K: the largest power of two from the decoders' 32 up to `largest`
+    that divides K (a tile never straddles the row's end)."""
+    if K % MIN_TILE_K:
+        raise ValueError(f"quantized GEMMs need a reduction dim that is a multiple of {MIN_TILE_K}, got {K}")
+    block_k = MIN_TILE_K
+    while block_k < largest and K % (2 * block_k) == 0:
         block_k *= 2
-    steps = K // block_k
-    column_blocks = triton.cdiv(N, split_block_n)
+    return block_k
+
+
+def plan_linear(N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64) -> LinearPlan:
+    """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach two programs a
+    SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
+    max(BLOCK_K, the type's block) values, so chunks start on block boundaries."""
+    block_k = reduction_block_k(K, largest_block_k)
+    step = max(block_k, block_elems)
+    steps = K // step
+    column_blocks = triton.cdiv(N, 64)
     wanted = max(1, min(triton.cdiv(2 * num_sms, column_blocks), steps // 4))
-    chunk_k = triton.cdiv(steps, wanted) * block_k
+    chunk_k = triton.cdiv(steps, wanted) * step
     return LinearPlan(block_k, chunk_k, triton.cdiv(K, chunk_k))
 
 
 @triton.jit
-def _accumulate_chunk(
-    x_ptr, w_ptr, table_ptr, tokens, token_ok, rows, stride_x, row_bytes, k_start, k_end, acc,
+def decoded_dot(
+    acc, w_ptr, table_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end,
     DECODE: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):  # fmt: skip
-    """acc (BLOCK_N, BLOCK_M) + decode(w[rows, k_start:k_end]) @ x[tokens, k_start:k_end]^T in BLOCK_K steps.
+    """acc (BLOCK_N, BLOCK_M) + decode(w[rows, k_start:k_end]) @ xt[k_start:k_end, :] in BLOCK_K steps,
+    k increasing; xt_ptrs (BLOCK_K, BLOCK_M) point at k = 0 of each column of x transposed.
 
     The weight tile is the dot's first operand: on Hopper wgmma takes it straight from the registers the
     decoder left it in (no shared-memory round trip), and its 64-row minimum falls on the weight rows, so
-    a single token costs a 16-column x tile, not a 64-row one."""
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + ks[:, None]  # (BLOCK_K, BLOCK_M)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        xt = tl.load(x_ptrs + k0, mask=token_ok[None, :], other=0.0).to(COMPUTE)
-        w = DECODE(w_ptr, rows, row_bytes, k0, BLOCK_K, table_ptr).to(COMPUTE)  # (BLOCK_N, BLOCK_K)
-        if IEEE:
-            acc = tl.dot(w, xt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
+    a single token costs a 16-column x tile, not a 64-row one. Each loop step covers STEP = max(BLOCK_K,
+    block) values from a pointer moved to the step's first block, and decodes its BLOCK_K tiles at
+    constant offsets, so the decoder's per-value address arithmetic is the same every step (the
+    compiler keeps it out of the loop) and only one scalar pointer moves."""
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
+    for k0 in range(k_start, k_end, STEP):
+        w_step = w_ptr + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
+        for sub in tl.static_range(STEP // BLOCK_K):
+            xt = tl.load(xt_ptrs + (k0 + sub * BLOCK_K), mask=token_ok[None, :], other=0.0).to(COMPUTE)
+            w = DECODE(w_step, rows, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
+            if IEEE:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
     return acc
 
 
@@ -104,6 +119,8 @@ def _linear_split_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -114,10 +131,11 @@ def _linear_split_kernel(
     for m0 in range(0, num_tokens, BLOCK_M):
         tokens = m0 + tl.arange(0, BLOCK_M)
         token_ok = tokens < num_tokens
+        xt_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + tl.arange(0, BLOCK_K)[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        acc = _accumulate_chunk(
-            x_ptr, w_ptr, table_ptr, tokens, token_ok, rows_read, stride_x, row_bytes, k_start, k_end, acc,
-            DECODE, COMPUTE, IEEE, BLOCK_K,
+        acc = decoded_dot(
+            acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
         )  # fmt: skip
         mask = row_ok[:, None] & token_ok[None, :]
         if DIRECT:
@@ -159,6 +177,8 @@ def _linear_tiled_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
 ):
     # Consecutive programs share a column block, so its weight bytes come from L2 for the row blocks.
     num_row_blocks = tl.cdiv(num_tokens, BLOCK_M)
@@ -168,14 +188,15 @@ def _linear_tiled_kernel(
     token_ok = tokens < num_tokens
     row_ok = rows < N
     rows_read = tl.minimum(rows, N - 1)
+    xt_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + tl.arange(0, BLOCK_K)[:, None]
     total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for chunk in range(num_chunks):  # in order, each from a zero accumulator: the split launch's sum
         k_start = chunk * chunk_k
         k_end = tl.minimum(k_start + chunk_k, K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        acc = _accumulate_chunk(
-            x_ptr, w_ptr, table_ptr, tokens, token_ok, rows_read, stride_x, row_bytes, k_start, k_end, acc,
-            DECODE, COMPUTE, IEEE, BLOCK_K,
+        acc = decoded_dot(
+            acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
         )  # fmt: skip
         total += acc
     offsets = tokens[None, :].to(tl.int64) * N + rows[:, None]
@@ -206,7 +227,7 @@ def _split_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
     if pinned := _pinned(SPLIT_CONFIG_ENV):
         return pinned
     if _interpreted(device):
-        return 16, 32, 4, 1
+        return 16, 64, 4, 1
     return max(16, min(64, triton.next_power_of_2(num_tokens))), 64, 4, 3
 
 
@@ -215,18 +236,20 @@ def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
     if pinned := _pinned(TILED_CONFIG_ENV):
         return pinned
     if _interpreted(device):
-        return 16, 32, 4, 1
-    return (128 if num_tokens >= 1024 else 64), 128, 8, 3
+        return 16, 64, 4, 1
+    return 64, 128, 8, 3  # 128 x 128 spills: the chunk accumulator and the total are both live
 
 
 def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
-    return plan_linear(N, K, quant_type(w.qtype).tile_k, _num_sms(device))
+    largest_block_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
+    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k)
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
     if not isinstance(w, QuantTensor) or len(w.shape) != 2:
         raise ValueError(f"quant_linear: w must be a 2-D QuantTensor, got {type(w).__name__}")
+    kernel_type(w.qtype)
     if x.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"quant_linear: x {tuple(x.shape)} does not match w {w.shape} (T, K) x (N, K)")
     if x.device != w.device:
@@ -242,15 +265,16 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    decode, table = quant_type(w.qtype).decode, table_of(w.qtype, x.device)
+    kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
     block_m, block_n, warps, stages = _split_tiles(T, x.device)
     compute = compute_dtype(x.dtype)
     direct = plan.num_chunks == 1
     partial = out if direct else torch.empty(plan.num_chunks, T, N, dtype=torch.float32, device=x.device)
     _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
         x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
-        DECODE=decode, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, num_warps=warps, num_stages=stages,
+        DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
+        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         block = 1024
@@ -265,13 +289,14 @@ def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    decode, table = quant_type(w.qtype).decode, table_of(w.qtype, x.device)
+    kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
     block_m, block_n, warps, stages = _tiled_tiles(T, x.device)
     compute = compute_dtype(x.dtype)
     _linear_tiled_kernel[(triton.cdiv(T, block_m) * triton.cdiv(N, block_n),)](
         x, w.data, table, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k, plan.num_chunks,
-        DECODE=decode, COMPUTE=compute, IEEE=compute == tl.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, num_warps=warps, num_stages=stages,
+        DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
+        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
