@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.runtime.ray_local import ensure_ray
 
 log = logging.getLogger("mlapipe.pipeline")
+
+HEALTH_GROUP = "health"
+PROBE_TIMEOUT_S = 5.0  # a live stage answers a health check in milliseconds, even mid-batch
 
 
 @dataclass
@@ -30,15 +33,6 @@ class StageSpec:
     first_layer: int
     end_layer: int
     amb_mib: float
-
-
-def ensure_ray(address: str | None) -> None:
-    """Joins the cluster at `address` (or RAY_ADDRESS), else starts a local one: the embedded default."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"address": address} if address else {}
-    ray.init(log_to_driver=False, configure_logging=False, **kwargs)
 
 
 class RayPipeline:
@@ -54,7 +48,7 @@ class RayPipeline:
         max_seq_len: int | None = None,  # n_ctx: sizes the CUDA-graph decode buffers
         deadline_s: float = 120.0,
         address: str | None = None,
-        check_plan=None,  # callable(list of device infos) raising before any weight is loaded
+        check_plan=None,  # callable(list of device infos) -> KV blocks or None, raising before any weight is loaded
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
@@ -73,7 +67,9 @@ class RayPipeline:
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
         self._pg = placement_group([bundle] * len(stages), strategy=placement)
         ray.get(self._pg.ready(), timeout=deadline_s)
-        actor_cls = ray.remote(StageWorker)
+        # Health checks run in a concurrency group of their own: a stage busy in (or stuck on) a
+        # micro-batch still answers them, so only a dead or stopped process fails one.
+        actor_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(StageWorker)
         self.actors = [
             actor_cls.options(
                 num_gpus=1 if use_gpu else 0,
@@ -88,8 +84,9 @@ class RayPipeline:
         self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
         try:
             self.devices = self._get([a.init_device.remote(use_gpu) for a in self.actors])
-            if check_plan is not None:
-                check_plan(self.devices)
+            if check_plan is not None:  # a plan sized from the devices' memory picks the cache's size
+                num_kv_blocks = check_plan(self.devices) or num_kv_blocks
+            self.num_kv_blocks = num_kv_blocks
             options = runner_options or {}
             self._get(
                 [
@@ -158,7 +155,10 @@ class RayPipeline:
                 try:
                     result = ray.get(ref)
                 except Exception as e:  # Ray wraps the stage's exception, or reports the actor's death
-                    self._fail(stage, _short(e))
+                    # Another stage's death often surfaces first as this stage's transport error
+                    # (gloo: connection reset by the peer), so the stages are asked before blaming it.
+                    culprit = self._probe_stages()
+                    self._fail(*(culprit or (stage, _short(e))))
                 refs, _ = self._pending[batch_id]
                 refs[stage] = None  # resolved: never waited on again
                 if stage == len(refs) - 1:
@@ -169,21 +169,50 @@ class RayPipeline:
         return []
 
     def _fail_on_deadline(self) -> None:
-        stage = self._find_dead_stage()
-        reason = (
-            "the actor died"
-            if stage is not None
-            else f"no result within the {self.deadline_s:.0f} s deadline"
-        )
-        self._fail(stage if stage is not None else self._slowest_stage(), reason)
+        culprit = self._probe_stages()
+        if culprit is None:
+            culprit = (self._slowest_stage(), f"no result within the {self.deadline_s:.0f} s deadline")
+        self._fail(*culprit)
 
-    def _find_dead_stage(self) -> int | None:
-        for stage, actor in enumerate(self.actors):
+    def _probe_stages(self) -> tuple[int, str] | None:
+        """(stage, why) for the first stage that is dead, else the first that does not answer a health
+        check (stopped or hung), else None. All stages are asked at once."""
+        refs = [a.ping.options(concurrency_group=HEALTH_GROUP).remote() for a in self.actors]
+        # Within half the deadline (a deadline is a promise to fail that fast), at most 5 s.
+        timeout = min(PROBE_TIMEOUT_S, max(1.0, self.deadline_s / 2))
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        dead, silent = [], []
+        for stage, ref in enumerate(refs):
+            if ref not in ready:
+                silent.append(stage)
+                continue
             try:
-                ray.get(actor.ping.remote(), timeout=5)
+                ray.get(ref, timeout=0)
             except Exception:
-                return stage
+                dead.append(stage)
+        for stage in dead:
+            return stage, f"the actor died ({self._process_state(stage) or 'its process exited'})"
+        for stage in silent:
+            state = self._process_state(stage) or "hung, or its node is unreachable"
+            return stage, f"the actor stopped responding ({state})"
         return None
+
+    def _process_state(self, stage: int) -> str | None:
+        """What the stage's process is doing, when it runs on this node (psutil can see it)."""
+        import psutil
+
+        info = self.devices[stage] if stage < len(getattr(self, "devices", [])) else {}
+        if not info.get("pid") or info.get("node_id") != ray.get_runtime_context().get_node_id():
+            return None
+        try:
+            status = psutil.Process(info["pid"]).status()
+        except psutil.NoSuchProcess:
+            return f"process {info['pid']} exited"
+        if status == psutil.STATUS_STOPPED:
+            return f"process {info['pid']} is stopped (SIGSTOP?)"
+        if status == psutil.STATUS_ZOMBIE:
+            return f"process {info['pid']} exited"
+        return f"process {info['pid']} is {status}"
 
     def _slowest_stage(self) -> int:
         """The first stage still working on the oldest batch in flight."""

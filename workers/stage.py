@@ -35,6 +35,7 @@ class StageWorker:
         self.transport_wait_seconds = 0.0
         self.batches_done = 0
         self.steps_done = 0  # forward steps (a decode round of K steps counts K)
+        self.weight_bytes_allocated = 0  # device memory the weights took (GPUs; 0 on CPUs)
 
     @property
     def is_first(self) -> bool:
@@ -52,23 +53,10 @@ class StageWorker:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"stage {self.stage}: asked for a GPU but CUDA is not available here")
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
-            free, total = torch.cuda.mem_get_info()
             self.device = "cuda"
-            name = torch.cuda.get_device_name(0)
         else:
             torch.set_num_threads(cpu_threads)
-            free = total = _available_host_memory()
-            name = "cpu"
-        host = socket.gethostname()
-        return {
-            "stage": self.stage,
-            "device": f"{name} on {host}",
-            "free_bytes": free,
-            "total_bytes": total,
-            "ip": _node_ip(),
-            "node_id": _node_id(),
-            "pid": os.getpid(),
-        }
+        return {"stage": self.stage, **describe_device(self.device), "ip": _node_ip(), "node_id": _node_id()}
 
     def load_layers(self, model, first_layer: int, end_layer: int, **runner_options) -> int:
         """Reads only this stage's tensors from the GGUF (a path, or a model already open in this
@@ -76,7 +64,9 @@ class StageWorker:
         from mlapipe.workers.model_runner import ModelRunner, open_model
 
         model = open_model(model) if isinstance(model, str) else model
+        before = _allocated_bytes(self.device)
         self.runner = ModelRunner(model, first_layer, end_layer, device=self.device, **runner_options)
+        self.weight_bytes_allocated = _allocated_bytes(self.device) - before
         self.hidden_size = model.config.hidden_size
         return end_layer - first_layer
 
@@ -156,7 +146,9 @@ class StageWorker:
         hidden_in = None
         if not self.is_first:
             started = time.perf_counter()
-            hidden_in = self.transport.recv(_key(step, k), (step.num_tokens, self.hidden_size), self.runner.dtype)
+            hidden_in = self.transport.recv(
+                _key(step, k), (step.num_tokens, self.hidden_size), self.runner.dtype
+            )
             self.transport_wait_seconds += time.perf_counter() - started
         started = time.perf_counter()
         timing = self._gpu_timing_start()
@@ -207,6 +199,8 @@ class StageWorker:
             "steps": self.steps_done,
             "bytes_sent": getattr(self.transport, "bytes_sent", 0),
             "amb_steps": amb_steps_taken(self.runner),
+            "weight_bytes_allocated": self.weight_bytes_allocated,
+            "kv_cache_bytes": _kv_bytes(self.runner),
         }
 
     def ping(self) -> int:
@@ -235,6 +229,38 @@ def amb_steps_taken(runner) -> int:
     if runner is None:
         return 0
     return sum(layer.attention.amb_steps_taken for layer in runner.shard.layers)
+
+
+def _allocated_bytes(device: str) -> int:
+    if device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.memory_allocated()
+
+
+def _kv_bytes(runner) -> int:
+    cache = getattr(runner, "kv_cache", None)
+    return 0 if cache is None else cache.numel() * cache.element_size()
+
+
+def describe_device(device: str) -> dict:
+    """Name and memory of this process's device (a GPU's free and total bytes; the host's available
+    memory for a CPU), for the planner."""
+    import torch
+
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+    else:
+        free = total = _available_host_memory()
+        name = "cpu"
+    return {
+        "device": f"{name} on {socket.gethostname()}",
+        "free_bytes": free,
+        "total_bytes": total,
+        "pid": os.getpid(),
+    }
 
 
 def _available_host_memory() -> int:
