@@ -24,9 +24,10 @@ from mlapipe.kernels import reference
 from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
 from mlapipe.kernels.bench.moe import MODELS, route
 from mlapipe.kernels.fused_moe import fused_moe
-from mlapipe.kernels.quant.dispatch import dequantize_on_device, quant_type, random_quant
+from mlapipe.kernels.quant.dispatch import dequantize_on_device, kernel_type
 from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
 from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor
 
 TYPE_CODES = {"q8_0": 8, "q4_k": 12, "q6_k": 14, "q5_k": 13, "q2_k": 10, "q3_k": 11, "q4_0": 2}
 Q8_0 = 8
@@ -40,10 +41,14 @@ DENSE = {
 }  # fmt: skip
 
 
+def random_quant(shape, qtype: int, std: float, name: str):
+    return random_quant_tensor(tuple(shape), qtype, std, name, device="cuda")
+
+
 def fitting_type(qtype: int, cols: int) -> int:
     """qtype when rows of `cols` values are whole blocks of it, else Q8_0 (as llama.cpp falls back for
     V2-Lite's 1408-wide expert rows)."""
-    return qtype if cols % quant_type(qtype).block_elems == 0 else Q8_0
+    return qtype if cols % kernel_type(qtype).block_elems == 0 else Q8_0
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,13 +72,13 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
             ms = median_ms(functools.partial(quant_linear, x[:T], w), graph=True)
             bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16), graph=True)
             gbs = w.nbytes / ms / 1e6
-            rows.append([model, quant_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
+            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
                          f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         for T in prefill:
             ms = median_ms(functools.partial(quant_linear, x[:T], w))
             bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16))
-            rows.append([model, quant_type(wtype).name, name, N, K, T, f"{ms:.4f}", "", "", f"{bf16_ms:.4f}",
+            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", "", "", f"{bf16_ms:.4f}",
                          f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         del w, w_bf16
@@ -102,7 +107,9 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
     gate_up_bf16 = dequantize_on_device(gate_up, torch.bfloat16)
     down_bf16 = dequantize_on_device(down, torch.bfloat16)
     expert_bytes = (gate_up.nbytes + down.nbytes) / E
-    type_name = quant_type(qtype).name + ("" if down_type == qtype else f"+{quant_type(down_type).name} down")
+    type_name = kernel_type(qtype).name + (
+        "" if down_type == qtype else f"+{kernel_type(down_type).name} down"
+    )
     if model == "v2-lite":  # the fp32 reference of V3's 256 experts needs 45 GB: checked on V2-Lite
         for T in (1, 37):
             hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -113,19 +120,23 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
             )
             print(f"check moe {model} {type_name} T={T}: relative error {err:.2e}")
             assert err < 1e-2
+    dequant_ms = median_ms(functools.partial(dequantize_on_device, gate_up), reps=5)
+    dequant_ms += median_ms(functools.partial(dequantize_on_device, down), reps=5)
     rows = []
     for T in tokens:
         hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = route(m, T)
         hit = ids.unique().numel()
         run = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
-        bf16_ms = median_ms(functools.partial(fused_moe, hidden, gate_up_bf16, down_bf16, weights, ids), graph=True)
+        bf16_ms = median_ms(
+            functools.partial(fused_moe, hidden, gate_up_bf16, down_bf16, weights, ids), graph=True
+        )
         times, outs = {}, {}
         for path in ("fused", "scratch"):
             if path == "scratch" and T * m["K"] / E < 8:
                 continue  # every expert dequantized for a handful of rows: never the faster one
             outs[path] = _with_env(PATH_ENV, path, run)
-            times[path] = _with_env(PATH_ENV, path, lambda: median_ms(run, graph=True))
+            times[path] = _with_env(PATH_ENV, path, functools.partial(median_ms, run, graph=True))
         chosen = run()
         same = all(torch.equal(o, chosen) for o in outs.values())
         best = min(times.values())
@@ -133,7 +144,7 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
         tflops = 2 * T * m["K"] * 3 * H * inter / best / 1e9
         rows.append([model, type_name, T, hit, f"{times['fused']:.3f}", f"{times.get('scratch', float('nan')):.3f}",
                      f"{gbs:.0f}", pct(gbs, copy_gbs), pct(tflops, mm_tflops), f"{bf16_ms:.3f}",
-                     f"{bf16_ms / best:.2f}", same])  # fmt: skip
+                     f"{bf16_ms / best:.2f}", f"{dequant_ms:.3f}", same])  # fmt: skip
         print(rows[-1], flush=True)
     del gate_up, down, gate_up_bf16, down_bf16
     torch.cuda.empty_cache()
@@ -157,8 +168,8 @@ def sweep(qtype: int) -> list[list]:
         run = functools.partial(quant_linear, x, w)
         out = _with_env(SPLIT_CONFIG_ENV, tiles, run)
         first = out if first is None else first
-        ms = _with_env(SPLIT_CONFIG_ENV, tiles, lambda: median_ms(run, graph=True))
-        rows.append(["linear o 7168x16384", quant_type(qtype).name, tiles, f"{ms:.4f}",
+        ms = _with_env(SPLIT_CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
+        rows.append(["linear o 7168x16384", kernel_type(qtype).name, tiles, f"{ms:.4f}",
                      f"{w.nbytes / ms / 1e6:.0f}", torch.equal(out, first)])  # fmt: skip
         print(rows[-1], flush=True)
     del w
@@ -173,8 +184,8 @@ def sweep(qtype: int) -> list[list]:
         run = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
         out = _with_env(CONFIG_ENV, tiles, run)
         first = out if first is None else first
-        ms = _with_env(CONFIG_ENV, tiles, lambda: median_ms(run, graph=True))
-        rows.append(["moe v3 T=1", quant_type(qtype).name, tiles, f"{ms:.4f}", f"{hit_bytes / ms / 1e6:.0f}",
+        ms = _with_env(CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
+        rows.append(["moe v3 T=1", kernel_type(qtype).name, tiles, f"{ms:.4f}", f"{hit_bytes / ms / 1e6:.0f}",
                      torch.equal(out, first)])  # fmt: skip
         print(rows[-1], flush=True)
     return rows
@@ -208,19 +219,37 @@ def main(argv: list[str]) -> None:
                 moe_tokens = tokens + [int(t) for t in args.moe_prefill.split(",") if t]
                 moe_rows += bench_moe(model, qtype, moe_tokens, copy_gbs, mm_tflops)
 
-    print(f"\ncopy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s on {device}, measured in this run;")
+    print(
+        f"\ncopy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s on {device}, measured in this run;"
+    )
     print("ms: CUDA-graph replays, median (prefill dense rows: eager). GB/s over the quantized bytes.")
     if sweep_rows:
         print("\n## Decode tiles (bits equal to the first config's?)\n")
         print(markdown_table(["what", "type", "bm,bn,warps,stages", "ms", "GB/s", "same bits"], sweep_rows))
     if dense_rows:
         print("\n## Quantized dense linear vs cuBLAS on the bf16-dequantized weight\n")
-        header = ["model", "type", "proj", "N", "K", "T", "ms", "GB/s", "% copy", "bf16 ms", "bf16/ours", "rel err"]
+        header = [
+            "model",
+            "type",
+            "proj",
+            "N",
+            "K",
+            "T",
+            "ms",
+            "GB/s",
+            "% copy",
+            "bf16 ms",
+            "bf16/ours",
+            "rel err",
+        ]
         print(markdown_table(header, dense_rows))
     if moe_rows:
         print("\n## Quantized fused MoE vs the bf16 kernel on the dequantized experts\n")
         print("fused: decode in the GEMMs; scratch: dequantize to bf16, then the bf16 kernels; GB/s, % copy:")
-        print("fused path over the hit experts' quantized bytes; % mm and bf16/ours: the faster path.\n")
+        print("fused path over the hit experts' quantized bytes; % mm and bf16/ours: the faster path;")
+        print(
+            "dequant ms: all experts to bf16 (today's bf16 kernel on a scratch would cost that + bf16 ms).\n"
+        )
         header = ["model", "type", "T", "hit", "fused ms", "scratch ms", "GB/s", "% copy", "% mm", "bf16 ms",
-                  "bf16/ours", "paths same bits"]  # fmt: skip
+                  "bf16/ours", "dequant ms", "paths same bits"]  # fmt: skip
         print(markdown_table(header, moe_rows))
