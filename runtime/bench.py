@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named model shape")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model (as generate --demo)")
     p.add_argument("--layers", type=int, default=None, help="layers of the random-weight shape")
     p.add_argument(
         "--wtype",
@@ -78,17 +80,22 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.model and args.wtype != [None]:
+    path = args.model
+    if args.demo:
+        from mlapipe.runtime.tiny_models import demo_model_path
+
+        path = demo_model_path()
+    if path and args.wtype != [None]:
         raise ValueError("--wtype makes random weights of a --shape; a GGUF file has its own types")
     tests = [Test(f"pp{p}", p, 0) for p in args.n_prompt if p > 0]
     tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
     longest = max(t.prompt + t.generate for t in tests) + 1
     header = ["model", "wtype", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
-    rows = []
+    rows, reports = [], []  # the table comes first on stdout, then each engine's memory report
     sweep = itertools.product(args.wtype, args.pipeline, args.ubatch, args.amb, args.decode_steps)
     for wtype, pipeline, ubatch, amb, decode_steps in sweep:
-        model = args.model or random_spec(args.shape, args.layers, wtype=wtype)
+        model = path or random_spec(args.shape, args.layers, wtype=wtype)
         max_seqs = max(args.concurrent)
         blocks = max_seqs * -(-longest // 64) + 8
         with Engine(
@@ -105,10 +112,8 @@ def run(args) -> int:
             decode_steps=decode_steps,
         ) as engine:
             name = args.shape or engine.model.path
-            kind = (wtype or ("file" if args.model else "BF16")) + (
-                " (dequantized)" if args.dequantize else ""
-            )
-            print(memory_report(engine, f"{name} {kind}"), flush=True)
+            kind = (wtype or ("file" if path else "BF16")) + (" (dequantized)" if args.dequantize else "")
+            reports.append(memory_report(engine, f"{name} {kind}"))
             for seqs, test in itertools.product(args.concurrent, tests):
                 rates = [_measure(engine, test, seqs, seed=i) for i in range(args.repetitions + 1)][1:]
                 spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
@@ -125,8 +130,13 @@ def run(args) -> int:
                         f"{statistics.mean(rates):.2f} ± {spread:.2f}",
                     ]
                 )
-                print(f"  {rows[-1]}", flush=True)
+                print(
+                    f"bench: {' '.join(f'{h} {v}' for h, v in zip(header[1:], rows[-1][1:]))}",
+                    file=sys.stderr,
+                )
     print(_markdown(header, rows))
+    for report in reports:
+        print(f"\n{report}")
     return 0
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 from mlapipe.runtime import bench
 from mlapipe.runtime.shapes import SHAPES
@@ -37,6 +38,7 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
     p.add_argument("--layers", type=_int_at_least(1), default=None, help="layers of the named shape")
     p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
@@ -318,6 +320,7 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from mlapipe.runtime.display import finish_description, printable, speed_summary
     from mlapipe.runtime.engine import Engine
     from mlapipe.runtime.sampling_params import SamplingParams
     from mlapipe.runtime.tiny_models import demo_model_path
@@ -344,12 +347,19 @@ def cmd_generate(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        print(prompt, end="", flush=True)
-        count = 0
+        prompt_tokens = engine.n_ctx - room
+        print(printable(prompt), end="", flush=True)
+        count, reason, first, last = 0, None, None, None
+        started = time.perf_counter()
         for event in engine.stream(prompt, params):
-            print(event.text, end="", flush=True)
+            last = time.perf_counter()
+            first = first or last
+            print(printable(event.text), end="", flush=True)
             count += 1
-        print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+            reason = event.finish_reason or reason
+        finish = finish_description(reason, prompt_tokens, count, params.max_tokens, engine.n_ctx)
+        speed = speed_summary(prompt_tokens, count, started, first, last)
+        print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
 
 
@@ -388,9 +398,10 @@ def cmd_perplexity(args) -> int:
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
     from mlapipe.runtime.shapes import RandomModel, random_spec
+    from mlapipe.runtime.tiny_models import demo_model_path
 
-    if args.model:
-        model = GGUFModel(args.model)
+    if args.model or args.demo:
+        model = GGUFModel(demo_model_path() if args.demo else args.model)
     else:
         model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
@@ -573,8 +584,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _version() -> str:
+    import mlapipe
+
+    return mlapipe.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
+    parser.add_argument("--version", action="version", version=f"mlapipe {_version()}")
     parser.add_argument(
         "--log-level",
         type=str.upper,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from mlapipe.runtime.planner import (
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.scheduler import Request, Scheduler
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.threads import cpu_threads as default_cpu_threads
 from mlapipe.runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
@@ -62,12 +64,13 @@ class RequestOutput:
 class StreamEvent:
     token_id: int
     text: str  # the text this token adds
+    finish_reason: str | None = None  # set on the request's last token: "stop" | "length"
 
 
 class Engine:
     def __init__(
         self,
-        model: str,
+        model: str | os.PathLike,
         *,
         pipeline: int = 1,
         devices: str | None = None,  # "cuda" or "cpu"; default: cuda when available
@@ -87,9 +90,11 @@ class Engine:
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
+        cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
         kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
         dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
     ):
+        model = os.fspath(model)  # a path object works as well as a string
         check_engine_args(
             pipeline=pipeline,
             amb=amb,
@@ -118,6 +123,7 @@ class Engine:
         if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or _default_device()
+        self.cpu_threads = cpu_threads or default_cpu_threads()
         # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
         # else (CPU: the test and oracle path) 4 sequences of n_ctx.
         if kv_memory_fraction is None and kv_blocks is None and device == "cuda":
@@ -187,6 +193,7 @@ class Engine:
                 self.n_ctx,
                 device=device,
                 amb_mib=amb_mib,
+                cpu_threads=self.cpu_threads,
                 check_plan=check_plan,
                 **runner_options,
             )
@@ -252,6 +259,7 @@ class Engine:
             check_plan=check_plan,
             placement=placement,
             runner_options=options,
+            cpu_threads=self.cpu_threads,
         )
 
     # requests -----------------------------------------------------------------------------------
@@ -354,7 +362,7 @@ class Engine:
             for token in tokens[emitted:]:
                 emitted += 1
                 last = request.finished and emitted == len(tokens)
-                yield StreamEvent(token, text.add(token, final=last))
+                yield StreamEvent(token, text.add(token, final=last), request.finish_reason if last else None)
 
     def score(self, token_ids: Sequence[int]) -> list[float]:
         """log p(t_i | t_<i) for i = 1..n-1 (perplexity is exp(-mean))."""

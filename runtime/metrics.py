@@ -49,6 +49,8 @@ class EngineMetrics:
     def __init__(self, scheduler, blocks, executor):
         self.registry = CollectorRegistry()
         self._last_token: dict[str, tuple[int, float]] = {}  # request id -> (tokens seen, when the last came)
+        self._prompt_counted: dict[str, int] = {}  # request id -> prompt tokens counted as processed
+        self._scheduler = scheduler
         self.batches_submitted = 0
         self._server = None
         r = self.registry
@@ -67,7 +69,7 @@ class EngineMetrics:
         self.e2e = Histogram(
             f"{PREFIX}e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=r
         )
-        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens received.", registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter(
             f"{PREFIX}request_success", "Requests finished.", ["finished_reason"], registry=r
@@ -76,13 +78,15 @@ class EngineMetrics:
 
     # hooks the engine calls ---------------------------------------------------------------------
     def on_request_added(self, request) -> None:
-        self.prompt_tokens.inc(len(request.prompt_token_ids))
+        """Prompt tokens are counted as the stages compute them (on_step), as vLLM counts them, not
+        here: a long queue would otherwise show as work done."""
 
     def on_step(self, advanced, finished, num_submitted: int) -> None:
         """advanced: requests that got tokens this step (a decode round brings several at once: each
         counts, and each gets the mean gap since the last token as its inter-token latency);
         finished: requests that ended."""
         self.batches_submitted += num_submitted
+        self._count_prompt_tokens(finished)
         for request in advanced:
             count, previous = self._last_token.get(request.request_id, (0, None))
             new = len(request.output_token_ids) - count
@@ -98,6 +102,18 @@ class EngineMetrics:
             self._last_token.pop(request.request_id, None)
             self.e2e.observe((request.last_token_time or now) - request.arrival_time)
             self.request_success.labels(finished_reason_label(request.finish_reason)).inc()
+
+    def _count_prompt_tokens(self, finished) -> None:
+        """Each prompt token once, when first computed: a prefill split over micro-batches counts chunk
+        by chunk, and a preempted request that recomputes its prompt is not counted again."""
+        for request in [*self._scheduler.running, *finished]:
+            done = min(request.num_computed, len(request.prompt_token_ids))
+            counted = self._prompt_counted.get(request.request_id, 0)
+            if done > counted:
+                self.prompt_tokens.inc(done - counted)
+                self._prompt_counted[request.request_id] = done
+        for request in finished:
+            self._prompt_counted.pop(request.request_id, None)
 
     # serving ------------------------------------------------------------------------------------
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:

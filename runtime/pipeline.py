@@ -52,6 +52,7 @@ class RayPipeline:
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
+        cpu_threads: int = 1,  # torch threads of each CPU stage
     ):
         from mlapipe.workers.stage import StageWorker
 
@@ -83,7 +84,7 @@ class RayPipeline:
         ]
         self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
         try:
-            self.devices = self._get([a.init_device.remote(use_gpu) for a in self.actors])
+            self.devices = self._get([a.init_device.remote(use_gpu, cpu_threads) for a in self.actors])
             if check_plan is not None:  # a plan sized from the devices' memory picks the cache's size
                 num_kv_blocks = check_plan(self.devices) or num_kv_blocks
             self.num_kv_blocks = num_kv_blocks

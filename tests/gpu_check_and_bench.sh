@@ -38,7 +38,7 @@ if [[ $what == two-stage ]]; then
 fi
 if [[ $what == profile || $what == tests+profile ]]; then
   for seqs in 1 64; do
-    python -m mlapipe.kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
+    python -m mlapipe.workers.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
   done
 fi

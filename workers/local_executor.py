@@ -21,11 +21,17 @@ class LocalExecutor:
         block_size: int,
         max_seq_len: int,
         device: str = "cpu",
+        cpu_threads: int = 1,  # torch threads on CPU (runtime/threads.py), restored at shutdown
         check_plan=None,  # callable(list of one device info) -> KV blocks (or None: num_kv_blocks), raising if unfit
         **runner_options,
     ):
+        import torch
+
+        self._threads_before = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)
         self.stage = StageWorker(0, 1)
-        self.stage.device = device  # this process's device as it is: no Ray, no thread settings
+        self.stage.device = device  # this process's device as it is: no Ray
         if check_plan is not None:  # before any weight is read
             num_kv_blocks = check_plan([{"stage": 0, **describe_device(device)}]) or num_kv_blocks
         self.num_kv_blocks = num_kv_blocks
@@ -45,4 +51,7 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
+        import torch
+
         self._done.clear()
+        torch.set_num_threads(self._threads_before)
