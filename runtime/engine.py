@@ -52,6 +52,10 @@ class RequestFailed(RuntimeError):
     """A request ended with an error (a pipeline stage failed); the message names the cause."""
 
 
+class EngineClosed(RuntimeError):
+    """A method of an engine that close() (or leaving its with block) has already shut down."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -90,12 +94,15 @@ class Engine:
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
+        metrics_host: str = "127.0.0.1",  # the metrics server's address ("0.0.0.0": every interface)
+        transport_tls: str | None = None,  # "CERT,KEY,CA[,SERVER_NAME]": mutual TLS on gRPC links
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
         cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
         kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
         dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
         device_memory: int | None = None,  # plan as if each device were an empty one of this many bytes
     ):
+        self._closed = False
         model = os.fspath(model)  # a path object works as well as a string
         check_engine_args(
             pipeline=pipeline,
@@ -111,6 +118,7 @@ class Engine:
             transport=transport,
             devices=devices,
         )
+        tls = _tls_files(transport_tls, transport)
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
@@ -197,6 +205,7 @@ class Engine:
                 check_plan,
                 fixed_blocks,
                 block_size,
+                tls,
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -232,7 +241,7 @@ class Engine:
         self.metrics = EngineMetrics(self.scheduler, self.blocks, self.executor)
         if metrics_port is not None:
             try:
-                self.metrics.serve(metrics_port)
+                self.metrics.serve(metrics_port, metrics_host)
             except ValueError:
                 self.executor.shutdown()
                 raise
@@ -250,6 +259,7 @@ class Engine:
         check_plan,
         num_kv_blocks,
         block_size,
+        tls,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
 
@@ -275,6 +285,7 @@ class Engine:
             check_plan=check_plan,
             placement=placement,
             runner_options=options,
+            transport_tls=tls,
             cpu_threads=self.cpu_threads,
         )
 
@@ -282,6 +293,7 @@ class Engine:
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False
     ) -> str:
+        self._check_open()
         if self._failure:
             raise RequestFailed(
                 f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
@@ -295,6 +307,7 @@ class Engine:
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """Runs what can run now; returns (requests that got tokens, requests that finished)."""
+        self._check_open()
         batches = self.scheduler.schedule_all()
         advanced, finished = [], []
         try:
@@ -391,9 +404,20 @@ class Engine:
 
     # lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Gives back everything the engine took, now: the metrics server, the model's device memory
+        (in-process: weights, latent cache, CUDA graphs and their pools, cached blocks), and for a Ray
+        pipeline its actors and placement group. Later calls raise EngineClosed; closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
         self.scheduler.abort_all("engine closed")
         self.metrics.close()
-        self.executor.shutdown()
+        executor, self.executor = self.executor, None
+        executor.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"the engine for {self.model.path} is closed: build a new Engine to run requests")
 
     def __enter__(self) -> Engine:
         return self
@@ -434,6 +458,16 @@ class Engine:
             self.tokenizer.decode(request.output_token_ids) if self.tokenizer else "",
             request.finish_reason,
         )
+
+
+def _tls_files(text: str | None, transport: str | None):
+    if text is None:
+        return None
+    from mlapipe.workers.transport.tls import TlsFiles
+
+    if transport != "grpc":
+        raise ValueError(f"transport_tls secures the grpc transport; transport is {transport or 'its default'}")
+    return TlsFiles.parse(text)
 
 
 def check_engine_args(

@@ -56,7 +56,6 @@ class LocalExecutor:
         import torch
 
         self._done.clear()
+        self.runner = None
+        self.stage.shutdown()
         torch.set_num_threads(self._threads_before)
-        self.stage.runner = self.runner = None
-        if self.stage.device == "cuda":
-            torch.cuda.empty_cache()

@@ -184,6 +184,16 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
+    def release(self) -> None:
+        """Drops every tensor this runner holds (weights, latent cache, graphs and their memory pool,
+        rope tables), so that they are freed once the caller's own references are gone."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
+        self.kv_cache = None
+        self.shard = None
+        self.inv_freq = None
+
     # per micro-batch ----------------------------------------------------------------------------
     def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
         chunks = batch.chunks
@@ -291,6 +301,28 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
     return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
+
+
+def free_cached_memory(device) -> None:
+    """Returns freed memory to the device and the host: the caching allocator's blocks, cuBLAS's
+    per-stream workspaces (allocated through it and kept for the process's life otherwise), and torch's
+    pinned host blocks. Other processes (the next engine's stage actors) see the memory free after."""
+    import gc
+
+    from mlapipe.kernels.quant.tables import release_device_tables
+
+    release_device_tables()  # module-level: shared by every runner of the process, remade on use
+    gc.collect()  # reference cycles (modules, graphs) holding tensors
+    if torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return
+    torch.cuda.synchronize()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+    if empty_host_cache is not None:
+        empty_host_cache()
 
 
 def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:
