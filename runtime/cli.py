@@ -1,12 +1,18 @@
-"""mlapipe command line: generate | batch | bench | inspect."""
+"""mlapipe command line: generate | batch | bench | perplexity | inspect | serve."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import re
+import signal
 import sys
+import time
 
 from mlapipe.runtime import bench
+from mlapipe.runtime.shapes import SHAPES
 
 
 def _add_generate(sub) -> None:
@@ -16,11 +22,13 @@ def _add_generate(sub) -> None:
     src.add_argument(
         "--demo", action="store_true", help="a tiny random DeepSeek-V3-style model, built on first use"
     )
-    p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--max-tokens", type=int, default=64)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("-p", "--prompt", required=True, type=_utf8_text)
+    p.add_argument(
+        "-n", "--max-tokens", type=_int_at_least(1), default=None, help="tokens to generate (default 64)"
+    )
+    p.add_argument("--temp", type=_finite_float, default=0.0)
+    p.add_argument("--top-k", type=_int_at_least(0), default=0)
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_engine_options(p)
@@ -28,45 +36,134 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
-    p.add_argument("-m", "--model", required=True)
-    p.add_argument("--pipeline", type=int, default=None, help="also print the memory plan of N stages")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
+    p.add_argument("--layers", type=_int_at_least(1), default=None, help="layers of the named shape")
+    p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
+    p.add_argument(
+        "--pipeline", type=_int_at_least(1), default=None, help="also print the memory plan of N stages"
+    )
+    p.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        default=None,
+        help="plan for devices of this size (e.g. 139GiB), sizing the KV cache from memory",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache (default 0.9)",
+    )
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=int, default=512, help="tokens per micro-batch")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--ubatch", type=_int_at_least(1), default=512, help="tokens per micro-batch")
+    p.add_argument("-c", "--ctx-size", type=_int_at_least(2), default=None, help="context length (n_ctx)")
     p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
 
 
 def _add_batch(sub) -> None:
     p = sub.add_parser("batch", help="run prompts from a JSONL file, writing each result as it finishes")
-    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt": text or token ids, ...}')
-    p.add_argument("--output", required=True, help="JSONL results; re-running skips ids already in it")
+    p.add_argument(
+        "--input", required=True, type=_existing_file, help='JSONL: {"id", "prompt": text or token ids, ...}'
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        type=_output_file,
+        help="JSONL results; re-running skips ids already in it",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
-    p.add_argument("-n", "--max-tokens", type=int, default=64, help="default max tokens per request")
-    p.add_argument("--temp", type=float, default=0.0, help="default temperature")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "-n", "--max-tokens", type=_int_at_least(1), default=64, help="default max tokens per request"
+    )
+    p.add_argument("--temp", type=_finite_float, default=0.0, help="default temperature")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0)
+    p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_engine_options(p)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) over HTTP")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests in progress (running or waiting) at most; more are refused with 429",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MLAPIPE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $MLAPIPE_API_KEY; none: no key)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: file stem)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for requests in progress before failing them",
+    )
+    _add_engine_options(p)
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity over a text file, as llama-perplexity computes it",
+        description="Cuts the tokenized text into chunks of -c tokens (BOS first), scores the second half "
+        "of each and prints the running estimate [i]ppl and the final PPL +/- its standard error.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument(
+        "-f", "--file", required=True, type=_existing_file, help="text file (e.g. wikitext-2's wiki.test.raw)"
+    )
+    p.add_argument(
+        "--chunks", type=_int_at_least(1), default=None, help="evaluate at most N chunks (default: all)"
+    )
+    _add_engine_options(p)
+    p.set_defaults(ctx_size=512)  # -c: the chunk length, and the engine's n_ctx
+
+
 def _add_engine_options(p) -> None:
     """Options passed to Engine only when given, so the engine's own defaults apply otherwise."""
-    p.add_argument("--pipeline", type=int, default=None, help="pipeline stages")
+    p.add_argument("--pipeline", type=_int_at_least(1), default=None, help="pipeline stages")
     p.add_argument(
         "--amb", type=_amb_values, default=None, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=int, default=None, help="tokens per micro-batch")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (n_ctx)")
+    p.add_argument("--ubatch", type=_int_at_least(1), default=None, help="tokens per micro-batch")
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=_int_at_least(2),
+        default=None,
+        help="context length (n_ctx; default 4096 or the model's maximum if smaller)",
+    )
     p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
-    p.add_argument("--transport", default=None, help="nccl | gloo | grpc (default: the fastest available)")
+    p.add_argument(
+        "--transport",
+        default=None,
+        choices=["nccl", "gloo", "grpc"],
+        help="default: nccl on GPUs, gloo on CPU",
+    )
     p.add_argument(
         "--decode-steps",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="decode tokens per driver round trip (default 16; 1 streams every token as it comes)",
     )
@@ -75,22 +172,134 @@ def _add_engine_options(p) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
     )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
+    )
+    add_memory_options(p)
+
+
+def add_memory_options(p) -> None:
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache; the cache gets what is "
+        "left (default 0.9 on GPUs)",
+    )
+    p.add_argument(
+        "--dequantize", action="store_true", help="decode every weight at load instead of keeping GGUF blocks"
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'139GiB', '141GB', '80G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 139GiB or 141GB, got {text!r}")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper() or " ")
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base**power) if unit else int(float(number))
+
+
+# argument types: each refuses what the engine cannot use, so argparse names the flag ------------------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free one), got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
+        values = [_finite_float(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def _amb_values(text: str) -> float | list[float]:
-    values = _float_list(text)
+    try:
+        values = [_finite_float(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected MiB values separated by commas, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"attention max batch is MiB >= 0 (0: unlimited), got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+def _utf8_text(text: str) -> str:
+    # Python decodes argv with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at position {e.start})"
+        ) from None
+    return text
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    return path
+
+
+def _output_file(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path}: not writable")
+    return path
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr (exit 2), pointing at --help, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"mlapipe: error: {message} (see {self.prog} --help)\n")
 
 
 def engine_options(args) -> dict:
@@ -109,6 +318,10 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
+        "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
+        "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters
@@ -121,31 +334,90 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from mlapipe.runtime.display import finish_description, printable, speed_summary
     from mlapipe.runtime.engine import Engine
     from mlapipe.runtime.sampling_params import SamplingParams
     from mlapipe.runtime.tiny_models import demo_model_path
 
     path = demo_model_path() if args.demo else args.model
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
+    SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )  # before loading
     with Engine(path, **engine_options(args)) as engine:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        print(prompt, end="", flush=True)
-        count = 0
+        room = engine.n_ctx - len(engine.tokenizer.encode(prompt))
+        if args.max_tokens is not None and args.max_tokens > room:
+            raise ValueError(
+                f"-n {args.max_tokens} does not fit: the prompt takes {engine.n_ctx - room} of the "
+                f"{engine.n_ctx}-token context, so at most {max(room, 0)} tokens can follow "
+                f"(lower -n, or raise -c up to the model's {engine.config.context_length})"
+            )
+        params = SamplingParams(
+            max_tokens=args.max_tokens or max(1, min(64, room)),
+            temperature=args.temp,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        prompt_tokens = engine.n_ctx - room
+        print(printable(prompt), end="", flush=True)
+        count, reason, first, last = 0, None, None, None
+        started = time.perf_counter()
         for event in engine.stream(prompt, params):
-            print(event.text, end="", flush=True)
+            last = time.perf_counter()
+            first = first or last
+            print(printable(event.text), end="", flush=True)
             count += 1
-        print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+            reason = event.finish_reason or reason
+        finish = finish_description(reason, prompt_tokens, count, params.max_tokens, engine.n_ctx)
+        speed = speed_summary(prompt_tokens, count, started, first, last)
+        print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.perplexity import perplexity
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.file}: {e}") from None
+    path = demo_model_path() if args.demo else args.model
+    with Engine(path, **engine_options(args)) as engine:
+        result = perplexity(
+            engine,
+            text,
+            args.ctx_size,
+            args.chunks,
+            on_chunk=lambda i, ppl: print(f"[{i}]{ppl:.4f},", end="", flush=True),
+            on_start=lambda tokens, chunks: print(
+                f"perplexity: {path}: {tokens} tokens, {chunks} chunks of n_ctx={args.ctx_size}, "
+                "scoring the second half of each",
+                file=sys.stderr,
+            ),
+        )
+    print()
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.uncertainty:.5f}")
+    print(
+        f"[{result.num_chunks} chunks of {args.ctx_size} tokens, {result.num_scored} scored]", file=sys.stderr
+    )
     return 0
 
 
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.shapes import RandomModel, random_spec
+    from mlapipe.runtime.tiny_models import demo_model_path
 
-    model = GGUFModel(args.model)
+    if args.model or args.demo:
+        model = GGUFModel(demo_model_path() if args.demo else args.model)
+    else:
+        model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
     print(f"model: {model.path}")
     print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
@@ -155,6 +427,7 @@ def cmd_inspect(args) -> int:
     for qtype, (count, size) in sorted(model.type_summary().items()):
         print(f"  {qtype:6s} {count:5d} tensors {size / 2**20:12.2f} MiB")
     print(f"parameters: {model.num_parameters:,}")
+    _print_fallback(model)
     for dtype, size in (("bf16/f16", 2), ("f32", 4)):
         per_token = cfg.latent_kv_bytes_per_token(size)
         print(
@@ -163,27 +436,84 @@ def cmd_inspect(args) -> int:
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
     if args.pipeline is not None:
-        from mlapipe.runtime.planner import plan_for_model
+        _print_plan(model, args)
+    return 0
 
-        # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
-        # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
-        n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+
+def _print_plan(model, args) -> None:
+    from mlapipe.runtime.planner import (
+        DEFAULT_KV_MEMORY_FRACTION,
+        PlanError,
+        layer_weight_bytes,
+        plan_for_model,
+        plan_kv_from_memory,
+    )
+    from mlapipe.runtime.weight_storage import bytes_by_type
+
+    cfg = model.config
+    # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
+    # 64 tokens for 4 sequences of n_ctx (runtime/engine.py), or the cache sized from the devices'
+    # memory; keep the two in step.
+    n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+    options = dict(split=args.split, amb_mib=args.amb, ubatch=args.ubatch, n_ctx=n_ctx)
+    if args.device_memory is None:
         kv_tokens = 4 * -(-n_ctx // 64) * 64
-        plan = plan_for_model(
-            model,
-            args.pipeline,
-            split=args.split,
-            amb_mib=args.amb,
-            ubatch=args.ubatch,
-            n_ctx=n_ctx,
-            num_kv_tokens=kv_tokens,
-        )
+        plan = plan_for_model(model, args.pipeline, num_kv_tokens=kv_tokens, **options)
         print(
             f"pipeline plan (n_ctx {n_ctx}, KV cache {kv_tokens} tokens, ubatch {args.ubatch}, "
             "bf16 weights and KV):"
         )
-        print(plan.format())
-    return 0
+    else:
+        fraction = args.gpu_memory_utilization or DEFAULT_KV_MEMORY_FRACTION
+        layers, embed, head = layer_weight_bytes(model)
+        try:
+            plan = plan_kv_from_memory(
+                cfg,
+                layers,
+                embed,
+                head,
+                args.pipeline,
+                total_bytes=[args.device_memory] * args.pipeline,
+                device_names=[
+                    f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
+                ],
+                kv_memory_fraction=fraction,
+                **options,
+            )
+        except PlanError as e:
+            raise ValueError(f"{model.path} on {args.pipeline} device(s): {e}") from None
+        print(
+            f"pipeline plan ({args.pipeline} x {args.device_memory / 2**30:.2f} GiB at {fraction:g}, n_ctx {n_ctx}, "
+            f"ubatch {args.ubatch}, KV cache sized from memory, bf16 KV):"
+        )
+    print(plan.format())
+    print("weights per device by type (as loaded):")
+    for stage in plan.stages:
+        names = _stage_tensors(model, stage)
+        table = bytes_by_type(model.tensors, names, 2)
+        cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        print(f"  stage {stage.stage}: {cells}")
+
+
+def _print_fallback(model) -> None:
+    from mlapipe.runtime.weight_storage import fallback_tensors
+
+    fallback = fallback_tensors(model.tensors)
+    if fallback:
+        kinds = sorted({model.tensors[n].qtype.name for n in fallback})
+        print(
+            f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
+            f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
+        )
+
+
+def _stage_tensors(model, stage) -> list[str]:
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:
@@ -201,31 +531,82 @@ def cmd_batch(args) -> int:
         print(f"[all {len(items)} requests already done; {args.output}]", file=sys.stderr)
         return 0
     path = demo_model_path() if args.demo else args.model
+    previous = signal.signal(signal.SIGTERM, _terminate)  # kill (SIGTERM) stops as Ctrl-C does
     try:
         with Engine(path, **engine_options(args)) as engine:
+            signal.signal(signal.SIGTERM, _terminate)  # again: ray.init installs its own handler
             summary = run_batch(engine, items, args.output, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill does not cut the message short
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(
-            f"mlapipe: interrupted; results finished so far are in {args.output}; "
+            f"mlapipe: {what}; results finished so far are in {args.output}; "
             "re-run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(
-        f"[{summary.written} written, {summary.skipped} already done, {len(summary.failed)} failed; "
-        f"{args.output}]",
+        f"[{summary.written} written, {summary.skipped} already done, "
+        f"{len(summary.refused)} refused, {len(summary.failed)} failed; {args.output}]",
         file=sys.stderr,
     )
-    if summary.failed:
+    if summary.failed or summary.refused:
         print(f"mlapipe: error: {describe_failures(summary)}", file=sys.stderr)
         return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files"
+def cmd_serve(args) -> int:
+    import functools
+    import pathlib
+
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.serve_loop import EngineLoop
+    from mlapipe.runtime.server import serve
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    path = demo_model_path() if args.demo else args.model
+    name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
+    options = engine_options(args)  # unknown options fail here, before the server starts
+    loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
+    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+
+    def listening(url: str) -> None:
+        print(
+            f"mlapipe: loading {path}; OpenAI API on {url}/v1 (503 until loaded)", file=sys.stderr, flush=True
+        )
+
+    return serve(
+        loop,
+        name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        on_listening=listening,
     )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so both stop a batch the same way."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _version() -> str:
+    import mlapipe
+
+    return mlapipe.__version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
+    parser.add_argument("--version", action="version", version=f"mlapipe {_version()}")
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -237,23 +618,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_batch(sub)
     _add_inspect(sub)
+    _add_perplexity(sub)
+    _add_serve(sub)
     bench.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from mlapipe.runtime.engine import PromptError
+    from mlapipe.runtime.errors import ClusterUnreachable
     from mlapipe.runtime.gguf_model import ModelFileError
     from mlapipe.runtime.tokenizer import TokenizerError
 
     try:
-        commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}
+        commands = {
+            "generate": cmd_generate,
+            "batch": cmd_batch,
+            "bench": bench.run,
+            "inspect": cmd_inspect,
+            "perplexity": cmd_perplexity,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
-    except (ModelFileError, PromptError, TokenizerError, ValueError) as e:
-        print(f"mlapipe: error: {e}", file=sys.stderr)
+    except (ModelFileError, PromptError, TokenizerError, ClusterUnreachable, ValueError) as e:
+        print(f"mlapipe: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -10,3 +10,7 @@ class StageFailed(RuntimeError):
         super().__init__(f"pipeline stage {stage} ({device}) failed: {reason}")
         self.stage = stage
         self.batch_ids = batch_ids
+
+
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster named by --address / RAY_ADDRESS does not answer."""

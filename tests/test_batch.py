@@ -198,20 +198,24 @@ def _items(*prompts):
     return [BatchItem(p, p, SamplingParams(max_tokens=2)) for p in prompts]
 
 
-def test_failed_requests_are_not_written_and_a_rerun_retries_only_them(tmp_path):
+def test_transient_failures_are_retried_and_permanent_ones_get_an_error_line(tmp_path):
     output = str(tmp_path / "out.jsonl")
     items = _items("p1", "p2", "p3", "too long")
     summary = run_batch(FakeEngine(errors={"p2"}), items, output, progress=False)
     assert summary.written == 2
-    assert set(summary.failed) == {"p2", "too long"}
+    assert set(summary.failed) == {"p2"}  # a stage died under it: worth retrying
     assert summary.failed["p2"] == "error: stage 1 died"
-    assert [r["id"] for r in _read_results(output)] == ["p1", "p3"]
+    assert set(summary.refused) == {"too long"}  # can never run with these settings: not retried
+    results = _by_id(_read_results(output))
+    assert sorted(results) == ["p1", "p3", "too long"]  # completion order: the refusal comes first
+    assert results["too long"]["finish_reason"] == "error"
+    assert "longer than the context" in results["too long"]["error"]
 
     retry = FakeEngine()
-    summary = run_batch(retry, items[:3], output, progress=False)
-    assert summary.skipped == 2 and summary.written == 1 and not summary.failed
-    assert [q.request_id for q in retry.queue] == ["req-0-p2"]  # only the failed one ran again
-    assert sorted(r["id"] for r in _read_results(output)) == ["p1", "p2", "p3"]
+    summary = run_batch(retry, items, output, progress=False)
+    assert summary.skipped == 3 and summary.written == 1 and not summary.failed and not summary.refused
+    assert [q.request_id for q in retry.queue] == ["req-0-p2"]  # only the transient failure ran again
+    assert sorted(r["id"] for r in _read_results(output)) == ["p1", "p2", "p3", "too long"]
 
 
 def test_engine_raising_fails_what_is_left_and_keeps_what_is_written(tmp_path):
@@ -253,11 +257,7 @@ def test_cli_exits_nonzero_naming_failed_requests(tmp_path, monkeypatch, capsys)
     "line, message",
     [
         ("{not json", "not valid JSON"),
-        ('{"id": "x"}', 'no "prompt"'),
-        ('{"id": "x", "prompt": ""}', "non-empty text or a list of token ids"),
-        ('{"id": "x", "prompt": [1, "a"]}', "non-empty text or a list of token ids"),
         ('{"id": [1], "prompt": "x"}', "id must be a string or an integer"),
-        ('{"id": "x", "prompt": "x", "temperature": -1}', "temperature must be >= 0"),
         ('{"id": "first", "prompt": "again"}', "already used on line 1"),
         ("[1, 2]", "expected a JSON object"),
     ],
@@ -270,8 +270,38 @@ def test_bad_input_line_is_named_by_number(tmp_path, line, message):
 
 
 def test_cli_reports_bad_input_before_loading_the_model(tmp_path, capsys):
-    path = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}, {"id": 2}])
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}, {"id": [2], "prompt": "y"}])
     argv = ["batch", "--input", path, "--output", str(tmp_path / "out.jsonl"), "-m", "/no/such/model.gguf"]
     assert cli.main(argv) == 2
-    assert 'in.jsonl:2: no "prompt"' in capsys.readouterr().err
+    assert "in.jsonl:2: id must be a string or an integer" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({}, 'no "prompt"'),
+        ({"prompt": ""}, "non-empty text or a list of token ids"),
+        ({"prompt": [1, "a"]}, "token ids must be integers, got 'a'"),
+        ({"prompt": [1, 2.0]}, "token ids must be integers, got 2.0"),  # never truncated to 2
+        ({"prompt": [1, True]}, "token ids must be integers, got True"),
+        ({"prompt": "\ud800"}, "unpaired surrogate"),
+        ({"prompt": "x", "temperature": -1}, "temperature must be 0 (greedy) or in"),
+        ({"prompt": "x", "temperature": 1e-40}, "temperature must be 0 (greedy) or in"),
+        ({"prompt": "x", "temperature": float("nan")}, "temperature must be finite"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature must be a number"),
+        ({"prompt": "x", "top_k": 2.5}, "top_k must be an integer"),
+        ({"prompt": "x", "top_p": 0}, "top_p must be in (0, 1]"),
+        ({"prompt": "x", "seed": 1.5}, "seed must be an integer"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens must be an integer"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens must be in [1,"),
+        ({"prompt": "x", "temprature": 0.5}, "unknown field 'temprature'"),
+    ],
+)
+def test_bad_field_becomes_a_permanent_error_for_that_line_only(tmp_path, fields, message):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "first", "prompt": "x"}\n' + json.dumps({"id": "bad", **fields}) + "\n")
+    good, bad = read_requests(str(path), SamplingParams())
+    assert good.error is None
+    assert bad.request_id == "bad" and bad.error is not None
+    assert re.match(r".*in\.jsonl:2: .*" + re.escape(message), bad.error), bad.error

@@ -17,7 +17,10 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int
     """logits (vocab,) fp32 -> token id."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature
+    # Shifted so the largest logit is 0 before dividing: no temperature can overflow it to inf (whose
+    # softmax is NaN); SamplingParams keeps the temperature where float32 can divide by it.
+    logits = logits.float().cpu()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

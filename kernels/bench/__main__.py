@@ -4,6 +4,7 @@ import sys
 SUITES = {
     "attention": "mlapipe.kernels.bench.attention",
     "moe": "mlapipe.kernels.bench.moe",
+    "quant": "mlapipe.kernels.bench.quant",
     "dequant": "mlapipe.kernels.bench.dequant",
 }
 

@@ -1,0 +1,53 @@
+"""A failed pipeline stage is named right: the one whose process was killed (SIGKILL) or stopped
+(SIGSTOP), over gloo and gRPC, first stage and last; every request in flight fails with that name."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.tiny_models import write_tiny_model
+
+DEADLINE_S = 3.0  # a stopped stage is found by its missed deadline; the tiny model's steps take ms
+PROMPTS = [[5, 6, 7], [40, 41], list(range(60, 70))]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("fail") / "v2.gguf", "v2", num_hidden_layers=2)
+
+
+# Every pair of (transport, stage), (transport, signal) and (stage, signal) once: four pipelines instead
+# of eight (each costs two fresh actor processes importing torch, ~8 s on two busy cores).
+@pytest.mark.parametrize(
+    "transport, stage, how",
+    [("gloo", 1, "kill"), ("gloo", 0, "stop"), ("grpc", 0, "kill"), ("grpc", 1, "stop")],
+)
+def test_reported_stage_is_the_one_that_failed(ray_local, model_path, transport, stage, how):
+    engine = Engine(
+        model_path, pipeline=2, transport=transport, use_ray=True, block_size=16, deadline_s=DEADLINE_S
+    )
+    pid = engine.executor.devices[stage]["pid"]
+    try:
+        assert len(engine.generate([[5, 6]], SamplingParams(max_tokens=2))[0].token_ids) == 2  # it works
+        os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        ids = [engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in PROMPTS]
+        started, finished = time.monotonic(), {}
+        while len(finished) < len(ids):
+            for request in engine.step()[1]:
+                finished[request.request_id] = request
+            assert time.monotonic() - started < DEADLINE_S + 20, "the engine hung after a stage failed"
+        reasons = {r.finish_reason for r in finished.values()}
+        assert len(reasons) == 1, reasons
+        reason = reasons.pop()
+        assert reason.startswith(f"error: pipeline stage {stage} "), reason
+        assert ("died" if how == "kill" else "stopped responding") in reason, reason
+        if how == "stop":
+            assert "stopped (SIGSTOP?)" in reason, reason
+    finally:
+        if how == "stop":
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        engine.close()
