@@ -171,6 +171,25 @@ def test_bad_messages_for_a_live_key_fail_nothing(grpc_engine, expected):
     assert tokens(engine) == expected  # still serving
 
 
+def test_abandoned_buffers_are_freed_after_the_deadline():
+    """A step whose micro-batch was abandoned (its bytes came, nobody took them) is freed by the sweep
+    once its deadline passes; an expected key nobody sent is forgotten the same way."""
+    import torch
+
+    from mlapipe.workers.transport.inbox import Inbox
+
+    inbox = Inbox(timeout_s=0.2)
+    inbox.expect("7.0", (4, 8), torch.float32)
+    inbox.expect("8.0", (4, 8), torch.float32)
+    assert inbox.admit("7.0", "torch.float32", (4, 8)) == (None, 128)
+    inbox.deliver("7.0", torch.zeros(128, dtype=torch.uint8))
+    assert inbox.buffered_bytes == 128
+    time.sleep(0.3)
+    inbox.sweep()
+    assert inbox.buffered_bytes == 0 and inbox.rejected["expired"] == 1
+    assert inbox.admit("8.0", "torch.float32", (4, 8))[0] == "unknown_key"  # forgotten too
+
+
 def _run_to_end(engine):
     finished = []
     while not finished:
