@@ -458,7 +458,7 @@ def cmd_serve(args) -> int:
     options = engine_options(args)  # unknown options fail here, before the server starts
     _set_serving_threads(args.threads)
     loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
-    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+    loop.on_ready.append(lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True))
 
     def listening(url: str) -> None:
         print(
