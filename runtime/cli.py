@@ -6,10 +6,13 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import time
 
 from mlapipe.runtime import bench
+from mlapipe.runtime.shapes import SHAPES
 
 
 def _add_generate(sub) -> None:
@@ -33,9 +36,26 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
-    p.add_argument("-m", "--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
+    p.add_argument("--layers", type=_int_at_least(1), default=None, help="layers of the named shape")
+    p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
     p.add_argument(
         "--pipeline", type=_int_at_least(1), default=None, help="also print the memory plan of N stages"
+    )
+    p.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        default=None,
+        help="plan for devices of this size (e.g. 139GiB), sizing the KV cache from memory",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache (default 0.9)",
     )
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
@@ -160,8 +180,45 @@ def _add_engine_options(p) -> None:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
     )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
+    )
+    add_memory_options(p)
+
+
+def add_memory_options(p) -> None:
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache; the cache gets what is "
+        "left (default 0.9 on GPUs)",
+    )
+    p.add_argument(
+        "--dequantize", action="store_true", help="decode every weight at load instead of keeping GGUF blocks"
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'139GiB', '141GB', '80G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 139GiB or 141GB, got {text!r}")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper() or " ")
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base**power) if unit else int(float(number))
 
 
 # argument types: each refuses what the engine cannot use, so argparse names the flag ------------------
@@ -267,6 +324,10 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
+        "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
+        "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters
@@ -279,6 +340,7 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from mlapipe.runtime.display import finish_description, printable, speed_summary
     from mlapipe.runtime.engine import Engine
     from mlapipe.runtime.sampling_params import SamplingParams
     from mlapipe.runtime.tiny_models import demo_model_path
@@ -305,12 +367,19 @@ def cmd_generate(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        print(prompt, end="", flush=True)
-        count = 0
+        prompt_tokens = engine.n_ctx - room
+        print(printable(prompt), end="", flush=True)
+        count, reason, first, last = 0, None, None, None
+        started = time.perf_counter()
         for event in engine.stream(prompt, params):
-            print(event.text, end="", flush=True)
+            last = time.perf_counter()
+            first = first or last
+            print(printable(event.text), end="", flush=True)
             count += 1
-        print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+            reason = event.finish_reason or reason
+        finish = finish_description(reason, prompt_tokens, count, params.max_tokens, engine.n_ctx)
+        speed = speed_summary(prompt_tokens, count, started, first, last)
+        print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
 
 
@@ -348,8 +417,13 @@ def cmd_perplexity(args) -> int:
 
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.shapes import RandomModel, random_spec
+    from mlapipe.runtime.tiny_models import demo_model_path
 
-    model = GGUFModel(args.model)
+    if args.model or args.demo:
+        model = GGUFModel(demo_model_path() if args.demo else args.model)
+    else:
+        model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
     print(f"model: {model.path}")
     print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
@@ -359,6 +433,7 @@ def cmd_inspect(args) -> int:
     for qtype, (count, size) in sorted(model.type_summary().items()):
         print(f"  {qtype:6s} {count:5d} tensors {size / 2**20:12.2f} MiB")
     print(f"parameters: {model.num_parameters:,}")
+    _print_fallback(model)
     for dtype, size in (("bf16/f16", 2), ("f32", 4)):
         per_token = cfg.latent_kv_bytes_per_token(size)
         print(
@@ -367,27 +442,86 @@ def cmd_inspect(args) -> int:
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
     if args.pipeline is not None:
-        from mlapipe.runtime.planner import plan_for_model
+        _print_plan(model, args)
+    return 0
 
-        # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
-        # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
-        n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+
+def _print_plan(model, args) -> None:
+    from mlapipe.runtime.planner import (
+        DEFAULT_KV_MEMORY_FRACTION,
+        PlanError,
+        has_quantized_experts,
+        layer_weight_bytes,
+        plan_for_model,
+        plan_kv_from_memory,
+    )
+    from mlapipe.runtime.weight_storage import bytes_by_type
+
+    cfg = model.config
+    # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
+    # 64 tokens for 4 sequences of n_ctx (runtime/engine.py), or the cache sized from the devices'
+    # memory; keep the two in step.
+    n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+    options = dict(split=args.split, amb_mib=args.amb, ubatch=args.ubatch, n_ctx=n_ctx)
+    if args.device_memory is None:
         kv_tokens = 4 * -(-n_ctx // 64) * 64
-        plan = plan_for_model(
-            model,
-            args.pipeline,
-            split=args.split,
-            amb_mib=args.amb,
-            ubatch=args.ubatch,
-            n_ctx=n_ctx,
-            num_kv_tokens=kv_tokens,
-        )
+        plan = plan_for_model(model, args.pipeline, num_kv_tokens=kv_tokens, **options)
         print(
             f"pipeline plan (n_ctx {n_ctx}, KV cache {kv_tokens} tokens, ubatch {args.ubatch}, "
             "bf16 weights and KV):"
         )
-        print(plan.format())
-    return 0
+    else:
+        fraction = args.gpu_memory_utilization or DEFAULT_KV_MEMORY_FRACTION
+        layers, embed, head = layer_weight_bytes(model)
+        try:
+            plan = plan_kv_from_memory(
+                cfg,
+                layers,
+                embed,
+                head,
+                args.pipeline,
+                total_bytes=[args.device_memory] * args.pipeline,
+                device_names=[
+                    f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
+                ],
+                kv_memory_fraction=fraction,
+                quantized_experts=has_quantized_experts(model),
+                **options,
+            )
+        except PlanError as e:
+            raise ValueError(f"{model.path} on {args.pipeline} device(s): {e}") from None
+        print(
+            f"pipeline plan ({args.pipeline} x {args.device_memory / 2**30:.2f} GiB at {fraction:g}, n_ctx {n_ctx}, "
+            f"ubatch {args.ubatch}, KV cache sized from memory, bf16 KV):"
+        )
+    print(plan.format())
+    print("weights per device by type (as loaded):")
+    for stage in plan.stages:
+        names = _stage_tensors(model, stage)
+        table = bytes_by_type(model.tensors, names, 2)
+        cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        print(f"  stage {stage.stage}: {cells}")
+
+
+def _print_fallback(model) -> None:
+    from mlapipe.runtime.weight_storage import fallback_tensors
+
+    fallback = fallback_tensors(model.tensors)
+    if fallback:
+        kinds = sorted({model.tensors[n].qtype.name for n in fallback})
+        print(
+            f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
+            f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
+        )
+
+
+def _stage_tensors(model, stage) -> list[str]:
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:
@@ -485,8 +619,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _version() -> str:
+    import mlapipe
+
+    return mlapipe.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
+    parser.add_argument("--version", action="version", version=f"mlapipe {_version()}")
     parser.add_argument(
         "--log-level",
         type=str.upper,
