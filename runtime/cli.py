@@ -454,6 +454,7 @@ def _print_plan(model, args) -> None:
         layer_weight_bytes,
         plan_for_model,
         plan_kv_from_memory,
+        stage_tensor_names,
     )
     from mlapipe.runtime.weight_storage import bytes_by_type
 
@@ -497,7 +498,7 @@ def _print_plan(model, args) -> None:
     print(plan.format())
     print("weights per device by type (as loaded):")
     for stage in plan.stages:
-        names = _stage_tensors(model, stage)
+        names = stage_tensor_names(model, stage)
         table = bytes_by_type(model.tensors, names, 2)
         cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
         print(f"  stage {stage.stage}: {cells}")
@@ -513,15 +514,6 @@ def _print_fallback(model) -> None:
             f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
             f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
         )
-
-
-def _stage_tensors(model, stage) -> list[str]:
-    names = [
-        n
-        for n in model.tensors
-        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
-    ]
-    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:
