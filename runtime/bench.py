@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,15 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named model shape")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model (as generate --demo)")
     p.add_argument("--layers", type=int, default=None, help="layers of the random-weight shape")
+    p.add_argument(
+        "--wtype",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=[None],
+        help="weight types (q8_0, q4_k, bf16, ...) or recipes (UD-Q2_K_XL, Q4_K_M, ...) of the random "
+        "weights, comma-separated to compare them in one run",
+    )
     p.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt sizes, e.g. 512,2048")
     p.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generation sizes")
     p.add_argument(
@@ -59,18 +68,34 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--transport", default=None)
     p.add_argument("--devices", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="size the KV cache from this fraction of each device's memory (default: just what the tests need)",
+    )
+    p.add_argument(
+        "--dequantize", action="store_true", help="decode every weight at load (the bf16 baseline)"
+    )
 
 
 def run(args) -> int:
-    model = args.model or random_spec(args.shape, args.layers)
+    path = args.model
+    if args.demo:
+        from mlapipe.runtime.tiny_models import demo_model_path
+
+        path = demo_model_path()
+    if path and args.wtype != [None]:
+        raise ValueError("--wtype makes random weights of a --shape; a GGUF file has its own types")
     tests = [Test(f"pp{p}", p, 0) for p in args.n_prompt if p > 0]
     tests += [Test(f"tg{n}", 1, n) for n in args.n_gen if n > 0]
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
     longest = max(t.prompt + t.generate for t in tests) + 1
-    header = ["model", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
-    rows = []
-    sweep = itertools.product(args.pipeline, args.ubatch, args.amb, args.decode_steps)
-    for pipeline, ubatch, amb, decode_steps in sweep:
+    header = ["model", "wtype", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
+    rows, reports = [], []  # the table comes first on stdout, then each engine's memory report
+    sweep = itertools.product(args.wtype, args.pipeline, args.ubatch, args.amb, args.decode_steps)
+    for wtype, pipeline, ubatch, amb, decode_steps in sweep:
+        model = path or random_spec(args.shape, args.layers, wtype=wtype)
         max_seqs = max(args.concurrent)
         blocks = max_seqs * -(-longest // 64) + 8
         with Engine(
@@ -79,18 +104,23 @@ def run(args) -> int:
             ubatch=ubatch,
             amb=amb,
             n_ctx=longest,
-            kv_blocks=blocks,
+            kv_blocks=None if args.gpu_memory_utilization else blocks,
+            kv_memory_fraction=args.gpu_memory_utilization,
+            dequantize_weights=args.dequantize,
             transport=args.transport,
             devices=args.devices,
             decode_steps=decode_steps,
         ) as engine:
             name = args.shape or engine.model.path
+            kind = (wtype or ("file" if path else "BF16")) + (" (dequantized)" if args.dequantize else "")
+            reports.append(memory_report(engine, f"{name} {kind}"))
             for seqs, test in itertools.product(args.concurrent, tests):
                 rates = [_measure(engine, test, seqs, seed=i) for i in range(args.repetitions + 1)][1:]
                 spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
                 rows.append(
                     [
                         name,
+                        kind,
                         pipeline,
                         ubatch,
                         f"{amb:g}",
@@ -100,8 +130,13 @@ def run(args) -> int:
                         f"{statistics.mean(rates):.2f} ± {spread:.2f}",
                     ]
                 )
-                print(f"  {rows[-1]}", flush=True)
+                print(
+                    f"bench: {' '.join(f'{h} {v}' for h, v in zip(header[1:], rows[-1][1:]))}",
+                    file=sys.stderr,
+                )
     print(_markdown(header, rows))
+    for report in reports:
+        print(f"\n{report}")
     return 0
 
 
@@ -135,6 +170,22 @@ def _measure(engine: Engine, test: Test, seqs: int, seed: int) -> float:
     decode_started = max(first_token.values())
     tokens_then = next(count for when, count in history if when >= decode_started)
     return (sum(tokens.values()) - tokens_then) / max(ended - decode_started, 1e-9)
+
+
+def memory_report(engine: Engine, name: str) -> str:
+    """Per stage: weight bytes as planned (quantized blocks + decoded tensors) against what loading
+    allocated on the device, and the KV cache in bytes and tokens."""
+    stats = engine.executor.stats()
+    plan = engine.plan
+    lines = [f"memory of {name} ({engine.blocks.num_blocks * engine.blocks.block_size:,} KV tokens):"]
+    for stage, info in zip(plan.stages if plan else [], stats):
+        allocated = info.get("weight_bytes_allocated", 0)
+        ratio = f"{allocated / stage.weight_bytes:.3f}x" if allocated else "n/a (CPU)"
+        lines.append(
+            f"  stage {stage.stage}: weights planned {stage.weight_bytes / 2**30:.3f} GiB, allocated "
+            f"{allocated / 2**30:.3f} GiB ({ratio}); KV cache {info.get('kv_cache_bytes', 0) / 2**30:.3f} GiB"
+        )
+    return "\n".join(lines)
 
 
 def _markdown(header: list[str], rows: list[list]) -> str:

@@ -1,4 +1,4 @@
-"""mlapipe command line: generate | batch | bench | perplexity | inspect."""
+"""mlapipe command line: generate | batch | bench | perplexity | inspect | serve."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import time
 
 from mlapipe.runtime import bench
+from mlapipe.runtime.shapes import SHAPES
 
 
 def _add_generate(sub) -> None:
@@ -33,9 +36,26 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a GGUF model's config, tensor types and sizes")
-    p.add_argument("-m", "--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
+    p.add_argument("--layers", type=_int_at_least(1), default=None, help="layers of the named shape")
+    p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
     p.add_argument(
         "--pipeline", type=_int_at_least(1), default=None, help="also print the memory plan of N stages"
+    )
+    p.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        default=None,
+        help="plan for devices of this size (e.g. 139GiB), sizing the KV cache from memory",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache (default 0.9)",
     )
     p.add_argument(
         "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
@@ -67,6 +87,36 @@ def _add_batch(sub) -> None:
     p.add_argument("--top-p", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_engine_options(p)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) over HTTP")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--demo", action="store_true", help="the tiny random demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests in progress (running or waiting) at most; more are refused with 429",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MLAPIPE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $MLAPIPE_API_KEY; none: no key)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: file stem)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for requests in progress before failing them",
+    )
     _add_engine_options(p)
 
 
@@ -124,8 +174,45 @@ def _add_engine_options(p) -> None:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
     )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
+    )
+    add_memory_options(p)
+
+
+def add_memory_options(p) -> None:
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of each device's memory for weights, compute and KV cache; the cache gets what is "
+        "left (default 0.9 on GPUs)",
+    )
+    p.add_argument(
+        "--dequantize", action="store_true", help="decode every weight at load instead of keeping GGUF blocks"
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'139GiB', '141GB', '80G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 139GiB or 141GB, got {text!r}")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit.upper() or " ")
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base**power) if unit else int(float(number))
 
 
 # argument types: each refuses what the engine cannot use, so argparse names the flag ------------------
@@ -231,6 +318,10 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
+        "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
+        "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
     given = {key: value for key, value in given.items() if value is not None}
     accepted = inspect.signature(Engine).parameters
@@ -243,6 +334,7 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from mlapipe.runtime.display import finish_description, printable, speed_summary
     from mlapipe.runtime.engine import Engine
     from mlapipe.runtime.sampling_params import SamplingParams
     from mlapipe.runtime.tiny_models import demo_model_path
@@ -269,12 +361,19 @@ def cmd_generate(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        print(prompt, end="", flush=True)
-        count = 0
+        prompt_tokens = engine.n_ctx - room
+        print(printable(prompt), end="", flush=True)
+        count, reason, first, last = 0, None, None, None
+        started = time.perf_counter()
         for event in engine.stream(prompt, params):
-            print(event.text, end="", flush=True)
+            last = time.perf_counter()
+            first = first or last
+            print(printable(event.text), end="", flush=True)
             count += 1
-        print(f"\n[{count} tokens, model {path}]", file=sys.stderr)
+            reason = event.finish_reason or reason
+        finish = finish_description(reason, prompt_tokens, count, params.max_tokens, engine.n_ctx)
+        speed = speed_summary(prompt_tokens, count, started, first, last)
+        print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
 
 
@@ -312,8 +411,13 @@ def cmd_perplexity(args) -> int:
 
 def cmd_inspect(args) -> int:
     from mlapipe.runtime.gguf_model import GGUFModel
+    from mlapipe.runtime.shapes import RandomModel, random_spec
+    from mlapipe.runtime.tiny_models import demo_model_path
 
-    model = GGUFModel(args.model)
+    if args.model or args.demo:
+        model = GGUFModel(demo_model_path() if args.demo else args.model)
+    else:
+        model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
     print(f"model: {model.path}")
     print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
@@ -323,6 +427,7 @@ def cmd_inspect(args) -> int:
     for qtype, (count, size) in sorted(model.type_summary().items()):
         print(f"  {qtype:6s} {count:5d} tensors {size / 2**20:12.2f} MiB")
     print(f"parameters: {model.num_parameters:,}")
+    _print_fallback(model)
     for dtype, size in (("bf16/f16", 2), ("f32", 4)):
         per_token = cfg.latent_kv_bytes_per_token(size)
         print(
@@ -331,27 +436,84 @@ def cmd_inspect(args) -> int:
             f"n_ctx {cfg.context_length}: {per_token * cfg.context_length / 2**30:.2f} GiB"
         )
     if args.pipeline is not None:
-        from mlapipe.runtime.planner import plan_for_model
+        _print_plan(model, args)
+    return 0
 
-        # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
-        # 64 tokens for 4 sequences of n_ctx (runtime/engine.py); keep the two in step.
-        n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+
+def _print_plan(model, args) -> None:
+    from mlapipe.runtime.planner import (
+        DEFAULT_KV_MEMORY_FRACTION,
+        PlanError,
+        layer_weight_bytes,
+        plan_for_model,
+        plan_kv_from_memory,
+    )
+    from mlapipe.runtime.weight_storage import bytes_by_type
+
+    cfg = model.config
+    # What Engine allocates by default: n_ctx 4096 capped by the trained context, and KV blocks of
+    # 64 tokens for 4 sequences of n_ctx (runtime/engine.py), or the cache sized from the devices'
+    # memory; keep the two in step.
+    n_ctx = min(args.ctx_size or 4096, cfg.context_length)
+    options = dict(split=args.split, amb_mib=args.amb, ubatch=args.ubatch, n_ctx=n_ctx)
+    if args.device_memory is None:
         kv_tokens = 4 * -(-n_ctx // 64) * 64
-        plan = plan_for_model(
-            model,
-            args.pipeline,
-            split=args.split,
-            amb_mib=args.amb,
-            ubatch=args.ubatch,
-            n_ctx=n_ctx,
-            num_kv_tokens=kv_tokens,
-        )
+        plan = plan_for_model(model, args.pipeline, num_kv_tokens=kv_tokens, **options)
         print(
             f"pipeline plan (n_ctx {n_ctx}, KV cache {kv_tokens} tokens, ubatch {args.ubatch}, "
             "bf16 weights and KV):"
         )
-        print(plan.format())
-    return 0
+    else:
+        fraction = args.gpu_memory_utilization or DEFAULT_KV_MEMORY_FRACTION
+        layers, embed, head = layer_weight_bytes(model)
+        try:
+            plan = plan_kv_from_memory(
+                cfg,
+                layers,
+                embed,
+                head,
+                args.pipeline,
+                total_bytes=[args.device_memory] * args.pipeline,
+                device_names=[
+                    f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
+                ],
+                kv_memory_fraction=fraction,
+                **options,
+            )
+        except PlanError as e:
+            raise ValueError(f"{model.path} on {args.pipeline} device(s): {e}") from None
+        print(
+            f"pipeline plan ({args.pipeline} x {args.device_memory / 2**30:.2f} GiB at {fraction:g}, n_ctx {n_ctx}, "
+            f"ubatch {args.ubatch}, KV cache sized from memory, bf16 KV):"
+        )
+    print(plan.format())
+    print("weights per device by type (as loaded):")
+    for stage in plan.stages:
+        names = _stage_tensors(model, stage)
+        table = bytes_by_type(model.tensors, names, 2)
+        cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
+        print(f"  stage {stage.stage}: {cells}")
+
+
+def _print_fallback(model) -> None:
+    from mlapipe.runtime.weight_storage import fallback_tensors
+
+    fallback = fallback_tensors(model.tensors)
+    if fallback:
+        kinds = sorted({model.tensors[n].qtype.name for n in fallback})
+        print(
+            f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
+            f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
+        )
+
+
+def _stage_tensors(model, stage) -> list[str]:
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:
@@ -396,6 +558,38 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import functools
+    import pathlib
+
+    from mlapipe.runtime.engine import Engine
+    from mlapipe.runtime.serve_loop import EngineLoop
+    from mlapipe.runtime.server import serve
+    from mlapipe.runtime.tiny_models import demo_model_path
+
+    path = demo_model_path() if args.demo else args.model
+    name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
+    options = engine_options(args)  # unknown options fail here, before the server starts
+    loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
+    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+
+    def listening(url: str) -> None:
+        print(
+            f"mlapipe: loading {path}; OpenAI API on {url}/v1 (503 until loaded)", file=sys.stderr, flush=True
+        )
+
+    return serve(
+        loop,
+        name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        on_listening=listening,
+    )
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so both stop a batch the same way."""
 
@@ -404,8 +598,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _version() -> str:
+    import mlapipe
+
+    return mlapipe.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="mlapipe", description="DeepSeek MLA + MoE inference from GGUF files")
+    parser.add_argument("--version", action="version", version=f"mlapipe {_version()}")
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -418,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_inspect(sub)
     _add_perplexity(sub)
+    _add_serve(sub)
     bench.add_parser(sub)
     return parser
 
@@ -434,8 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     from mlapipe.runtime.tokenizer import TokenizerError
 
     try:
-        commands = {"generate": cmd_generate, "batch": cmd_batch, "bench": bench.run, "inspect": cmd_inspect}
-        commands["perplexity"] = cmd_perplexity
+        commands = {
+            "generate": cmd_generate,
+            "batch": cmd_batch,
+            "bench": bench.run,
+            "inspect": cmd_inspect,
+            "perplexity": cmd_perplexity,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
     except (ModelFileError, PromptError, TokenizerError, ClusterUnreachable, ValueError) as e:
         print(f"mlapipe: error: {_one_line(e)}", file=sys.stderr)

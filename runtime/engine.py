@@ -12,18 +12,28 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
+from mlapipe.runtime.detokenizer import IncrementalDetokenizer
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.metrics import EngineMetrics
+from mlapipe.runtime.planner import (
+    DEFAULT_KV_MEMORY_FRACTION,
+    check_fits,
+    layer_weight_bytes,
+    plan_for_model,
+    plan_kv_from_memory,
+)
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.scheduler import Request, Scheduler
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.threads import cpu_threads as default_cpu_threads
 from mlapipe.runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
@@ -41,6 +51,10 @@ class RequestFailed(RuntimeError):
     """A request ended with an error (a pipeline stage failed); the message names the cause."""
 
 
+class EngineClosed(RuntimeError):
+    """A method of an engine that close() (or leaving its with block) has already shut down."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -54,12 +68,13 @@ class RequestOutput:
 class StreamEvent:
     token_id: int
     text: str  # the text this token adds
+    finish_reason: str | None = None  # set on the request's last token: "stop" | "length"
 
 
 class Engine:
     def __init__(
         self,
-        model: str,
+        model: str | os.PathLike,
         *,
         pipeline: int = 1,
         devices: str | None = None,  # "cuda" or "cpu"; default: cuda when available
@@ -78,8 +93,15 @@ class Engine:
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
+        metrics_host: str = "127.0.0.1",  # the metrics server's address ("0.0.0.0": every interface)
+        transport_tls: str | None = None,  # "CERT,KEY,CA[,SERVER_NAME]": mutual TLS on gRPC links
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
+        cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
+        kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
+        dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
     ):
+        self._closed = False
+        model = os.fspath(model)  # a path object works as well as a string
         check_engine_args(
             pipeline=pipeline,
             amb=amb,
@@ -94,6 +116,7 @@ class Engine:
             transport=transport,
             devices=devices,
         )
+        tls = _tls_files(transport_tls, transport)
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
@@ -105,25 +128,68 @@ class Engine:
             )
         self.n_ctx = n_ctx or min(4096, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
-        self.blocks = BlockManager(kv_blocks or 4 * blocks_per_seq, block_size)
-        if self.blocks.num_blocks < blocks_per_seq:
+        if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or _default_device()
-        runner_options = {"attention": attention}
+        self.cpu_threads = cpu_threads or default_cpu_threads()
+        # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
+        # else (CPU: the test and oracle path) 4 sequences of n_ctx.
+        if kv_memory_fraction is None and kv_blocks is None and device == "cuda":
+            kv_memory_fraction = DEFAULT_KV_MEMORY_FRACTION
+        sized_from_memory = kv_memory_fraction is not None and kv_blocks is None
+        fixed_blocks = kv_blocks or 4 * blocks_per_seq
+        runner_options = {"attention": attention, "dequantize": dequantize_weights}
         self.plan = None
+        use_pipeline = use_ray or (use_ray is None and (pipeline > 1 or address))
+        num_stages = pipeline if use_pipeline else 1
+        element_size = 2 if device == "cuda" else 4
+        self._plan_options = dict(split=split, amb_mib=amb, ubatch=ubatch, n_ctx=self.n_ctx)
+        self._plan_options |= dict(element_size=element_size, kv_element_size=element_size)
+        self._plan_options["dequantize"] = dequantize_weights
+
+        def check_plan(device_infos: list[dict]) -> int:
+            """Plans the stages on the devices found (before any weight is read); returns KV blocks."""
+            options = dict(self._plan_options)
+            names = [d["device"] for d in device_infos]
+            if sized_from_memory:
+                dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
+                layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+                self.plan = plan_kv_from_memory(
+                    self.config,
+                    layers,
+                    embed,
+                    head,
+                    num_stages,
+                    total_bytes=[d["total_bytes"] for d in device_infos],
+                    free_bytes=[d["free_bytes"] for d in device_infos],
+                    device_names=names,
+                    kv_memory_fraction=kv_memory_fraction,
+                    block_size=block_size,
+                    element_size=element_size,
+                    **options,
+                )
+                return self.plan.num_kv_tokens // block_size
+            self.plan = plan_for_model(
+                self.model, num_stages, num_kv_tokens=fixed_blocks * block_size, **options
+            )
+            check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
+            return fixed_blocks
+
         loading = _loading_bar(self.model, progress)
-        if use_ray or (use_ray is None and (pipeline > 1 or address)):
+        if use_pipeline:
             self.executor = self._start_pipeline(
                 pipeline,
                 device,
-                amb,
                 ubatch,
                 transport,
                 address,
-                split,
                 deadline_s,
                 placement,
                 runner_options,
+                check_plan,
+                fixed_blocks,
+                block_size,
+                tls,
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -131,13 +197,16 @@ class Engine:
             amb_mib = amb if isinstance(amb, (int, float)) else amb[0]
             self.executor = LocalExecutor(
                 self.model,
-                self.blocks.num_blocks,
+                fixed_blocks,
                 block_size,
                 self.n_ctx,
                 device=device,
                 amb_mib=amb_mib,
+                cpu_threads=self.cpu_threads,
+                check_plan=check_plan,
                 **runner_options,
             )
+        self.blocks = BlockManager(self.executor.num_kv_blocks, block_size)
         loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
         loading.close()
         self.scheduler = Scheduler(
@@ -156,57 +225,59 @@ class Engine:
         self.metrics = EngineMetrics(self.scheduler, self.blocks, self.executor)
         if metrics_port is not None:
             try:
-                self.metrics.serve(metrics_port)
+                self.metrics.serve(metrics_port, metrics_host)
             except ValueError:
                 self.executor.shutdown()
                 raise
 
     def _start_pipeline(
-        self, num_stages, device, amb, ubatch, transport, address, split, deadline_s, placement, options
+        self,
+        num_stages,
+        device,
+        ubatch,
+        transport,
+        address,
+        deadline_s,
+        placement,
+        options,
+        check_plan,
+        num_kv_blocks,
+        block_size,
+        tls,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
-        from mlapipe.runtime.planner import check_fits, plan_for_model
 
         transport = transport or ("nccl" if device == "cuda" else "gloo")
         if transport == "nccl" and device != "cuda":
             raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
-        element_size = 2 if device == "cuda" else 4
-        plan = plan_for_model(
-            self.model,
-            num_stages,
-            split=split,
-            amb_mib=amb,
-            ubatch=ubatch,
-            n_ctx=self.n_ctx,
-            num_kv_tokens=self.blocks.num_blocks * self.blocks.block_size,
-            element_size=element_size,
-            kv_element_size=element_size,
+        # the layer split and amb per stage do not depend on the devices' memory: plan them now, and
+        # again with the devices' numbers once the stages report them (check_plan)
+        split_plan = plan_for_model(
+            self.model, num_stages, num_kv_tokens=num_kv_blocks * block_size, **self._plan_options
         )
-        self.plan = plan
-
-        def check_plan(device_infos):
-            check_fits(plan, [d["free_bytes"] for d in device_infos], [d["device"] for d in device_infos])
-
-        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in plan.stages]
+        stages = [StageSpec(s.first_layer, s.end_layer, s.amb_mib) for s in split_plan.stages]
         return RayPipeline(
             self.model.path,
             stages,
             use_gpu=device == "cuda",
             transport=transport,
-            num_kv_blocks=self.blocks.num_blocks,
-            block_size=self.blocks.block_size,
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
             max_seq_len=self.n_ctx,
             deadline_s=deadline_s,
             address=address,
             check_plan=check_plan,
             placement=placement,
             runner_options=options,
+            transport_tls=tls,
+            cpu_threads=self.cpu_threads,
         )
 
     # requests -----------------------------------------------------------------------------------
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False
     ) -> str:
+        self._check_open()
         if self._failure:
             raise RequestFailed(
                 f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
@@ -220,6 +291,7 @@ class Engine:
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """Runs what can run now; returns (requests that got tokens, requests that finished)."""
+        self._check_open()
         batches = self.scheduler.schedule_all()
         advanced, finished = [], []
         try:
@@ -258,6 +330,20 @@ class Engine:
             )
         return advanced, finished
 
+    def abort(self, request_id: str, finish_reason: str = "abort") -> None:
+        """Ends an unfinished request and frees its KV blocks: now, or when the micro-batch it is in
+        comes back (the stages are still writing its blocks). Unknown or finished ids are ignored.
+        finish_reason: "abort" (its client went away) or "stop" (the caller found a stop string)."""
+        request = self.scheduler.abort(request_id, finish_reason)
+        if request is not None:  # ended now: step() will not report it
+            self.metrics.on_step([], [request], 0)
+            log.info("request %s aborted", request_id)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run requests any more (a pipeline stage failed), or None."""
+        return self._failure
+
     # conveniences -------------------------------------------------------------------------------
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
@@ -275,7 +361,8 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         request_id = self.add_request(prompt, params)
-        request, emitted, text = None, 0, ""
+        request, emitted = None, 0
+        text = IncrementalDetokenizer(self.tokenizer)
         while request is None or not request.finished:
             advanced, finished = self.step()
             for r in advanced + finished:
@@ -284,13 +371,11 @@ class Engine:
             if request is None:
                 continue
             _raise_if_failed(request)
-            for token in request.output_token_ids[emitted:]:
+            tokens = request.output_token_ids
+            for token in tokens[emitted:]:
                 emitted += 1
-                full = self.tokenizer.decode(request.output_token_ids[:emitted])
-                if full.endswith("\ufffd") and not request.finished:
-                    full = text  # an incomplete UTF-8 sequence: wait for the bytes that complete it
-                yield StreamEvent(token, full[len(text) :])
-                text = full
+                last = request.finished and emitted == len(tokens)
+                yield StreamEvent(token, text.add(token, final=last), request.finish_reason if last else None)
 
     def score(self, token_ids: Sequence[int]) -> list[float]:
         """log p(t_i | t_<i) for i = 1..n-1 (perplexity is exp(-mean))."""
@@ -303,9 +388,20 @@ class Engine:
 
     # lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Gives back everything the engine took, now: the metrics server, the model's device memory
+        (in-process: weights, latent cache, CUDA graphs and their pools, cached blocks), and for a Ray
+        pipeline its actors and placement group. Later calls raise EngineClosed; closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
         self.scheduler.abort_all("engine closed")
         self.metrics.close()
-        self.executor.shutdown()
+        executor, self.executor = self.executor, None
+        executor.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"the engine for {self.model.path} is closed: build a new Engine to run requests")
 
     def __enter__(self) -> Engine:
         return self
@@ -346,6 +442,16 @@ class Engine:
             self.tokenizer.decode(request.output_token_ids) if self.tokenizer else "",
             request.finish_reason,
         )
+
+
+def _tls_files(text: str | None, transport: str | None):
+    if text is None:
+        return None
+    from mlapipe.workers.transport.tls import TlsFiles
+
+    if transport != "grpc":
+        raise ValueError(f"transport_tls secures the grpc transport; transport is {transport or 'its default'}")
+    return TlsFiles.parse(text)
 
 
 def check_engine_args(

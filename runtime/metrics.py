@@ -49,6 +49,8 @@ class EngineMetrics:
     def __init__(self, scheduler, blocks, executor):
         self.registry = CollectorRegistry()
         self._last_token: dict[str, tuple[int, float]] = {}  # request id -> (tokens seen, when the last came)
+        self._prompt_counted: dict[str, int] = {}  # request id -> prompt tokens counted as processed
+        self._scheduler = scheduler
         self.batches_submitted = 0
         self._server = None
         r = self.registry
@@ -67,22 +69,25 @@ class EngineMetrics:
         self.e2e = Histogram(
             f"{PREFIX}e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=r
         )
-        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens received.", registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter(
             f"{PREFIX}request_success", "Requests finished.", ["finished_reason"], registry=r
         )
-        r.register(StageStatsCollector(executor, blocks, lambda: self.batches_submitted))
+        self._stage_stats = StageStatsCollector(executor, blocks, lambda: self.batches_submitted)
+        r.register(self._stage_stats)
 
     # hooks the engine calls ---------------------------------------------------------------------
     def on_request_added(self, request) -> None:
-        self.prompt_tokens.inc(len(request.prompt_token_ids))
+        """Prompt tokens are counted as the stages compute them (on_step), as vLLM counts them, not
+        here: a long queue would otherwise show as work done."""
 
     def on_step(self, advanced, finished, num_submitted: int) -> None:
         """advanced: requests that got tokens this step (a decode round brings several at once: each
         counts, and each gets the mean gap since the last token as its inter-token latency);
         finished: requests that ended."""
         self.batches_submitted += num_submitted
+        self._count_prompt_tokens(finished)
         for request in advanced:
             count, previous = self._last_token.get(request.request_id, (0, None))
             new = len(request.output_token_ids) - count
@@ -99,13 +104,26 @@ class EngineMetrics:
             self.e2e.observe((request.last_token_time or now) - request.arrival_time)
             self.request_success.labels(finished_reason_label(request.finish_reason)).inc()
 
+    def _count_prompt_tokens(self, finished) -> None:
+        """Each prompt token once, when first computed: a prefill split over micro-batches counts chunk
+        by chunk, and a preempted request that recomputes its prompt is not counted again."""
+        for request in [*self._scheduler.running, *finished]:
+            done = min(request.num_computed, len(request.prompt_token_ids))
+            counted = self._prompt_counted.get(request.request_id, 0)
+            if done > counted:
+                self.prompt_tokens.inc(done - counted)
+                self._prompt_counted[request.request_id] = done
+        for request in finished:
+            self._prompt_counted.pop(request.request_id, None)
+
     # serving ------------------------------------------------------------------------------------
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serves /metrics on `port` (0: any free port); returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serves /metrics on `port` (0: any free port) of `addr`: loopback unless told otherwise (a
+        cluster's Prometheus needs "0.0.0.0" or the node's address); returns the port."""
         try:
             self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            raise MetricsPortError(f"cannot serve metrics on port {port}: {e}") from None
+            raise MetricsPortError(f"cannot serve metrics on {addr} port {port}: {e}") from None
         port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", addr, port)
         return port
@@ -119,6 +137,7 @@ class EngineMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self._stage_stats.executor = None  # a closed engine's metrics keep no model alive
 
 
 class StageStatsCollector:
@@ -147,7 +166,7 @@ class StageStatsCollector:
 
     def _poll(self) -> list[dict]:
         with self._lock:
-            if time.monotonic() - self._polled_at >= STATS_MIN_INTERVAL_S:
+            if self.executor is not None and time.monotonic() - self._polled_at >= STATS_MIN_INTERVAL_S:
                 try:
                     self._stats = self.executor.stats()
                 except Exception as e:  # a stage is gone (failure or shutdown): keep the last numbers
@@ -170,6 +189,12 @@ class StageStatsCollector:
         kv_blocks = GaugeMetricFamily(
             f"{PREFIX}stage_kv_blocks_used", "KV-cache blocks in use on the stage.", labels=["stage"]
         )
+        rejected = CounterMetricFamily(
+            f"{PREFIX}stage_transport_rejected",
+            "Activation streams the stage refused or dropped, by reason (unauthenticated, unknown_key, "
+            "bad_header, oversize, truncated, duplicate, expired).",
+            labels=["stage", "reason"],
+        )
         used_blocks = self.blocks.num_blocks - self.blocks.num_free
         for stage in stats:
             label = [str(stage["stage"])]
@@ -177,6 +202,9 @@ class StageStatsCollector:
                 family.add_metric(label, stage.get(key, 0))
             in_flight.add_metric(label, max(0, submitted - stage.get("batches", 0)))
             kv_blocks.add_metric(label, used_blocks)
+            for reason, count in stage.get("transport_rejected", {}).items():
+                rejected.add_metric(label + [reason], count)
         yield from families.values()
         yield in_flight
         yield kv_blocks
+        yield rejected

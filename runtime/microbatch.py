@@ -43,9 +43,12 @@ class MicroBatch:
 
     def __post_init__(self) -> None:
         if self.num_steps > 1 and not all(
-            c.num_new == 1 and c.sample and c.score_targets is None and not c.return_logits for c in self.chunks
+            c.num_new == 1 and c.sample and c.score_targets is None and not c.return_logits
+            for c in self.chunks
         ):
-            raise ValueError("only decode micro-batches (one sampled token per sequence) can run several steps")
+            raise ValueError(
+                "only decode micro-batches (one sampled token per sequence) can run several steps"
+            )
 
     def decode_step(self, step: int) -> MicroBatch:
         """Step `step` of a decode round as a one-step micro-batch: each sequence one position further.
@@ -86,9 +89,11 @@ class MicroBatch:
 @dataclass
 class StepOutput:
     """What the last stage returns: token ids for sampling chunks (one per step, in order); log p(target)
-    per new token for scoring chunks; logits only when asked for."""
+    per new token for scoring chunks; logits only when asked for; for chunks whose sampling asks for
+    logprobs, one (log p of the sampled token, [(token id, log p) of the top alternatives]) per token."""
 
     batch_id: int
     sampled: dict[str, list[int]]
     scores: dict[str, list[float]] = field(default_factory=dict)
     logits: dict[str, object] = field(default_factory=dict)  # request id -> (num_new, vocab) array
+    logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(default_factory=dict)

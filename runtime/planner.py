@@ -5,13 +5,19 @@ does not fit) before any weight is read, so a bad choice of amb / ubatch / n_ctx
 seconds with numbers, not minutes later with an out-of-memory error.
 
 Per stage the device holds
-- weights: its layers, dequantized to `element_size` bytes per parameter (1-D tensors and the router
-  stay fp32), plus the embedding on stage 0 and the final norm + output matrix on the last stage;
+- weights: its layers as they load (runtime/weight_storage.py: GGUF block bytes for quantized tensors
+  with a kernel, `element_size` bytes per parameter for decoded ones, fp32 for 1-D tensors and the
+  router), plus the embedding on stage 0 and the final norm + output matrix on the last stage;
 - latent KV: `num_kv_tokens x latent_dim (576) x kv_element_size` for each of its layers;
 - a compute buffer: activations that live through a layer (a few `ubatch x hidden` buffers) plus the
   largest transient intermediate: the decompressed K/V of one amb head step, the MoE / MLP
   intermediate, or (last stage) the fp32 logits. DESIGN.md says "largest of" the three; the
   activations are added rather than compared because they are alive while attention or the MoE runs.
+
+The latent KV cache is either a given number of tokens or sized from memory (`plan_kv_from_memory`):
+each device offers `kv_memory_fraction` of its memory (vLLM's gpu_memory_utilization) less what other
+processes already use; what its weights and compute buffer leave is its cache, and the pipeline's cache
+is the smallest stage's (every stage holds every token of its own layers, under one block table).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from dataclasses import dataclass
 
 from mlapipe.kernels.amb import MIB, decompressed_kv_bytes_per_head, plan_head_steps
 from mlapipe.runtime.config import ModelConfig
+from mlapipe.runtime.weight_storage import device_bytes, storage_forms
+
+GIB = 1 << 30
+DEFAULT_KV_MEMORY_FRACTION = 0.9
 
 # Hidden-sized activation buffers alive through a layer: the residual stream, the normed input, the
 # attention / FFN output, and the transport buffer the next stage's hidden state is sent from.
@@ -72,6 +82,9 @@ class StagePlan:
 @dataclass
 class PipelinePlan:
     stages: list[StagePlan]
+    num_kv_tokens: int = 0  # the cache's capacity, all sequences together
+    kv_tokens_per_stage: list[int] | None = None  # what each stage's memory could hold (sized from memory)
+    budget_bytes: list[int] | None = None  # memory each device offers under the fraction
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -84,6 +97,12 @@ class PipelinePlan:
     def format(self) -> str:
         lines = [s.format() for s in self.stages]
         lines.append(f"pipeline: {len(self.stages)} stage(s), total {_mib(self.total_bytes)}")
+        if self.kv_tokens_per_stage is not None:
+            each = ", ".join(
+                f"stage {i} {tokens:,} of {_gib(budget)}"
+                for i, (tokens, budget) in enumerate(zip(self.kv_tokens_per_stage, self.budget_bytes))
+            )
+            lines.append(f"KV cache: {self.num_kv_tokens:,} tokens (tokens that fit per device: {each})")
         return "\n".join(lines)
 
 
@@ -209,7 +228,7 @@ def plan_pipeline(
             transient = max(transient, ubatch * cfg.vocab_size * FP32)  # fp32 logits
         compute = NUM_HIDDEN_BUFFERS * ubatch * cfg.hidden_size * element_size + transient
         stages.append(StagePlan(stage, first, end, weights, kv, compute, is_first, is_last, amb, num_steps))
-    return PipelinePlan(stages)
+    return PipelinePlan(stages, num_kv_tokens)
 
 
 def attention_bytes(
@@ -256,17 +275,16 @@ def _amb_per_stage(amb_mib: float | Sequence[float], num_stages: int) -> list[fl
 
 
 # weights from the GGUF index -------------------------------------------------------------------------
-def layer_weight_bytes(model, element_size: int = 2) -> tuple[list[int], int, int]:
-    """(bytes per layer, embedding bytes, output bytes incl. the final norm) as they sit on the device:
-    matrices dequantized to element_size bytes per parameter, 1-D tensors and the router in fp32
-    (routing decisions are sensitive to rounding). `model` is a runtime.gguf_model.GGUFModel."""
+def layer_weight_bytes(model, element_size: int = 2, dequantize: bool = False) -> tuple[list[int], int, int]:
+    """(bytes per layer, embedding bytes, output bytes incl. the final norm) as they sit on the device
+    (runtime/weight_storage.py): block bytes for tensors kept quantized, `element_size` per parameter
+    for decoded matrices, fp32 for 1-D tensors and the router. `model` is a GGUFModel or RandomModel."""
     cfg = model.config
+    forms = storage_forms(model.tensors, dequantize)
     layers = [0] * cfg.num_layers
     embed = head = 0
     for name, info in model.tensors.items():
-        count = math.prod(info.shape)
-        keep_fp32 = len(info.shape) == 1 or name.endswith(".moe.router")
-        size = count * (FP32 if keep_fp32 else element_size)
+        size = device_bytes(info, forms[name], element_size)
         if name.startswith("layers."):
             layers[int(name.split(".")[1])] += size
         elif name == "embed":
@@ -276,10 +294,121 @@ def layer_weight_bytes(model, element_size: int = 2) -> tuple[list[int], int, in
     return layers, embed, head
 
 
-def plan_for_model(model, num_stages: int, *, element_size: int = 2, **options) -> PipelinePlan:
-    """plan_pipeline for an open GGUFModel; options as plan_pipeline takes them (num_kv_tokens required)."""
-    layers, embed, head = layer_weight_bytes(model, element_size)
+def plan_for_model(
+    model, num_stages: int, *, element_size: int = 2, dequantize: bool = False, **options
+) -> PipelinePlan:
+    """plan_pipeline for an open model; options as plan_pipeline takes them (num_kv_tokens required)."""
+    layers, embed, head = layer_weight_bytes(model, element_size, dequantize)
     return plan_pipeline(model.config, layers, embed, head, num_stages, element_size=element_size, **options)
+
+
+def plan_kv_from_memory(
+    cfg: ModelConfig,
+    layer_bytes: Sequence[int],
+    embed_bytes: int,
+    head_bytes: int,
+    num_stages: int,
+    *,
+    total_bytes: Sequence[int],
+    free_bytes: Sequence[int] | None = None,
+    device_names: Sequence[str] | None = None,
+    kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION,
+    block_size: int = 64,
+    n_ctx: int,
+    kv_element_size: int = 2,
+    **options,
+) -> PipelinePlan:
+    """The plan with the latent cache sized from memory: device i offers
+    `kv_memory_fraction x total_bytes[i] - (total_bytes[i] - free_bytes[i])` (a device without
+    free_bytes is taken as empty); its weights and compute buffer come first, the cache gets the rest,
+    in whole blocks. Raises PlanError, before any weight is read, when the weights and compute buffer of
+    a stage do not fit, or the cache cannot hold one sequence of n_ctx tokens."""
+    if not 0 < kv_memory_fraction <= 1:
+        raise ValueError(f"the KV memory fraction must be in (0, 1], got {kv_memory_fraction}")
+    names = list(device_names or [f"device {i}" for i in range(num_stages)])
+    free = list(free_bytes) if free_bytes is not None else list(total_bytes)
+    if not len(total_bytes) == len(free) == len(names) == num_stages:
+        raise ValueError(f"{num_stages} stages, {len(total_bytes)} device sizes, {len(names)} device names")
+    budgets = [int(kv_memory_fraction * t) - (t - f) for t, f in zip(total_bytes, free)]
+    # the compute buffer is sized for one sequence of n_ctx tokens, whatever the cache holds
+    common = dict(n_ctx=n_ctx, kv_element_size=kv_element_size, **options)
+    base = plan_pipeline(cfg, layer_bytes, embed_bytes, head_bytes, num_stages, num_kv_tokens=n_ctx, **common)
+    per_token = cfg.latent_dim * kv_element_size
+    fits, problems = [], []
+    for stage, budget, name in zip(base.stages, budgets, names):
+        left = budget - stage.weight_bytes - stage.compute_bytes
+        tokens = max(0, left) // (per_token * stage.num_layers) // block_size * block_size
+        fits.append(tokens)
+        if left < 0:
+            problems.append(
+                f"stage {stage.stage} (layers {stage.first_layer}-{stage.end_layer - 1}) does not fit on "
+                f"{name}: weights {_gib(stage.weight_bytes)} + compute {_gib(stage.compute_bytes)} = "
+                f"{_gib(stage.weight_bytes + stage.compute_bytes)}, the device offers {_gib(budget)} "
+                f"({kv_memory_fraction:g} of {_gib(total_bytes[stage.stage])}), short by {_gib(-left)}"
+            )
+    if problems:
+        raise PlanError(
+            "; ".join(problems)
+            + ". "
+            + _what_would_fit(
+                cfg, layer_bytes, embed_bytes, head_bytes, num_stages, min(budgets), common, per_token * n_ctx
+            )
+        )
+    num_kv_tokens = min(fits)
+    if num_kv_tokens < n_ctx:
+        worst = fits.index(num_kv_tokens)
+        raise PlanError(
+            f"stage {worst} on {names[worst]} has room for {num_kv_tokens:,} tokens of KV cache, fewer than "
+            f"one sequence of n_ctx={n_ctx:,}: lower n_ctx, raise the memory fraction "
+            f"({kv_memory_fraction:g}), or add pipeline stages (now {num_stages})"
+        )
+    plan = plan_pipeline(
+        cfg, layer_bytes, embed_bytes, head_bytes, num_stages, num_kv_tokens=num_kv_tokens, **common
+    )
+    plan.kv_tokens_per_stage, plan.budget_bytes = fits, budgets
+    return plan
+
+
+def _what_would_fit(
+    cfg, layer_bytes, embed_bytes, head_bytes, num_stages, budget, common, kv_layer_bytes
+) -> str:
+    """The remedies, with numbers: the fewest stages of this device size that hold the weights, and the
+    weight bytes (bits per parameter) that would fit on the stages given; both keep room for one
+    sequence of n_ctx tokens of cache (`kv_layer_bytes` per layer)."""
+
+    common = {k: v for k, v in common.items() if k != "split"}  # proportions are for the stages given
+
+    def plan(stages: int) -> PipelinePlan:
+        return plan_pipeline(
+            cfg, layer_bytes, embed_bytes, head_bytes, stages, num_kv_tokens=common["n_ctx"], **common
+        )
+
+    def need(stage: StagePlan) -> int:
+        return stage.weight_bytes + stage.compute_bytes + kv_layer_bytes * stage.num_layers
+
+    advice = []
+    for stages in range(num_stages + 1, cfg.num_layers + 1):
+        if all(need(s) <= budget for s in plan(stages).stages):
+            advice.append(f"{stages} pipeline stages of this device size")
+            break
+    total = sum(layer_bytes) + embed_bytes + head_bytes
+    params = _num_parameters(cfg)
+    room = max(0, sum(budget - (need(s) - s.weight_bytes) for s in plan(num_stages).stages))
+    advice.append(
+        f"or a smaller weight type: the weights are {_gib(total)} ({8 * total / params:.2f} bits per "
+        f"parameter), {num_stages} such device(s) hold about {_gib(room)} of weights "
+        f"({8 * room / params:.2f} bits per parameter)"
+    )
+    return "Would fit: " + ", ".join(advice)
+
+
+def _num_parameters(cfg: ModelConfig) -> int:
+    from mlapipe.runtime.gguf_model import expected_shapes
+
+    count = 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    for layer in range(cfg.num_layers):
+        count += sum(math.prod(shape) for shape in expected_shapes(cfg, layer, "kv_b").values())
+    return count
 
 
 # fitting -------------------------------------------------------------------------------------------
@@ -309,3 +438,7 @@ def check_fits(plan: PipelinePlan, free_bytes: Sequence[int], device_names: Sequ
 
 def _mib(num_bytes: float) -> str:
     return f"{num_bytes / MIB:.2f} MiB"
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"

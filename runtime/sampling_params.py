@@ -14,6 +14,7 @@ MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0  # flat long before: softmax(logits / 100) of O(10) logits is uniform to 1e-3
 MAX_SEED = 2**64  # seeds are 64-bit, as in torch.Generator.manual_seed
 MAX_TOKENS_LIMIT = 1 << 31  # bounded by n_ctx anyway; this only keeps the value an ordinary integer
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
 
 
 class SamplingParamsError(ValueError):
@@ -29,6 +30,9 @@ class SamplingParams:
     seed: int | None = None  # seeded sampling gives the same tokens on every run and batch mix
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # log p of each sampled token under the model (before temperature, top-k, top-p) and of this many
+    # most likely alternatives; None: none. Such requests run one decode step per driver round trip.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _integer("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT - 1)
@@ -52,6 +56,8 @@ class SamplingParams:
             _integer("stop_token_ids", token, 0, MAX_TOKENS_LIMIT - 1)
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         # Normalise to plain Python types (numpy scalars and lists become int/float/tuple), so what
         # travels to the stages is exactly what was checked.
         object.__setattr__(self, "max_tokens", int(self.max_tokens))
@@ -60,6 +66,7 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(top_p))
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logprobs", None if self.logprobs is None else int(self.logprobs))
 
     @property
     def greedy(self) -> bool:

@@ -35,7 +35,9 @@ class Request:
     scores: list[float] = field(default_factory=list)
     num_computed: int = 0  # tokens whose latent KV is in the cache
     in_flight: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "scored" | "error: ..."
+    finish_reason: str | None = None  # "stop" | "length" | "scored" | "abort" | "error: ..."
+    abort_reason: str | None = None  # abort() while in flight: ends when its micro-batch comes back
+    output_logprobs: list = field(default_factory=list)  # per output token, when sampling.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -118,6 +120,8 @@ class Scheduler:
         if self.decode_steps == 1 or self.in_flight or self.waiting or not running:
             return 1
         if any(r.score_only or r.num_tokens - r.num_computed != 1 for r in running):
+            return 1
+        if any(r.sampling.logprobs is not None for r in running):  # a round returns only token ids
             return 1
         steps = min(
             self.decode_steps,
@@ -227,7 +231,10 @@ class Scheduler:
                     self._append_token(request, token, now)
                     if request.finished:  # tokens sampled after a stop inside a round are dropped
                         break
+                request.output_logprobs.extend(output.logprobs.get(chunk.request_id, ()))
                 advanced.append(request)
+            if request.abort_reason and not request.finished:
+                request.finish_reason = request.abort_reason
             if request.finished:
                 self._release(request)
                 finished.append(request)
@@ -254,6 +261,21 @@ class Scheduler:
             self._release(request)
             failed.append(request)
         return failed
+
+    def abort(self, request_id: str, finish_reason: str = "abort") -> Request | None:
+        """Ends an unfinished request and frees its blocks; returns it if it ended now. One in flight
+        ends in update(), when its micro-batch is back: the stages may still be writing its blocks."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        if request.in_flight:
+            request.abort_reason = finish_reason
+            return None
+        request.finish_reason = finish_reason
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        return request
 
     def abort_all(self, reason: str) -> list[Request]:
         """Finishes every unfinished request with an error (engine shutdown or failure)."""

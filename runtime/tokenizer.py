@@ -147,6 +147,8 @@ class GGUFTokenizer:
             list(metadata.get("tokenizer.ggml.merges", [])),
             str(metadata.get("tokenizer.ggml.pre", "deepseek-v3")),
         )
+        added = (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)  # written as text, not byte-level
+        self._added_ids = {i for i, kind in enumerate(types) if kind in added}
         self.vocab_size = len(tokens)
         self.bos_token_id = _optional_int(metadata.get("tokenizer.ggml.bos_token_id"))
         self.eos_token_id = _optional_int(metadata.get("tokenizer.ggml.eos_token_id"))
@@ -166,6 +168,14 @@ class GGUFTokenizer:
     def token_text(self, token_id: int) -> str:
         return self._tokens[token_id]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a UTF-8 character, for some); added tokens
+        (control, user-defined) are their own text."""
+        token = self._tokens[token_id]
+        if token_id in self._added_ids or any(ch not in _BYTE_OF_CHAR for ch in token):
+            return token.encode()
+        return bytes(_BYTE_OF_CHAR[ch] for ch in token)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError("this model file has no chat template (tokenizer.chat_template)")
@@ -178,6 +188,22 @@ class GGUFTokenizer:
         return template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
         )
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's text as token ids. The template writes bos_token itself, so add_bos is not
+        applied on top (a second BOS), as transformers' apply_chat_template(tokenize=True) does."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the character each byte is written as in the
+    vocabulary -> the byte (printable Latin-1 bytes stand for themselves, the others from U+0100 up)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()  # a constant table, built once
 
 
 def _optional_int(value: Any) -> int | None:

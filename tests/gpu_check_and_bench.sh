@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|v3-2gpu|v3-4gpu]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && mkdir -p /tmp/pyroot && ln -sfn "$PWD" /tmp/pyroot/mlapipe \
@@ -38,7 +38,24 @@ if [[ $what == two-stage ]]; then
 fi
 if [[ $what == profile || $what == tests+profile ]]; then
   for seqs in 1 64; do
-    python -m mlapipe.kernels.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
+    python -m mlapipe.workers.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
   done
+fi
+if [[ $what == quant ]]; then
+  # kept-quantized model vs dequantized on the GPU, then V2-Lite random weights in bf16, Q8_0 and Q4_K in one
+  # run: per type the memory lines (weights planned = quantized bytes, allocated after load) and pp/tg rows
+  python3 -m pytest -q -m gpu tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/quant_model_tests.log"
+  bench -p 2048 -n 128 --wtype bf16,q8_0,q4_k | tee "$out/bench_quant_v2_lite.log"
+fi
+v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
+if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)
+  python -m mlapipe.runtime.cli inspect --shape v3 --wtype UD-Q2_K_XL --pipeline 2 --device-memory 139GiB | tail -10
+  v3 --wtype UD-Q2_K_XL --pipeline 2 -p 2048 -n 128 --concurrent 1,64 | tee "$out/bench_v3_q2_2stage.log"
+  v3 --wtype UD-Q2_K_XL --pipeline 2 -p 0 -n 0 -gp 16384,128 | tee "$out/bench_v3_q2_2stage_depth.log"
+fi
+if [[ $what == v3-4gpu ]]; then  # nvidia-h200-x4: the Q4_K_M-like mix over 4 stages (issue 19), NCCL then gRPC
+  python -m mlapipe.runtime.cli inspect --shape v3 --wtype Q4_K_M --pipeline 4 --device-memory 139GiB | tail -12
+  v3 --wtype Q4_K_M --pipeline 4 -p 2048 -n 128 --concurrent 1,64 | tee "$out/bench_v3_q4km_4stage.log"
+  v3 --wtype Q4_K_M --pipeline 4 -p 2048 -n 128 --concurrent 1,64 --transport grpc | tee "$out/bench_v3_q4km_4stage_grpc.log"
 fi

@@ -50,6 +50,7 @@ def test_prometheus_scrapes_the_metrics_port_the_jobs_use():
     args = parse_mlapipe_command(job["spec"]["entrypoint"])
     assert args.command == "batch"
     assert ports == {args.metrics_port}
+    assert args.metrics_host == "0.0.0.0"  # the pod's Prometheus scrapes the pod address, not loopback
     assert jobs["mlapipe"].get("metrics_path", "/metrics") == "/metrics"
     ray_sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
     assert ray_sd.endswith("prom_metrics_service_discovery.json")  # the file Ray's head writes

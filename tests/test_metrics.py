@@ -89,13 +89,16 @@ def check_request_counters(scraped: dict, requests: list) -> None:
 
 def test_local_engine_counters_match_what_ran(model_path):
     port = free_port()
-    with Engine(model_path, block_size=16, metrics_port=port) as engine:
+    with Engine(model_path, block_size=16, ubatch=4, metrics_port=port) as engine:
         engine.add_request(PROMPTS[0], SamplingParams(max_tokens=2))
-        queued = samples(scrape(port))  # nothing stepped yet: one waiting, its prompt counted
+        queued = samples(scrape(port))  # nothing stepped yet: one waiting, no prompt token processed
         assert value(queued, "mlapipe:num_requests_waiting") == 1
-        assert value(queued, "mlapipe:prompt_tokens_total") == len(PROMPTS[0])
+        assert value(queued, "mlapipe:prompt_tokens_total") == 0
+        engine.step()  # the first 4-token chunk of the 7-token prompt
+        assert value(samples(scrape(port)), "mlapipe:prompt_tokens_total") == 4
         while engine.scheduler.has_unfinished:
             engine.step()
+        assert value(samples(scrape(port)), "mlapipe:prompt_tokens_total") == len(PROMPTS[0])
         with Engine(model_path, block_size=16, metrics_port=0) as fresh:  # its own registry and port
             requests = run_requests(fresh)
             check_request_counters(samples(scrape(fresh.metrics.port)), requests)

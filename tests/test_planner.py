@@ -284,3 +284,155 @@ def test_inspect_split_and_bad_pipeline(tiny_model):
     bad = _inspect("-m", tiny_model, "--pipeline", "5")
     assert bad.returncode == 2
     assert "mlapipe: error: 5 pipeline stages for 4 layers" in bad.stderr
+
+
+# quantized weights on the full V3 shape -----------------------------------------------------------------
+H200 = 139 * 2**30  # what torch reports for an H200, rounded down
+
+
+def _recipe_bytes(model, names) -> int:
+    """Device bytes of `names` computed from the recipe itself: whole blocks of each tensor's recipe type
+    (GGML_QUANT_SIZES) for matrices that stay quantized, bf16 for the MLA up-projections (decoded at
+    load), fp32 for norms and the router."""
+    import gguf
+
+    from mlapipe.runtime.gguf_model import gguf_name
+
+    total = 0
+    for name in names:
+        shape = model.tensors[name].shape
+        count = math.prod(shape)
+        qtype = model.recipe.type_for(gguf_name(name), shape[-1], _layer(name), model.config.num_layers)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            total += 4 * count
+        elif name.endswith("attn.wkv_b"):
+            total += 2 * count
+        else:
+            block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            total += count // block_elems * block_bytes
+    return total
+
+
+def _layer(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
+
+
+def _stage_names(model, stage) -> list[str]:
+    names = [
+        n for n in model.tensors if _layer(n) is not None and stage.first_layer <= _layer(n) < stage.end_layer
+    ]
+    return names + ["embed"] * stage.has_embed + ["norm", "head"] * stage.has_head
+
+
+def _v3_plan(recipe: str, num_stages: int, **options):
+    from mlapipe.runtime.planner import plan_kv_from_memory
+    from mlapipe.runtime.shapes import RandomModel
+
+    model = RandomModel(f"random:v3:wtype={recipe}")
+    layers, embed, head = layer_weight_bytes(model)
+    options = dict(total_bytes=[H200] * num_stages, n_ctx=4096, ubatch=512) | options
+    return model, layers, plan_kv_from_memory(model.config, layers, embed, head, num_stages, **options)
+
+
+def test_ud_q2_k_xl_on_two_h200s_bytes_balance_and_kv_tokens():
+    from mlapipe.runtime.planner import GIB
+
+    model, layers, plan = _v3_plan("UD-Q2_K_XL", 2)
+    assert sum(s.num_layers for s in plan.stages) == 61
+    for stage in plan.stages:  # bytes per stage: the recipe's block sizes, summed
+        assert stage.weight_bytes == _recipe_bytes(model, _stage_names(model, stage))
+    total = sum(s.weight_bytes for s in plan.stages)
+    assert 225 * GIB < total < 240 * GIB  # a Q2_K-class mix of the 671B model (the R1 release: 211 GiB)
+    first, last = plan.stages
+    assert abs(first.weight_bytes - last.weight_bytes) <= max(layers)  # balanced within one layer
+    # KV: 0.9 of the device, less weights and compute, over 576 x 2 bytes per token per layer, whole blocks
+    per_stage = [
+        (int(0.9 * H200) - s.weight_bytes - s.compute_bytes) // (576 * 2 * s.num_layers) // 64 * 64
+        for s in plan.stages
+    ]
+    assert plan.kv_tokens_per_stage == per_stage and plan.num_kv_tokens == min(per_stage)
+    assert plan.num_kv_tokens > 100_000  # room for batch jobs, not 4 x n_ctx
+    assert all(s.kv_bytes == plan.num_kv_tokens * 576 * 2 * s.num_layers for s in plan.stages)
+    assert all(s.total_bytes <= 0.9 * H200 for s in plan.stages)
+    assert f"KV cache: {plan.num_kv_tokens:,} tokens" in plan.format()
+    # a smaller fraction leaves less cache
+    _, _, tighter = _v3_plan("UD-Q2_K_XL", 2, kv_memory_fraction=0.88)
+    assert tighter.num_kv_tokens < plan.num_kv_tokens
+
+
+def test_ud_q2_k_xl_on_one_h200_is_refused_with_the_numbers():
+    with pytest.raises(PlanError) as error:
+        _v3_plan("UD-Q2_K_XL", 1, device_names=["NVIDIA H200 on node-a"])
+    message = str(error.value)
+    assert "stage 0 (layers 0-60) does not fit on NVIDIA H200 on node-a" in message
+    assert "the device offers 125.10 GiB (0.9 of 139.00 GiB)" in message
+    assert "weights 232.25 GiB" in message and "short by " in message
+    assert "2 pipeline stages of this device size" in message and "bits per parameter" in message
+
+
+def test_q4_k_m_on_four_h200s_and_refused_on_two():
+    from mlapipe.runtime.planner import GIB
+
+    model, layers, plan = _v3_plan("Q4_K_M", 4)
+    assert len(plan.stages) == 4 and sum(s.num_layers for s in plan.stages) == 61
+    for stage in plan.stages:
+        assert stage.weight_bytes == _recipe_bytes(model, _stage_names(model, stage))
+    assert 370 * GIB < sum(s.weight_bytes for s in plan.stages) < 390 * GIB  # the release: 377 GiB
+    heaviest = max(s.weight_bytes for s in plan.stages)
+    assert heaviest - min(s.weight_bytes for s in plan.stages) <= max(layers)
+    assert plan.num_kv_tokens == min(plan.kv_tokens_per_stage) > 100_000
+    with pytest.raises(PlanError) as error:
+        _v3_plan("Q4_K_M", 2)
+    message = str(error.value)
+    assert "stage 0 (layers 0-" in message and "stage 1 (layers " in message
+    assert "the device offers 125.10 GiB" in message and "4 pipeline stages of this device size" in message
+
+
+def test_kv_fraction_refuses_a_cache_below_one_sequence():
+    options = dict(n_ctx=163840, amb_mib=256)
+    _, _, roomy = _v3_plan("UD-Q2_K_XL", 2, kv_memory_fraction=1.0, **options)
+    # a fraction that leaves each stage half a sequence of cache after its weights and compute buffer
+    need = max(s.weight_bytes + s.compute_bytes + 163840 * 576 * 2 * s.num_layers // 2 for s in roomy.stages)
+    with pytest.raises(PlanError, match="fewer than one sequence of n_ctx=163,840"):
+        _v3_plan("UD-Q2_K_XL", 2, kv_memory_fraction=need / H200, **options)
+
+
+def test_recipes_fall_back_like_llama_cpp_quantize():
+    """V2-Lite's expert rows are 1408 long, not whole 256-blocks: llama.cpp's quantize gives Q4_K rows
+    Q5_0, Q2_K/Q3_K/IQ rows IQ4_NL, Q6_K rows Q8_0; a row no 32-block divides gets F16."""
+    import gguf
+
+    from mlapipe.runtime.recipes import compatible_type, recipe_by_name, use_more_bits
+    from mlapipe.runtime.shapes import RandomModel
+
+    Q = gguf.GGMLQuantizationType
+    down = "layers.5.moe.w_down"
+    for wtype, expected in (("q4_k", Q.Q5_0), ("Q2_K", Q.IQ4_NL), ("q6_k", Q.Q8_0), ("q8_0", Q.Q8_0)):
+        model = RandomModel(f"random:v2-lite:wtype={wtype}")
+        assert model.tensors[down].qtype == expected, wtype
+        assert model.tensors["layers.5.moe.w_gate"].qtype == Q[wtype.upper()]  # rows of 2048
+    assert compatible_type(Q.Q4_K, 48) == Q.F16
+    # the Q4_K_M mix: routed down Q6_K in llama.cpp's "more bits" layers only, about half of 61
+    more = [layer for layer in range(61) if use_more_bits(layer, 61)]
+    assert 25 <= len(more) <= 35 and more[0] == 0 and more[-1] == 60
+    model = RandomModel("random:v3:wtype=Q4_K_M")
+    downs = {model.tensors[f"layers.{i}.moe.w_down"].qtype for i in range(3, 61)}
+    assert downs == {Q.Q4_K, Q.Q6_K}
+    with pytest.raises(ValueError, match="unknown weight type or recipe 'q9_k'"):
+        recipe_by_name("q9_k")
+
+
+def test_inspect_plans_named_devices_and_refuses_with_the_numbers():
+    args = ["--shape", "v3", "--wtype", "UD-Q2_K_XL", "--device-memory", "139GiB"]
+    done = _inspect(*args, "--pipeline", "2")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "pipeline plan (2 x 139.00 GiB at 0.9, n_ctx 4096" in out
+    assert "KV cache: " in out and " tokens (tokens that fit per device: stage 0 " in out
+    table = out[out.index("weights per device by type") :].splitlines()
+    assert table[1].startswith("  stage 0: Q2_K ") and "Q3_K" in table[1] and "Q6_K" in table[1]
+    assert table[2].startswith("  stage 1: ")
+    refused = _inspect(*args, "--pipeline", "1")
+    assert refused.returncode == 2
+    assert "does not fit on device 0 (139.00 GiB)" in refused.stderr
+    assert "2 pipeline stages of this device size" in refused.stderr

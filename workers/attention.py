@@ -19,7 +19,7 @@ import torch
 from mlapipe.kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
 from mlapipe.kernels.host import upload
 from mlapipe.runtime.config import ModelConfig
-from mlapipe.workers import ops
+from mlapipe.workers import ops, stacking
 
 
 @dataclass
@@ -81,14 +81,16 @@ def build_group(
 
 
 class MLAAttention:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], amb_mib: float = 0.0):
+    def __init__(self, cfg: ModelConfig, weights: dict, amb_mib: float = 0.0):
         self.cfg = cfg
         self.amb_mib = amb_mib
         # The query projection (or q-LoRA's down projection) and the latent projection read the same
         # x: one GEMM over their stacked rows instead of two (at decode each is a launch-bound GEMV).
+        # Weights of two quant types cannot stack: then they stay two linears.
         first_q = weights.get("attn.wq", weights.get("attn.wq_a"))
         self.q_rows = first_q.shape[0]
-        self.w_q_latent = torch.cat((first_q, weights["attn.wkv_a"]))
+        self.w_q_latent = stacking.cat_rows([first_q, weights["attn.wkv_a"]])
+        self.w_q_and_latent = (first_q, weights["attn.wkv_a"]) if self.w_q_latent is None else None
         self.has_q_lora = "attn.wq_a" in weights
         self.q_norm = weights.get("attn.q_norm")
         self.wq_b = weights.get("attn.wq_b")
@@ -103,10 +105,13 @@ class MLAAttention:
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_heads
         N = cfg.qk_nope_head_dim
-        projected = x @ self.w_q_latent.t()
-        q, latent = projected[:, : self.q_rows], projected[:, self.q_rows :]
+        if self.w_q_latent is not None:
+            projected = ops.linear(x, self.w_q_latent)
+            q, latent = projected[:, : self.q_rows], projected[:, self.q_rows :]
+        else:
+            q, latent = (ops.linear(x, w) for w in self.w_q_and_latent)
         if self.has_q_lora:
-            q = ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps) @ self.wq_b.t()
+            q = ops.linear(ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps), self.wq_b)
         q = q.view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
 
@@ -129,7 +134,7 @@ class MLAAttention:
                 rows = meta.naive.token_rows
                 q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
                 out[rows] = self._decompressed(q_full, meta.naive, kv_cache)
-        return out.reshape(T, H * cfg.v_head_dim) @ self.wo.t()
+        return ops.linear(out.reshape(T, H * cfg.v_head_dim), self.wo)
 
     def _absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor

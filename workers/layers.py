@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mlapipe.kernels import reference
+from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
-from mlapipe.workers import ops
+from mlapipe.workers import ops, stacking
 from mlapipe.workers.attention import AttentionMetadata, MLAAttention
 
 # Batches up to this many tokens (decode steps, short chunks) run the MoE block's launch-bound form; larger
@@ -30,24 +31,41 @@ class MoEBlock:
     the routed experts' launch, with the router's logits from a fixed-order kernel: few launches, and a
     token's bits do not depend on its batch. Prefill-sized batches run them as one dense MLP (cuBLAS,
     ~2x the grouped kernel's matmul rate) over the same stacked weights, and the router through cuBLAS.
+
+    Quantized experts (QuantTensors) stack the same way when the shared experts have the routed ones'
+    types and their down projection splits at block boundaries; otherwise (a Q2_K-class mix keeps shared
+    experts in Q6_K) the shared experts run as their own quantized MLP after the routed launch.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, weights: dict):
         self.cfg = cfg
         self.router = weights["moe.router"]  # (E, hidden), kept fp32: routing decides discrete choices
         self.router_bias = weights.get("moe.router_bias")  # (E,) V3 only
         gate, up, down = weights["moe.w_gate"], weights["moe.w_up"], weights["moe.w_down"]
-        E, inter, hidden = gate.shape
+        E, inter, _ = gate.shape
+        routed_gate_up = stacking.gate_up_per_expert(gate, up)
+        if routed_gate_up is None:
+            raise ValueError(
+                "routed gate and up projections must share one type (weight_storage keeps both dense)"
+            )
         shared_gate = weights.get("shared.w_gate")  # (n*I, hidden)
         n = 0 if shared_gate is None else shared_gate.shape[0] // inter
-        self.num_experts, self.num_shared = E, n
-        self.w_gate_up = gate.new_empty(E + n, 2 * inter, hidden)  # rows [0, I) gate, [I, 2I) up
-        self.w_down = down.new_empty(E + n, hidden, inter)
-        self.w_gate_up[:E, :inter], self.w_gate_up[:E, inter:], self.w_down[:E] = gate, up, down
+        self.num_experts, self.num_shared, self.inter = E, n, inter
+        self.w_gate_up, self.w_down = routed_gate_up, down
+        self.shared_in_stack = False
+        self.shared_mlp = None  # (gate|up or (gate, up), down) when the shared experts run on their own
         if n:
-            self.w_gate_up[E:, :inter] = shared_gate.view(n, inter, hidden)
-            self.w_gate_up[E:, inter:] = weights["shared.w_up"].view(n, inter, hidden)
-            self.w_down[E:] = weights["shared.w_down"].view(hidden, n, inter).transpose(0, 1)
+            shared_up, shared_down = weights["shared.w_up"], weights["shared.w_down"]
+            as_experts = stacking.gate_up_per_expert(
+                stacking.rows_as_experts(shared_gate, n), stacking.rows_as_experts(shared_up, n)
+            )
+            down_experts = stacking.columns_as_experts(shared_down, n)
+            gate_up = None if as_experts is None else stacking.cat_experts([routed_gate_up, as_experts])
+            down_all = None if down_experts is None else stacking.cat_experts([down, down_experts])
+            if gate_up is not None and down_all is not None:
+                self.w_gate_up, self.w_down, self.shared_in_stack = gate_up, down_all, True
+            else:
+                self.shared_mlp = SwiGLU(shared_gate, shared_up, shared_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, E = self.cfg, self.num_experts
@@ -56,7 +74,7 @@ class MoEBlock:
         router_logits = (
             ops.router_logits(x, self.router) if fused else reference.router_logits(x, self.router)
         )
-        shared_in_launch = self.num_shared if fused else 0
+        shared_in_launch = self.num_shared if fused and self.shared_in_stack else 0
         weights, ids = ops.moe_routing(
             router_logits,
             self.router_bias,
@@ -70,21 +88,53 @@ class MoEBlock:
         )
         experts = E + shared_in_launch
         out = ops.fused_moe(x, self.w_gate_up[:experts], self.w_down[:experts], weights, ids)
-        if self.num_shared and not fused:
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp.forward(x)
+        elif self.num_shared and not shared_in_launch:
             out = out + self._shared_dense(x)
         return out
 
     def _shared_dense(self, x: torch.Tensor) -> torch.Tensor:
         """The shared experts as one MLP of width n*I over views of the stacked weights."""
-        E, n, T = self.num_experts, self.num_shared, x.shape[0]
-        inter = self.w_down.shape[-1]
+        E, n, T, inter = self.num_experts, self.num_shared, x.shape[0], self.inter
+        if isinstance(self.w_gate_up, QuantTensor):  # n (1 or 2) quantized linears per projection
+            out = None
+            for j in range(E, E + n):
+                gate_up = ops.linear(x, self.w_gate_up[j])
+                part = ops.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.w_down[j])
+                out = part if out is None else out + part
+            return out
         gate_up = (x @ self.w_gate_up[E:].reshape(n * 2 * inter, -1).t()).view(T, n, 2, inter)
         act = F.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]  # (T, n, I)
         return torch.einsum("tni,nhi->th", act, self.w_down[E:])
 
 
+class SwiGLU:
+    """down(silu(gate x) * up x) with gate|up stacked into one linear where they share a type; for the
+    leading dense layers and for shared experts that cannot join the routed launch."""
+
+    def __init__(self, gate, up, down):
+        self.inter = gate.shape[0]
+        self.gate_up = stacking.cat_rows([gate, up])
+        self.gate, self.up = (None, None) if self.gate_up is not None else (gate, up)
+        self.down = down
+        self.plain = all(isinstance(w, torch.Tensor) for w in (gate, up, down))
+        if self.plain:  # keep today's three matmuls (and their bits) for plain weights
+            self.gate, self.up, self.gate_up = gate, up, None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            return reference.dense_mlp(h, self.gate, self.up, self.down)
+        if self.gate_up is not None:
+            gate_up = ops.linear(h, self.gate_up)
+            gate, up = gate_up[:, : self.inter], gate_up[:, self.inter :]
+        else:
+            gate, up = ops.linear(h, self.gate), ops.linear(h, self.up)
+        return ops.linear(F.silu(gate) * up, self.down)
+
+
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, index: int, weights: dict[str, torch.Tensor], amb_mib: float):
+    def __init__(self, cfg: ModelConfig, index: int, weights: dict, amb_mib: float):
         self.cfg = cfg
         self.index = index
         self.attn_norm = weights["attn_norm"]
@@ -94,13 +144,13 @@ class DecoderLayer:
             self.moe: MoEBlock | None = MoEBlock(cfg, weights)
         else:
             self.moe = None
-            self.mlp = [weights[f"mlp.{n}"] for n in ("w_gate", "w_up", "w_down")]
+            self.mlp = SwiGLU(*(weights[f"mlp.{n}"] for n in ("w_gate", "w_up", "w_down")))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
         x = x + self.attention.forward(ops.rms_norm(x, self.attn_norm, eps), meta, kv_cache)
         h = ops.rms_norm(x, self.ffn_norm, eps)
-        return x + (self.moe.forward(h) if self.moe is not None else reference.dense_mlp(h, *self.mlp))
+        return x + (self.moe if self.moe is not None else self.mlp).forward(h)
 
 
 class ModelShard:
@@ -111,10 +161,12 @@ class ModelShard:
         cfg: ModelConfig,
         first_layer: int,
         end_layer: int,
-        weights: dict[str, torch.Tensor],
+        weights: dict,
         amb_mib: float = 0.0,
+        dtype: torch.dtype = torch.float32,  # activations (what a quantized embedding decodes to)
     ):
         self.cfg = cfg
+        self.dtype = dtype
         self.first_layer, self.end_layer = first_layer, end_layer
         self.embed = weights.get("embed")
         self.norm = weights.get("norm")
@@ -145,11 +197,11 @@ class ModelShard:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # (num_layers_here, num_blocks, block_size, C + R)
     ) -> torch.Tensor:
-        x = self.embed[inputs] if self.is_first else inputs
+        x = ops.embedding(inputs, self.embed, self.dtype) if self.is_first else inputs
         for local, layer in enumerate(self.layers):
             x = layer.forward(x, meta, kv_cache[local])
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, vocab) fp32."""
-        return (ops.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps) @ self.head.t()).float()
+        return ops.linear(ops.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps), self.head).float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
-from mlapipe.workers.stage import StageWorker
+from mlapipe.workers.stage import StageWorker, describe_device
 
 
 class LocalExecutor:
@@ -21,10 +21,20 @@ class LocalExecutor:
         block_size: int,
         max_seq_len: int,
         device: str = "cpu",
+        cpu_threads: int = 1,  # torch threads on CPU (runtime/threads.py), restored at shutdown
+        check_plan=None,  # callable(list of one device info) -> KV blocks (or None: num_kv_blocks), raising if unfit
         **runner_options,
     ):
+        import torch
+
+        self._threads_before = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads)
         self.stage = StageWorker(0, 1)
-        self.stage.device = device  # this process's device as it is: no Ray, no thread settings
+        self.stage.device = device  # this process's device as it is: no Ray
+        if check_plan is not None:  # before any weight is read
+            num_kv_blocks = check_plan([{"stage": 0, **describe_device(device)}]) or num_kv_blocks
+        self.num_kv_blocks = num_kv_blocks
         self.stage.load_layers(model, 0, model.config.num_layers, **runner_options)
         self.stage.allocate_kv_cache(num_kv_blocks, block_size, max_seq_len)
         self.runner = self.stage.runner
@@ -41,4 +51,10 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
+        """Frees the model's device memory now: the caller may build another engine next."""
+        import torch
+
         self._done.clear()
+        self.runner = None
+        self.stage.shutdown()
+        torch.set_num_threads(self._threads_before)

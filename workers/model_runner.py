@@ -8,6 +8,7 @@ last stage turns hidden states into sampled tokens (or scores, or logits when as
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 
 import torch
@@ -15,10 +16,13 @@ import torch
 from mlapipe.kernels.host import upload
 from mlapipe.kernels.mla_attention import DEFAULT_DECODE_THRESHOLD, uses_decode
 from mlapipe.kernels.norm_rope import rope_cos_sin, yarn_inv_freq
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
+from mlapipe.runtime.weight_storage import storage_forms
 from mlapipe.workers.attention import AttentionMetadata, build_group
 from mlapipe.workers.cuda_graphs import DecodeGraphs
 from mlapipe.workers.kv_cache import allocate_latent_cache, slot_mapping
@@ -27,72 +31,103 @@ from mlapipe.workers.sampler import sample_token
 
 ATTENTION_MODES = ("auto", "absorbed", "naive")
 MAX_GRAPH_BATCH = 256  # decode steps of up to this many sequences replay a CUDA graph
-FP32_WEIGHTS = ("moe.router", "moe.router_bias")  # routing is a discrete choice: keep it exact
 
 
 def load_shard_weights(
-    model: GGUFModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Reads only this shard's tensors from the file (plus embedding / head where the shard has them)."""
+    model: GGUFModel | RandomModel,
+    first_layer: int,
+    end_layer: int,
+    device,
+    dtype: torch.dtype,
+    dequantize: bool = False,
+) -> dict:
+    """Reads only this shard's tensors from the file (plus embedding / head where the shard has them),
+    each in its device form (runtime/weight_storage.py): block bytes as a QuantTensor, read straight
+    from the file to the device; decoded to `dtype`; or fp32. `dequantize` decodes every tensor."""
+    forms = storage_forms(model.tensors, dequantize)
+    names = shard_tensor_names(model, first_layer, end_layer)
     if isinstance(model, RandomModel):
-        return random_shard_weights(model, first_layer, end_layer, device, dtype)
-    cfg = model.config
-    weights: dict[str, torch.Tensor] = {}
-
-    def put(name: str, array) -> None:
-        keep_fp32 = any(name.endswith(n) for n in FP32_WEIGHTS) or array.ndim == 1
-        weights[name] = torch.from_numpy(array).to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-
-    if first_layer == 0:
-        put("embed", model.read("embed"))
+        weights = {name: random_weight(model, name, forms[name], device, dtype) for name in names}
+    else:
+        weights = {}
+        for name in names:
+            weights[name] = read_weight(model, name, forms[name], device, dtype)
+            if name.endswith(".ffn_norm") and model.on_layer_read is not None:  # the last of a layer
+                model.on_layer_read(int(name.split(".")[1]))
     for layer in range(first_layer, end_layer):
-        for name, array in model.read_layer(layer).items():
-            put(f"layers.{layer}.{name}", array)
+        weights |= mla_up_projections(model.config, weights, f"layers.{layer}.")
+    return weights
+
+
+def shard_tensor_names(model, first_layer: int, end_layer: int) -> list[str]:
+    """Our names of the shard's tensors, layer by layer (each layer's ffn_norm last)."""
+    cfg = model.config
+    names = ["embed"] if first_layer == 0 else []
+    for layer in range(first_layer, end_layer):
+        prefix = f"layers.{layer}."
+        own = [n for n in model.tensors if n.startswith(prefix)]
+        names += sorted(own, key=lambda n: n == prefix + "ffn_norm")
     if end_layer == cfg.num_layers:
-        put("norm", model.read("norm"))
-        put("head", model.read("head"))
-    return weights
+        names += ["norm", "head"]
+    return names
 
 
-def random_shard_weights(
-    model: RandomModel, first_layer: int, end_layer: int, device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Seeded random weights of the shard's tensors, made on the device (a 16B-parameter shape never
-    exists on the host). Scaled by 1/sqrt(fan-in) so activations and routing stay realistic."""
-    cfg = model.config
-    wanted = [n for n in model.tensors if not n.startswith("layers.")]
-    wanted = [
-        n
-        for n in wanted
-        if (n == "embed" and first_layer == 0) or (n != "embed" and end_layer == cfg.num_layers)
-    ]
-    wanted += [
-        n
-        for n in model.tensors
-        if n.startswith("layers.") and first_layer <= int(n.split(".")[1]) < end_layer
-    ]
-    weights = {}
-    for name in wanted:
-        shape = model.tensors[name].shape
-        keep_fp32 = len(shape) == 1 or any(name.endswith(n) for n in FP32_WEIGHTS)
-        # one generator per tensor, seeded by its name: the same weights whatever the stage split
-        generator = torch.Generator(device=device).manual_seed(
-            model.seed * 1_000_003 + zlib.crc32(name.encode())
-        )
-        t = torch.empty(shape, device=device, dtype=torch.float32 if keep_fp32 else dtype)
-        if name.endswith("router_bias"):
-            t.normal_(0.0, 0.01, generator=generator)
-        elif len(shape) == 1:
-            t.fill_(1.0)  # norm weights
-        else:
-            t.normal_(0.0, 1.0 if name == "embed" else shape[-1] ** -0.5, generator=generator)
-        weights[name] = t
+def read_weight(model: GGUFModel, name: str, form: str, device, dtype: torch.dtype):
+    info = model.tensors[name]
+    if form != "quant":
+        values = torch.from_numpy(model.read(name))
+        return values.to(device=device, dtype=torch.float32 if form == "fp32" else dtype)
+    raw = read_blocks(model, name)
+    with warnings.catch_warnings():  # a read-only memory map: copied to the device, never written
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(raw)
+    data = data.to(device) if torch.device(device).type != "cpu" else data.clone()
+    return QuantTensor(data, int(info.qtype), tuple(info.shape))
+
+
+def read_blocks(model: GGUFModel, name: str):
+    """The tensor's block bytes as uint8 (*lead, rows, row_bytes), memory-mapped from the file."""
+    info = model.tensors[name]
+    reader = getattr(model, "read_blocks", None)
+    if reader is not None:
+        return reader(name)[0]
+    # TODO(stand-in) until GGUFModel.read_blocks lands: the reader's own memory map
+    tensor = model._reader.tensors[model._tensor_positions[info.gguf_name]]
+    return tensor.data.reshape(*info.shape[:-1], -1)
+
+
+def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch.dtype):
+    """A seeded random tensor made on the device (a 671B shape never exists on the host), scaled by
+    1/sqrt(fan-in) so activations and routing stay realistic; quantized tensors as valid random blocks
+    whose decoded values have that scale."""
+    info = model.tensors[name]
+    shape = info.shape
+    std = 1.0 if name == "embed" else shape[-1] ** -0.5
+    if form == "quant":  # seeded by name and model seed, like the generator below
+        return random_quant_tensor(shape, int(info.qtype), std, name, model.seed, device)
+    # one generator per tensor, seeded by its name: the same weights whatever the stage split
+    generator = torch.Generator(device=device).manual_seed(model.seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.empty(shape, device=device, dtype=torch.float32 if form == "fp32" else dtype)
+    if name.endswith("router_bias"):
+        t.normal_(0.0, 0.01, generator=generator)
+    elif len(shape) == 1:
+        t.fill_(1.0)  # norm weights
+    else:
+        t.normal_(0.0, std, generator=generator)
+    return t
+
+
+def mla_up_projections(cfg: ModelConfig, weights: dict, prefix: str) -> dict:
+    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded
+    (attn_kv_b, or attn_k_b + attn_v_b); the loaded forms are removed."""
     H, N = cfg.num_heads, cfg.qk_nope_head_dim
-    for layer in range(first_layer, end_layer):
-        kv_b = weights.pop(f"layers.{layer}.attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
-        weights[f"layers.{layer}.attn.w_uk"] = kv_b[:, :N].contiguous()
-        weights[f"layers.{layer}.attn.w_uv"] = kv_b[:, N:].contiguous()
-    return weights
+    if prefix + "attn.wkv_b" in weights:
+        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
+        w_uk, w_uv = kv_b[:, :N], kv_b[:, N:]
+    else:
+        w_uk = weights.pop(prefix + "attn.wk_b").transpose(1, 2)
+        w_uv = weights.pop(prefix + "attn.wv_b")
+    return {prefix + "attn.w_uk": w_uk.contiguous(), prefix + "attn.w_uv": w_uv.contiguous()}
 
 
 def open_model(model_path: str) -> GGUFModel | RandomModel:
@@ -110,6 +145,7 @@ class ModelRunner:
         amb_mib: float = 0.0,
         attention: str = "auto",
         decode_threshold: int = DEFAULT_DECODE_THRESHOLD,
+        dequantize: bool = False,  # decode every weight at load (the oracle of the quantized path)
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -118,8 +154,8 @@ class ModelRunner:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.attention_mode = attention
         self.decode_threshold = decode_threshold
-        weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype)
-        self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib)
+        weights = load_shard_weights(model, first_layer, end_layer, self.device, self.dtype, dequantize)
+        self.shard = ModelShard(self.cfg, first_layer, end_layer, weights, amb_mib, self.dtype)
         cfg = self.cfg
         self.kv_cache: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
@@ -146,6 +182,16 @@ class ModelRunner:
             max_blocks = -(-(max_seq_len or num_blocks * block_size) // block_size)
             self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def release(self) -> None:
+        """Drops every tensor this runner holds (weights, latent cache, graphs and their memory pool,
+        rope tables), so that they are freed once the caller's own references are gone."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
+        self.kv_cache = None
+        self.shard = None
+        self.inv_freq = None
 
     # per micro-batch ----------------------------------------------------------------------------
     def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
@@ -204,6 +250,10 @@ class ModelRunner:
         Logits are computed for those rows only, in one matmul. Greedy choices stay on the device, so a
         greedy decode step never waits for the host; seeded sampling runs on the host (one sync).
         """
+        return self._sample(batch, hidden)[0]
+
+    def _sample(self, batch: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(), and the logits of the sampling rows it chose from."""
         sampling = [i for i, c in enumerate(batch.chunks) if c.sample]
         if len(sampling) == hidden.shape[0]:  # every row samples (decode): no index tensor to upload
             rows = hidden
@@ -220,7 +270,7 @@ class ModelRunner:
             for row, c in chosen:
                 tokens[row] = sample_token(logits[row], c.sampling, c.num_generated)
             tokens = tokens.to(hidden.device)
-        return tokens
+        return tokens, logits
 
     @torch.inference_mode()
     def finish(self, batch: MicroBatch, hidden: torch.Tensor) -> StepOutput:
@@ -228,9 +278,11 @@ class ModelRunner:
         out = StepOutput(batch_id=batch.batch_id, sampled={})
         sampling = [c for c in batch.chunks if c.sample]
         if sampling:
-            tokens = self.sample(batch, hidden)
-            for c, token in zip(sampling, tokens.tolist()):
+            tokens, logits = self._sample(batch, hidden)
+            for row, (c, token) in enumerate(zip(sampling, tokens.tolist())):
                 out.sampled[c.request_id] = [token]
+                if c.sampling.logprobs is not None:
+                    out.logprobs[c.request_id] = [token_logprobs(logits[row], token, c.sampling.logprobs)]
         start = 0
         for c, end in zip(batch.chunks, batch.chunk_ends):
             if c.score_targets is not None or c.return_logits:
@@ -241,6 +293,35 @@ class ModelRunner:
                     out.scores[c.request_id] = score_targets(logits, c.score_targets)
             start = end
         return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under one row of logits (vocab,), and the `top` most likely (token, log p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
+
+
+def free_cached_memory(device) -> None:
+    """Returns freed memory to the device and the host: the caching allocator's blocks, cuBLAS's
+    per-stream workspaces (allocated through it and kept for the process's life otherwise), and torch's
+    pinned host blocks. Other processes (the next engine's stage actors) see the memory free after."""
+    import gc
+
+    from mlapipe.kernels.quant.tables import release_device_tables
+
+    release_device_tables()  # module-level: shared by every runner of the process, remade on use
+    gc.collect()  # reference cycles (modules, graphs) holding tensors
+    if torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return
+    torch.cuda.synchronize()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+    if empty_host_cache is not None:
+        empty_host_cache()
 
 
 def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:

@@ -2,6 +2,11 @@
 
 The two have the same signatures (kernels/reference.py mirrors kernels/<op>.py), so the model code
 calls these names and never branches on the device itself.
+
+Weights may be plain tensors or QuantTensors (GGUF block bytes, kernels/quant/tensor.py): `linear`,
+`embedding` and `fused_moe` take either. On a GPU a QuantTensor goes to the quantized kernels
+(kernels/quant); elsewhere it is decoded by the torch reference decoder and takes the plain path, which
+is exactly the computation on weights dequantized at load.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import torch
 
 from mlapipe.kernels import reference
+from mlapipe.kernels.quant.tensor import QuantTensor
 
 # kernel name -> module holding its Triton launcher of the same name
 TRITON_MODULES = {
@@ -92,7 +98,61 @@ def moe_routing(
 
 
 def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
+    if isinstance(w_gate_up, QuantTensor) or isinstance(w_down, QuantTensor):
+        if not uses_reference(hidden.device):
+            from mlapipe.kernels.quant.fused_moe import quant_fused_moe
+
+            return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+        # decode only the experts the batch routes to, renumbered 0..U-1
+        used = topk_ids.unique()
+        topk_ids = torch.searchsorted(used, topk_ids)
+        w_gate_up, w_down = (dequantize(w[used], hidden.dtype) for w in (w_gate_up, w_down))
     return _pick("fused_moe", hidden.device)(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+# quantized weights ------------------------------------------------------------------------------------
+def dequantize(w, dtype: torch.dtype) -> torch.Tensor:
+    """A QuantTensor decoded to `dtype` (Triton on a GPU, the torch reference decoder elsewhere); a plain
+    tensor as it is."""
+    if not isinstance(w, QuantTensor):
+        return w
+    if not uses_reference(w.device):
+        from mlapipe.kernels.quant.dequantize import dequantize as gpu_dequantize
+
+        return gpu_dequantize(w, dtype)
+    return reference_dequantize(w).to(dtype)
+
+
+def reference_dequantize(w: QuantTensor) -> torch.Tensor:
+    """fp32 values of a QuantTensor by the torch reference decoders (bit-exact with gguf's numpy ones)."""
+    from mlapipe.kernels.quant.reference import dequantize_rows
+
+    return dequantize_rows(w.data, w.qtype).reshape(w.shape)
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x (T, K) times w (N, K) transposed -> (T, N): a matmul for a plain weight, the quantized linear
+    kernel for a QuantTensor on a GPU."""
+    if not isinstance(w, QuantTensor):
+        return x @ w.t()
+    if not uses_reference(x.device):
+        from mlapipe.kernels.quant.linear import quant_linear
+
+        return quant_linear(x, w)
+    return x @ reference_dequantize(w).to(x.dtype).t()
+
+
+def embedding(token_ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of the embedding table (T, hidden) in `dtype`; a QuantTensor table decodes only the gathered
+    rows (no decoded copy of the table exists)."""
+    if not isinstance(table, QuantTensor):
+        return table[token_ids]
+    if not uses_reference(token_ids.device):
+        from mlapipe.kernels.quant.dequantize import quant_embedding
+
+        return quant_embedding(token_ids, table, dtype)
+    rows = QuantTensor(table.data[token_ids], table.qtype, (token_ids.shape[0], table.shape[-1]))
+    return reference_dequantize(rows).to(dtype)
 
 
 def rms_norm(x, weight, eps):

@@ -1,7 +1,11 @@
 import importlib
 import sys
 
-SUITES = {"attention": "mlapipe.kernels.bench.attention", "moe": "mlapipe.kernels.bench.moe"}
+SUITES = {
+    "attention": "mlapipe.kernels.bench.attention",
+    "moe": "mlapipe.kernels.bench.moe",
+    "quant": "mlapipe.kernels.bench.quant",
+}
 
 
 def main() -> None:

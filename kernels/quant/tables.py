@@ -71,6 +71,11 @@ def _device_table(qtype: int, device: str) -> torch.Tensor:
     return host_table(qtype).to(device)
 
 
+def release_device_tables() -> None:
+    """Drops the device copies, so a closed engine leaves nothing on the device (Engine.close())."""
+    _device_table.cache_clear()
+
+
 def device_table(qtype: int, device: torch.device | str) -> torch.Tensor:
     """The table a Triton decoder of `qtype` reads, on `device` (made once per device)."""
     device = torch.device(device)

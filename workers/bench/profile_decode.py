@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch profiler over a few steps of a random-weight model, one GPU.
 
-python -m mlapipe.kernels.bench.profile_decode [--shape v2-lite] [--seqs 1]
+python -m mlapipe.workers.bench.profile_decode [--shape v2-lite] [--seqs 1]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ of it at B/2 (one micro-batch of a 2-stage pipeline)? A 2-stage pipeline with tw
 flight finishes 2 x (B/2) tokens per cycle; its cycle is at least the slower stage's two micro-batches.
 So the best 2-stage/1-stage decode ratio the GPUs allow is  X(full, B) / max_s 2 X(stage s, B/2).
 
-python -m mlapipe.kernels.bench.decode_step [--shape v2-lite] [--depth 128] [--batches 1,32,64]
+python -m mlapipe.workers.bench.decode_step [--shape v2-lite] [--depth 128] [--batches 1,32,64]
 """
 
 from __future__ import annotations

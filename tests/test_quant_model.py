@@ -1,0 +1,189 @@
+"""Weights kept in their GGUF blocks: the same model as dequantized on load, files and random recipes.
+
+On CPU a QuantTensor is decoded by the torch reference decoders at each use, so kept-quantized and
+dequantized-on-load run the same arithmetic on the same values: the logits agree to fp32 rounding
+(1e-5 relative). The tests also check the weights really stayed QuantTensors, so a loader that silently
+decoded everything would fail them.
+"""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from mlapipe.kernels.quant.tensor import QuantTensor
+from mlapipe.runtime import Engine, SamplingParams
+from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
+from mlapipe.runtime.shapes import RandomModel, random_spec
+from mlapipe.runtime.tiny_models import write_tiny_model
+from mlapipe.runtime.weight_storage import kernel_types
+from mlapipe.workers.model_runner import ModelRunner
+from tests.gguf_edit import rewrite_gguf
+
+Q = gguf.GGMLQuantizationType
+# hidden, q-LoRA, kv-LoRA, heads x v and expert widths of 256: every row is whole Q4_K blocks
+DIMS = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=256,
+    q_lora_rank=256,
+    kv_lora_rank=256,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=128,
+    num_hidden_layers=2,
+)
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "exp_probs_b.bias")
+
+
+def _random_q4_k(shape, rng) -> np.ndarray:
+    """Valid Q4_K rows: random quants and 6-bit scales/mins, fp16 d and dmin of a realistic size
+    (gguf cannot quantize Q4_K), as (*lead, rows, row_bytes)."""
+    *lead, cols = shape
+    blocks = int(np.prod(lead)) * cols // 256
+    raw = rng.integers(0, 256, (blocks, 144), dtype=np.uint8)
+    scales = np.stack([rng.uniform(2e-4, 6e-4, blocks), rng.uniform(0, 4e-4, blocks)], axis=1)
+    raw[:, 0:4] = scales.astype(np.float16).view(np.uint8).reshape(blocks, 4)
+    return raw.reshape(*lead, cols // 256 * 144)
+
+
+@pytest.fixture(scope="module")
+def q8_0_file(tmp_path_factory):
+    return write_tiny_model(
+        tmp_path_factory.mktemp("q8") / "q8_0.gguf", "v3", seed=3, weight_type="Q8_0", num_hidden_layers=2
+    )
+
+
+@pytest.fixture(scope="module")
+def q4_k_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q4k")
+    base = write_tiny_model(folder / "f32.gguf", "v3", seed=4, **DIMS)
+    rng = np.random.default_rng(4)
+    replace = {
+        t.name: (_random_q4_k([int(d) for d in reversed(t.shape)], rng), Q.Q4_K)
+        for t in gguf.GGUFReader(base).tensors
+        if len(t.shape) > 1 and not t.name.endswith(KEEP_F32)
+    }
+    return rewrite_gguf(base, str(folder / "q4_k.gguf"), replace)
+
+
+def _logits(
+    path: str, prompt: list[int], dequantize: bool, attention: str
+) -> tuple[torch.Tensor, ModelRunner]:
+    model = GGUFModel(path)
+    runner = ModelRunner(model, 0, model.config.num_layers, attention=attention, dequantize=dequantize)
+    runner.allocate_kv_cache(num_blocks=12, block_size=16)
+    batch = MicroBatch(0, [SequenceChunk("r", prompt, 0, list(range(12)), sample=False, return_logits=True)])
+    return torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"]), runner
+
+
+def _quant_tensors(runner: ModelRunner) -> dict[str, int]:
+    shard = runner.shard
+    found = {"embed": shard.embed, "head": shard.head}
+    for layer in shard.layers:
+        found[f"{layer.index}.wo"] = layer.attention.wo
+        if layer.moe is not None:
+            found[f"{layer.index}.experts"] = layer.moe.w_gate_up
+        else:
+            found[f"{layer.index}.mlp"] = layer.mlp.gate_up
+    return {name: w.qtype for name, w in found.items() if isinstance(w, QuantTensor)}
+
+
+@pytest.mark.parametrize("file_type, qtype", [("q8_0_file", Q.Q8_0), ("q4_k_file", Q.Q4_K)])
+@pytest.mark.parametrize("length, attention", [(24, "absorbed"), (24, "naive"), (150, "auto")])
+def test_kept_quantized_logits_equal_dequantized_on_load(request, file_type, qtype, length, attention):
+    """150 tokens take the MoE block's prefill form (shared experts as their own MLP), 24 the decode form
+    (shared experts in the routed launch)."""
+    if qtype not in kernel_types():
+        pytest.skip(f"no {qtype.name} kernel yet: the type loads dequantized")
+    path = request.getfixturevalue(file_type)
+    prompt = torch.randint(4, 380, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    kept, runner = _logits(path, prompt, dequantize=False, attention=attention)
+    decoded, oracle = _logits(path, prompt, dequantize=True, attention=attention)
+    held = _quant_tensors(runner)
+    assert set(held) == {"embed", "head", "0.wo", "0.mlp", "1.wo", "1.experts"}
+    assert set(held.values()) == {int(qtype)}
+    assert not _quant_tensors(oracle)
+    assert decoded.abs().max() > 1.0  # real logits, not a degenerate zero model
+    relative = float((kept - decoded).abs().max() / decoded.abs().max())
+    assert relative <= 1e-5, relative
+
+
+def test_engine_scores_and_tokens_equal_on_a_quantized_file(q4_k_file):
+    if Q.Q4_K not in kernel_types():
+        pytest.skip("no Q4_K kernel yet")
+    prompt = list(range(5, 45))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    runs = []
+    for dequantize in (False, True):
+        with Engine(q4_k_file, block_size=16, dequantize_weights=dequantize) as engine:
+            runs.append((engine.score(prompt), engine.generate([prompt], params)[0].token_ids))
+    (kept_scores, kept_tokens), (scores, tokens) = runs
+    assert kept_tokens == tokens
+    np.testing.assert_allclose(kept_scores, scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("file_type", ["q8_0_file", "q4_k_file"])
+def test_quantized_kernels_on_a_gpu_match_bf16_dequantized_on_load(request, file_type):
+    """On a GPU the blocks go to the Triton kernels with bf16 activations, the oracle to cuBLAS on
+    weights decoded to bf16 at load: the same values in a different summation order, so bf16 rounding
+    (~1e-2 of the logits' range) is all that may differ."""
+    path = request.getfixturevalue(file_type)
+    prompt = list(range(5, 45))
+    model = GGUFModel(path)
+    out = []
+    for dequantize in (False, True):
+        runner = ModelRunner(model, 0, model.config.num_layers, device="cuda", dequantize=dequantize)
+        runner.allocate_kv_cache(num_blocks=12, block_size=16)
+        batch = MicroBatch(
+            0, [SequenceChunk("r", prompt, 0, list(range(12)), sample=False, return_logits=True)]
+        )
+        out.append(torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"]))
+        assert bool(_quant_tensors(runner)) != dequantize
+    kept, decoded = out
+    assert float((kept - decoded).abs().max() / decoded.abs().max()) <= 3e-2
+
+
+# random weights of a recipe -------------------------------------------------------------------------
+SPEC = random_spec("v3-tiny", seed=5, wtype="UD-Q2_K_XL")
+PROMPTS = [list(range(5, 40)), [40, 41, 42]]
+
+
+def test_recipe_types_reach_the_device():
+    """The random recipe model holds each tensor in the recipe's type, as QuantTensors where a kernel
+    exists; the shared experts (Q6_K) run beside the routed ones (Q2_K/Q3_K) as their own MLP."""
+    model = RandomModel(SPEC)
+    types = {name: info.qtype for name, info in model.tensors.items()}
+    assert types["layers.1.moe.w_gate"] == Q.Q2_K and types["layers.1.moe.w_down"] == Q.Q3_K
+    assert types["layers.1.shared.w_up"] == Q.Q6_K and types["layers.0.mlp.w_down"] == Q.Q6_K
+    assert types["layers.2.attn.wq_b"] == Q.Q4_K and types["layers.2.attn.wkv_b"] == Q.Q8_0
+    assert types["embed"] == Q.Q4_K and types["head"] == Q.Q6_K and types["layers.3.moe.router"] == Q.F32
+    runner = ModelRunner(model, 0, model.config.num_layers)
+    moe = runner.shard.layers[1].moe
+    if Q.Q2_K in kernel_types():
+        assert isinstance(moe.w_gate_up, QuantTensor) and moe.w_gate_up.qtype == Q.Q2_K
+        assert moe.w_gate_up.shape == (16, 512, 256)
+    if Q.Q6_K in kernel_types():
+        assert moe.shared_mlp is not None and moe.shared_mlp.gate_up.qtype == Q.Q6_K
+
+
+@pytest.fixture(scope="module")
+def one_stage():
+    with Engine(SPEC, block_size=16, devices="cpu") as engine:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        return [r.token_ids for r in engine.generate(PROMPTS, params)], engine.score(PROMPTS[0])
+
+
+def test_recipe_model_two_cpu_stages_match_one(ray_local, one_stage):
+    tokens, scores = one_stage
+    assert np.isfinite(scores).all() and np.std(scores) > 0
+    with Engine(SPEC, pipeline=2, use_ray=True, block_size=16, devices="cpu") as engine:
+        assert [s.num_layers for s in engine.plan.stages] == [2, 2]
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert [r.token_ids for r in engine.generate(PROMPTS, params)] == tokens
+        # one stage in this process sums its matmuls on two threads, a stage actor on one: the same to ~1e-6
+        np.testing.assert_allclose(engine.score(PROMPTS[0]), scores, rtol=1e-5, atol=1e-5)
