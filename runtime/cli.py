@@ -461,6 +461,7 @@ def _print_plan(model, args) -> None:
     from mlapipe.runtime.planner import (
         DEFAULT_KV_MEMORY_FRACTION,
         PlanError,
+        has_quantized_experts,
         layer_weight_bytes,
         plan_for_model,
         plan_kv_from_memory,
@@ -495,6 +496,7 @@ def _print_plan(model, args) -> None:
                     f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
                 ],
                 kv_memory_fraction=fraction,
+                quantized_experts=has_quantized_experts(model),
                 **options,
             )
         except PlanError as e:

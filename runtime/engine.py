@@ -26,6 +26,7 @@ from mlapipe.runtime.metrics import EngineMetrics
 from mlapipe.runtime.planner import (
     DEFAULT_KV_MEMORY_FRACTION,
     check_fits,
+    has_quantized_experts,
     layer_weight_bytes,
     plan_for_model,
     plan_kv_from_memory,
@@ -100,6 +101,7 @@ class Engine:
         cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
         kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
         dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
+        device_memory: int | None = None,  # plan as if each device were an empty one of this many bytes
     ):
         self._closed = False
         model = os.fspath(model)  # a path object works as well as a string
@@ -153,29 +155,43 @@ class Engine:
         self._plan_options["dequantize"] = dequantize_weights
 
         def check_plan(device_infos: list[dict]) -> int:
-            """Plans the stages on the devices found (before any weight is read); returns KV blocks."""
+            """Plans the stages on the devices found (before any weight is read); returns KV blocks.
+            Weights that do not fit are refused with what would (plan_kv_from_memory's message), whether
+            the cache is sized from memory or given."""
             options = dict(self._plan_options)
+            if device_memory is not None:
+                device_infos = [
+                    d | {"total_bytes": device_memory, "free_bytes": device_memory} for d in device_infos
+                ]
             names = [d["device"] for d in device_infos]
+            dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
+            layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+            options["quantized_experts"] = has_quantized_experts(self.model, dequantize)
+            memory_plan = plan_kv_from_memory(
+                self.config,
+                layers,
+                embed,
+                head,
+                num_stages,
+                total_bytes=[d["total_bytes"] for d in device_infos],
+                free_bytes=[d["free_bytes"] for d in device_infos],
+                device_names=names,
+                kv_memory_fraction=kv_memory_fraction if sized_from_memory else 1.0,
+                block_size=block_size,
+                element_size=element_size,
+                **options,
+            )
             if sized_from_memory:
-                dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
-                layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
-                self.plan = plan_kv_from_memory(
-                    self.config,
-                    layers,
-                    embed,
-                    head,
-                    num_stages,
-                    total_bytes=[d["total_bytes"] for d in device_infos],
-                    free_bytes=[d["free_bytes"] for d in device_infos],
-                    device_names=names,
-                    kv_memory_fraction=kv_memory_fraction,
-                    block_size=block_size,
-                    element_size=element_size,
-                    **options,
-                )
-                return self.plan.num_kv_tokens // block_size
+                self.plan = memory_plan
+                return memory_plan.num_kv_tokens // block_size
+            options.pop("quantized_experts")
             self.plan = plan_for_model(
-                self.model, num_stages, num_kv_tokens=fixed_blocks * block_size, **options
+                self.model,
+                num_stages,
+                num_kv_tokens=fixed_blocks * block_size,
+                dequantize=dequantize,
+                element_size=element_size,
+                **options,
             )
             check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
             return fixed_blocks

@@ -187,3 +187,67 @@ def test_recipe_model_two_cpu_stages_match_one(ray_local, one_stage):
         assert [r.token_ids for r in engine.generate(PROMPTS, params)] == tokens
         # one stage in this process sums its matmuls on two threads, a stage actor on one: the same to ~1e-6
         np.testing.assert_allclose(engine.score(PROMPTS[0]), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_written_in_the_recipe_loads_like_the_random_recipe_model(tmp_path):
+    """Our writer's V3-tiny-shaped file (real tensor names) with every tensor in the recipe's type loads
+    with the random-weight path's types and per-layer device bytes, and runs."""
+    from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+    from mlapipe.runtime.gguf_model import our_name
+    from mlapipe.runtime.planner import layer_weight_bytes
+
+    random_model = RandomModel(SPEC)
+    cfg = random_model.config
+    shape = dict(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.expert_intermediate_size,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        num_hidden_layers=cfg.num_layers,
+        first_k_dense_replace=cfg.num_dense_layers,
+        n_routed_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_token,
+        n_group=cfg.num_expert_groups,
+        topk_group=cfg.num_expert_groups_used,
+    )
+    base = write_tiny_model(tmp_path / "f32.gguf", "v3", seed=6, **shape)
+    replace = {}
+    for t in gguf.GGUFReader(base).tensors:
+        info = random_model.tensors[our_name(t.name)]
+        if info.qtype != Q.F32:
+            blocks = random_quant_tensor(info.shape, int(info.qtype), info.shape[-1] ** -0.5, t.name)
+            replace[t.name] = (blocks.data.numpy(), info.qtype)
+    path = rewrite_gguf(base, str(tmp_path / "ud_q2_k_xl.gguf"), replace)
+    model = GGUFModel(path)
+    assert {n: (t.qtype, t.num_bytes) for n, t in model.tensors.items()} == {
+        n: (t.qtype, t.num_bytes) for n, t in random_model.tensors.items()
+    }
+    assert layer_weight_bytes(model) == layer_weight_bytes(random_model)
+    with Engine(path, block_size=16) as engine:
+        scores = engine.score(list(range(5, 30)))
+    assert np.isfinite(scores).all() and np.std(scores) > 0
+
+
+def test_the_block_manager_is_sized_from_the_memory_fraction():
+    """The cache is what the weights and compute buffer leave of the fraction, in whole blocks; the
+    scheduler's blocks and the stage's allocation follow it."""
+    mib = 2**20
+    with Engine(
+        SPEC, devices="cpu", block_size=16, n_ctx=256, kv_memory_fraction=0.5, device_memory=64 * mib
+    ) as engine:
+        plan = engine.plan
+        (stage,) = plan.stages
+        per_token = engine.config.latent_dim * 4 * 4  # fp32 latent rows on CPU, 4 layers
+        left = 32 * mib - stage.weight_bytes - stage.compute_bytes
+        assert plan.num_kv_tokens == left // per_token // 16 * 16 > 4 * 256  # more than the fixed 4 x n_ctx
+        assert engine.blocks.num_blocks * 16 == plan.num_kv_tokens
+        kv = engine.executor.runner.kv_cache
+        assert kv.shape[:3] == (4, engine.blocks.num_blocks, 16)
+    with pytest.raises(ValueError, match="does not fit on cpu"):
+        Engine(SPEC, devices="cpu", kv_memory_fraction=0.9, device_memory=4 * mib)

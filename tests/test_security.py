@@ -171,6 +171,25 @@ def test_bad_messages_for_a_live_key_fail_nothing(grpc_engine, expected):
     assert tokens(engine) == expected  # still serving
 
 
+def test_abandoned_buffers_are_freed_after_the_deadline():
+    """A step whose micro-batch was abandoned (its bytes came, nobody took them) is freed by the sweep
+    once its deadline passes; an expected key nobody sent is forgotten the same way."""
+    import torch
+
+    from mlapipe.workers.transport.inbox import Inbox
+
+    inbox = Inbox(timeout_s=0.2)
+    inbox.expect("7.0", (4, 8), torch.float32)
+    inbox.expect("8.0", (4, 8), torch.float32)
+    assert inbox.admit("7.0", "torch.float32", (4, 8)) == (None, 128)
+    inbox.deliver("7.0", torch.zeros(128, dtype=torch.uint8))
+    assert inbox.buffered_bytes == 128
+    time.sleep(0.3)
+    inbox.sweep()
+    assert inbox.buffered_bytes == 0 and inbox.rejected["expired"] == 1
+    assert inbox.admit("8.0", "torch.float32", (4, 8))[0] == "unknown_key"  # forgotten too
+
+
 def _run_to_end(engine):
     finished = []
     while not finished:
@@ -312,8 +331,9 @@ def test_gloo_links_refuse_strangers(gloo_engine, expected):
 
 
 # mutual TLS ----------------------------------------------------------------------------------------
-def _certificates(directory, name: str, ca=None):
-    """A key and a certificate for 127.0.0.1 signed by `ca` (key, cert), or a self-signed CA."""
+def _certificates(directory, name: str, ca=None, dns_name=None):
+    """A key and a certificate for 127.0.0.1 (or only for `dns_name`) signed by `ca` (key, cert), or a
+    self-signed CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -334,7 +354,8 @@ def _certificates(directory, name: str, ca=None):
     if ca is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     else:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        names = [x509.DNSName(dns_name)] if dns_name else [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        san = x509.SubjectAlternativeName(names)
         builder = builder.add_extension(san, critical=False)
     cert = builder.sign(ca[0] if ca else key, hashes.SHA256())
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
@@ -369,6 +390,39 @@ def test_mutual_tls_refuses_a_client_of_another_ca(ray_local, model_path, expect
         assert send(address, "0.0", header, [b""], secret=secret, timeout=5) == grpc.StatusCode.UNAVAILABLE
         assert rejected(engine, 1, "unknown_key") == 0  # none of them got as far as the gate
         assert tokens(engine) == expected
+
+
+def test_one_certificate_for_every_node_through_a_server_name(tmp_path):
+    """CERT,KEY,CA,SERVER_NAME: a certificate issued for a name, not an address, serves a stage that is
+    dialled by address (two transports in this process, no Ray)."""
+    import torch
+
+    from mlapipe.workers.transport.grpc_stream import GrpcTransport
+    from mlapipe.workers.transport.tls import TlsFiles
+
+    ca, _, ca_path = _certificates(tmp_path, "ca")
+    _, key_path, cert_path = _certificates(tmp_path, "cluster", ca, dns_name="mlapipe-stage")
+    secret = LinkSecret()
+    tensors = [torch.randn(5, 8), torch.arange(3)]
+    for server_name, works in (("mlapipe-stage", True), (None, False)):
+        tls = TlsFiles(cert_path, key_path, ca_path, server_name)
+        timeout = 5.0 if works else 1.0
+        receiver, sender = (GrpcTransport("cpu", timeout, secret, tls) for _ in range(2))
+        try:
+            address = receiver.serve("127.0.0.1")
+            if not works:  # the certificate does not name 127.0.0.1: no channel comes up
+                with pytest.raises(grpc.FutureTimeoutError):
+                    sender.connect(address)
+                continue
+            sender.connect(address)
+            for i, tensor in enumerate(tensors):
+                receiver.expect(f"{i}.0", tuple(tensor.shape), tensor.dtype)
+                sender.send(f"{i}.0", tensor)
+                assert torch.equal(receiver.recv(f"{i}.0", tuple(tensor.shape), tensor.dtype), tensor)
+            assert receiver.inbox.buffered_bytes == 0
+        finally:
+            sender.close()
+            receiver.close()
 
 
 def test_transport_tls_is_checked_before_anything_starts(model_path):

@@ -51,7 +51,8 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
-        """Frees the model's device memory now: the caller may build another engine next."""
+        """Frees the weights and the cache now, not when the engine object is collected: an engine sized
+        from free memory right after this one (a test, a benchmark sweep) must find the memory free."""
         import torch
 
         self._done.clear()

@@ -118,15 +118,16 @@ def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch
 
 
 def mla_up_projections(cfg: ModelConfig, weights: dict, prefix: str) -> dict:
-    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded
-    (attn_kv_b, or attn_k_b + attn_v_b); the loaded forms are removed."""
-    H, N = cfg.num_heads, cfg.qk_nope_head_dim
+    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded:
+    attn_kv_b (H*(N+V), C); mainline's 3-D attn_k_b (H, C, N) + attn_v_b (H, V, C); or ik_llama.cpp's
+    2-D attn_k_b (H*C, N) + attn_v_b (H*V, C). The loaded forms are removed."""
+    H, N, V, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if prefix + "attn.wkv_b" in weights:
-        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
+        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, N + V, C)
         w_uk, w_uv = kv_b[:, :N], kv_b[:, N:]
     else:
-        w_uk = weights.pop(prefix + "attn.wk_b").transpose(1, 2)
-        w_uv = weights.pop(prefix + "attn.wv_b")
+        w_uk = weights.pop(prefix + "attn.wk_b").reshape(H, C, N).transpose(1, 2)
+        w_uv = weights.pop(prefix + "attn.wv_b").reshape(H, V, C)
     return {prefix + "attn.w_uk": w_uk.contiguous(), prefix + "attn.w_uv": w_uv.contiguous()}
 
 

@@ -91,8 +91,9 @@ class Inbox:
             return slot.tensor
 
     def reject(self, reason: str, key: str, detail: str) -> str:
-        self.rejected[reason] += 1
-        log.warning("activation stream %r dropped (%s): %s", key[:64], reason, detail)
+        with self._cond:  # re-entrant: admit() and the sweep call this holding it
+            self.rejected[reason] += 1
+        log.warning("activation stream %r dropped (%s): %s", key[:64], reason, detail[:200])
         return reason
 
     def sweep(self) -> None:
