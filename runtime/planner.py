@@ -325,6 +325,17 @@ def plan_for_model(
     return plan_pipeline(model.config, layers, embed, head, num_stages, element_size=element_size, **options)
 
 
+def stage_tensor_names(model, stage: StagePlan) -> list[str]:
+    """Our names of the tensors a stage holds: its layers', the embedding on the first, norm and output
+    on the last."""
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
+
+
 def has_quantized_experts(model, dequantize: bool = False) -> bool:
     forms = storage_forms(model.tensors, dequantize)
     return any(form == "quant" for name, form in forms.items() if name.endswith(".moe.w_down"))

@@ -251,3 +251,57 @@ def test_the_block_manager_is_sized_from_the_memory_fraction():
         assert kv.shape[:3] == (4, engine.blocks.num_blocks, 16)
     with pytest.raises(ValueError, match="does not fit on cpu"):
         Engine(SPEC, devices="cpu", kv_memory_fraction=0.9, device_memory=4 * mib)
+
+
+@pytest.mark.parametrize(
+    "shape, shared, inter, types, joined",
+    [
+        # all Q8_0, 2 shared experts of 128: their down projection splits at whole 32-blocks -> one launch
+        ("v2-lite", 2, 128, ("Q8_0", "Q8_0", "Q8_0", "Q8_0"), True),
+        # llama.cpp's V2-Lite-like Q4_K: routed down falls back to Q5_0, shared down stays Q4_K and its
+        # 2 x 128 columns do not split at 256-blocks -> the shared experts run as their own MLP
+        ("v2-lite", 2, 128, ("Q4_K", "Q5_0", "Q4_K", "Q4_K"), False),
+        # the Q2_K-class mix: routed Q2_K / Q3_K, shared Q6_K -> their own MLP
+        ("v3", 1, 256, ("Q2_K", "Q3_K", "Q6_K", "Q6_K"), False),
+    ],
+)
+def test_quantized_moe_block_equals_the_plain_composition(shape, shared, inter, types, joined):
+    """Both forms of the MoE block (decode-sized, prefill-sized) on QuantTensor experts equal routed
+    experts plus the shared MLP on the decoded weights."""
+    from dataclasses import replace
+
+    from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+    from mlapipe.kernels.quant.reference import dequantize_rows
+    from mlapipe.runtime.shapes import SHAPES
+    from mlapipe.workers.layers import FUSED_SHARED_MAX_TOKENS, MoEBlock
+    from tests.test_moe_block import unfused
+
+    base = SHAPES[shape]
+    cfg = replace(
+        base, hidden_size=256, num_experts=16, num_shared_experts=shared, expert_intermediate_size=inter,
+    )  # fmt: skip
+    E, H, n = cfg.num_experts, cfg.hidden_size, shared
+    routed_gate_up, routed_down, shared_gate_up, shared_down = (Q[t] for t in types)
+    shapes = {
+        "moe.w_gate": ((E, inter, H), routed_gate_up),
+        "moe.w_up": ((E, inter, H), routed_gate_up),
+        "moe.w_down": ((E, H, inter), routed_down),
+        "shared.w_gate": ((n * inter, H), shared_gate_up),
+        "shared.w_up": ((n * inter, H), shared_gate_up),
+        "shared.w_down": ((H, n * inter), shared_down),
+    }
+    quantized = {name: random_quant_tensor(s, int(t), s[-1] ** -0.5, name) for name, (s, t) in shapes.items()}
+    g = torch.Generator().manual_seed(1)
+    router = {"moe.router": torch.randn(E, H, generator=g) * H**-0.5}
+    if cfg.gating == "sigmoid":
+        router["moe.router_bias"] = torch.randn(E, generator=g) * 0.01
+    decoded = {k: dequantize_rows(w.data, w.qtype).reshape(w.shape) for k, w in quantized.items()}
+    block = MoEBlock(cfg, quantized | router)
+    assert isinstance(block.w_gate_up, QuantTensor) and block.shared_in_stack == joined
+    assert (block.shared_mlp is None) == joined
+    x = torch.randn(FUSED_SHARED_MAX_TOKENS + 9, H, generator=g)
+    expected = unfused(cfg, decoded | router, x)
+    torch.testing.assert_close(block.forward(x), expected, rtol=1e-5, atol=1e-5)  # the prefill form
+    decode_form = torch.cat([block.forward(x[i : i + 16]) for i in (0, 16)])
+    torch.testing.assert_close(decode_form, expected[:32], rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 0.1

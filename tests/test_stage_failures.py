@@ -48,7 +48,7 @@ def test_reported_stage_is_the_one_that_failed(ray_local, model_path, transport,
         if how == "stop":
             assert "stopped (SIGSTOP?)" in reason, reason
     finally:
-        if how == "stop":  # the pipeline's shutdown may have killed it already
+        if how == "stop":  # the failed pipeline's shutdown normally killed it already (and waited)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)

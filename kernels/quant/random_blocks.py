@@ -130,7 +130,7 @@ def random_quant_tensor(
     else:
         # a random sign per block (gguf's Q4_0 quantizer makes negative d too) cancels the bias of
         # asymmetric ranges like Q4_0's -8..7 or IQ4_NL's values
-        sign = torch.randint(0, 2, (n,), generator=generator, device=device) * 2 - 1
+        sign = torch.randint(0, 2, (n,), generator=generator, device=device, dtype=torch.int8) * 2 - 1
         write_scales(blocks, row.code, sign * u * (std * d_unit), generator=generator)
     data = blocks.reshape(*shape[:-1], cols // row.block_elems * row.block_bytes)
     return QuantTensor(data, row.code, tuple(shape))
