@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from gguf import GGUFReader
 
 from mlapipe.runtime import gguf_keys as keys
-from mlapipe.runtime.gguf_types import find_unknown_type, type_problem
+from mlapipe.runtime.gguf_check import check_gguf_file
 
-GGUF_MAGIC = b"GGUF"
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -78,22 +77,12 @@ def open_model_files(path: str) -> list[ModelFile]:
 
 
 def open_reader(path: str) -> GGUFReader:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    check_gguf_file(path, ModelFileError)  # the whole file's structure, before gguf's reader trusts it
     try:
         # copy-on-write: tensor views are writable numpy arrays (no warnings from torch.from_numpy),
         # shared with the page cache and never written back
         return GGUFReader(path, "c")
-    except ValueError as e:
-        unknown = find_unknown_type(path)
-        if unknown is not None:  # gguf raises a bare ValueError on type codes it does not know
-            raise ModelFileError(f"{path}: {type_problem(*unknown)}") from None
-        raise ModelFileError(f"{path}: truncated or corrupt GGUF header (ValueError: {e})") from None
-    except Exception as e:  # gguf's parser raises bare IndexError / OverflowError on damaged headers
+    except Exception as e:  # gguf's parser raises bare ValueError / IndexError on damaged headers
         raise ModelFileError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
 
 

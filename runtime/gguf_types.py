@@ -3,13 +3,11 @@
 Loadable: every type `gguf`'s quants module dequantizes (F32/F16 natively), so every block layout is
 decoded by gguf's own code (bit-exact with ggml). Type codes that only ik_llama.cpp defines (its
 IQ*_K / IQ*_KS / IQ*_KT trellis types and the _R4/_R8 row-interleaved repacks, ggml.h of
-ik_llama.cpp) are named so the error can say the file is ik_llama.cpp-specific; gguf's own reader
-raises a bare ValueError on them, so `find_unknown_type` walks the header itself to name the tensor.
+ik_llama.cpp) are named so the error can say the file is ik_llama.cpp-specific (gguf's own reader
+raises a bare ValueError on them; runtime/gguf_check.py reports them through `type_problem`).
 """
 
 from __future__ import annotations
-
-import struct
 
 from gguf import GGMLQuantizationType as Q
 
@@ -56,64 +54,3 @@ def type_problem(tensor: str, code: int) -> str | None:
         supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
         return f"tensor {tensor!r} has unsupported type {qtype.name} (supported: {supported})"
     return None
-
-
-# GGUF value type code -> fixed size in bytes (strings 8, arrays 9 are variable)
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def find_unknown_type(path: str) -> tuple[str, int] | None:
-    """(tensor name, type code) of the first tensor whose type gguf does not know, by walking the header
-    (magic, version, counts, key/values, tensor infos); None if there is none or the header is damaged."""
-    try:
-        with open(path, "rb") as f:
-            reader = _Cursor(f)
-            reader.take(4)  # magic, checked by the caller
-            version, n_tensors, n_kv = struct.unpack("<IQQ", reader.take(20))
-            if version < 2:
-                return None
-            for _ in range(n_kv):
-                reader.string()
-                reader.value(struct.unpack("<I", reader.take(4))[0])
-            for _ in range(n_tensors):
-                name = reader.string().decode("utf-8", "replace")
-                (n_dims,) = struct.unpack("<I", reader.take(4))
-                reader.take(8 * n_dims)
-                code, _offset = struct.unpack("<IQ", reader.take(12))
-                try:
-                    Q(code)
-                except ValueError:
-                    return name, code
-    except (OSError, struct.error, ValueError, MemoryError):
-        return None
-    return None
-
-
-class _Cursor:
-    def __init__(self, f):
-        self.f = f
-
-    def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise ValueError("truncated")
-        return data
-
-    def string(self) -> bytes:
-        (length,) = struct.unpack("<Q", self.take(8))
-        return self.take(length)
-
-    def value(self, kind: int) -> None:
-        if kind == 8:
-            self.string()
-        elif kind == 9:
-            item_kind, count = struct.unpack("<IQ", self.take(12))
-            if item_kind in _SCALAR_SIZES:
-                self.f.seek(_SCALAR_SIZES[item_kind] * count, 1)
-            else:
-                for _ in range(count):
-                    self.value(item_kind)
-        elif kind in _SCALAR_SIZES:
-            self.take(_SCALAR_SIZES[kind])
-        else:
-            raise ValueError(f"bad value type {kind}")
