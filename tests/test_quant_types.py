@@ -2,7 +2,7 @@
 
 One test per type: three tensors of a tiny file (an expert stack, a 2-D weight, the output head, rows
 of 256 values) rewritten as that type: quantized by gguf where gguf can, else random bytes with sane
-fp16 scales (kernels/quant's write_fp16_scales knows where each type keeps them). The loaded values
+fp16 scales (kernels/quant's write_scales knows where each type keeps them). The loaded values
 (on the CPU device, through the same path a GPU load takes) must equal gguf.quants.dequantize bit for
 bit, read_blocks must hand back the file's bytes in the (*lead, rows, row_bytes) contract, and for a
 few types the whole model must run.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlapipe.kernels.quant.random_blocks import write_fp16_scales
+from mlapipe.kernels.quant.random_blocks import write_scales
 from mlapipe.kernels.quant.types import QUANT_TYPES
 from mlapipe.runtime import Engine
 from mlapipe.runtime.gguf_model import GGUFModel
@@ -40,7 +40,7 @@ def _random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
             n, dmin = raw.shape[0], None
             if len(QUANT_TYPES[int(qtype)].fp16_fields) == 2:
                 dmin = torch.full((n,), 0.005)
-            write_fp16_scales(raw, int(qtype), torch.full((n,), 0.01), dmin)
+            write_scales(raw, int(qtype), torch.full((n,), 0.01), dmin)
         return raw.numpy().reshape(rows, -1)
 
 
