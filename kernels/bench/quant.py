@@ -152,8 +152,8 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
 
 
 # split-launch tiles (block_m,block_n,warps,stages) tried by --sweep on one dense shape and T
-SWEEP_SPLIT = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3", "16,32,2,3"]
-SWEEP_MOE = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3"]
+SWEEP_SPLIT = ["16,64,4,3", "16,128,4,3", "16,64,4,1", "16,128,8,2"]
+SWEEP_MOE = ["16,64,4,3", "16,128,4,3", "16,64,4,1", "16,128,8,2"]
 
 
 def sweep(qtype: int) -> list[list]:
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--moe-prefill", default="128,512,2048,8192")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--no-moe", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="first time decode tiles on V3 shapes")
+    parser.add_argument("--sweep", default="", help="types whose decode tiles to time first on V3 shapes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     copy_gbs, mm_tflops = copy_bandwidth_gbs(), matmul_tflops()
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
     print(f"{device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
     types = [TYPE_CODES[t] for t in args.types.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    sweep_rows = [row for t in types for row in sweep(t)] if args.sweep else []
+    sweep_rows = [row for t in args.sweep.split(",") if t for row in sweep(TYPE_CODES[t])]
     dense_rows, moe_rows = [], []
     for model in args.models.split(","):
         for qtype in types:
