@@ -61,6 +61,7 @@ def pct(value: float, ceiling: float) -> str:
 
 def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], copy_gbs: float) -> list[list]:
     rows = []
+    totals = {T: [0, 0.0, 0.0] for T in tokens}  # bytes, ms, bf16 ms over all projections
     for name, N, K in DENSE[model]:
         wtype = fitting_type(qtype, K)
         w = random_quant((N, K), wtype, K**-0.5, f"{model}.{name}")
@@ -72,6 +73,9 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
             ms = median_ms(functools.partial(quant_linear, x[:T], w), graph=True)
             bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16), graph=True)
             gbs = w.nbytes / ms / 1e6
+            totals[T][0] += w.nbytes
+            totals[T][1] += ms
+            totals[T][2] += bf16_ms
             rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
                          f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
@@ -82,6 +86,10 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
                          f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         del w, w_bf16
+    for T, (nbytes, ms, bf16_ms) in totals.items():
+        gbs = nbytes / ms / 1e6
+        rows.append([model, kernel_type(qtype).name, "all (sum)", "", "", T, f"{ms:.4f}", f"{gbs:.0f}",
+                     pct(gbs, copy_gbs), f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", ""])  # fmt: skip
     return rows
 
 

@@ -52,11 +52,14 @@ from mlapipe.kernels.quant.dispatch import (
     table_of,
 )
 from mlapipe.kernels.quant.linear import decoded_dot, reduction_block_k
+from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 
-# Rows per expert (T*K/E) from which dequantizing to the bf16 scratch beats decoding in the GEMMs
-# (measured on an H200: kernels/NOTES-quant.md).
-SCRATCH_MIN_ROWS_PER_EXPERT = 256
+# Rows per expert (T*K/E) from which dequantizing to the scratch beats decoding in the GEMMs, per gate|up
+# type name (measured on an H200, V3 shapes: kernels/NOTES-quant.md); the decoders of 32-value blocks
+# are the cheapest.
+SCRATCH_MIN_ROWS_PER_EXPERT = {"Q8_0": 128, "Q4_0": 128}
+SCRATCH_MIN_ROWS_DEFAULT = 32
 DEFAULT_SCRATCH_MIB = 4096
 PATH_ENV = "MLAPIPE_QUANT_MOE_PATH"  # "fused" or "scratch" pins the path (tests, benches)
 CONFIG_ENV = "MLAPIPE_QUANT_MOE_CONFIG"  # "block_m,block_n,warps,stages" pins the fused path's tiles
@@ -177,28 +180,6 @@ def _down_kernel(
     tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit
-def decode_bf16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    """The scratch's decoder: bf16 rows (row_bytes = 2 * cols) read as bf16 (wide loads) -> fp32."""
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.bfloat16))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
-
-
-@triton.jit
-def decode_fp16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float16))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
-
-
-@triton.jit
-def decode_fp32_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float32))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :])
-
-
-_SCRATCH_DECODERS = {torch.float16: decode_fp16_scratch, torch.float32: decode_fp32_scratch}
-
-
 def _interpreted(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -213,10 +194,10 @@ def _fused_tiles(num_rows: int, num_experts: int, device: torch.device) -> tuple
         return 16, 64, 4, 1
     rows_per_expert = num_rows / num_experts
     if rows_per_expert >= 96:
-        return 128, 128, 8, 3
+        return 128, 64, 8, 2  # 128 x 128 at 3 stages wants 360 KB of shared memory for K-quants
     if rows_per_expert > 16:
-        return 64, 64, 4, 3
-    return 16, 64, 4, 3
+        return 64, 64, 4, 1
+    return 16, 64, 4, 1  # stages 1: measured fastest at decode sizes (kernels/NOTES-quant.md)
 
 
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids) -> None:
@@ -284,8 +265,7 @@ def _scratch_blocks(w: QuantTensor, first: int, last: int, dtype: torch.dtype) -
     """Experts [first, last) of w dequantized to dtype, as rows the scratch decoder reads."""
     values = dequantize_on_device(w[first:last], dtype)
     data = values.view(torch.uint8).reshape(last - first, values.shape[1], -1)
-    decoder = decode_bf16_scratch if dtype == torch.bfloat16 else _SCRATCH_DECODERS[dtype]
-    return ExpertBlocks(data, decoder, data, 1, values.element_size())
+    return ExpertBlocks(data, SCRATCH_DECODERS[dtype], data, 1, values.element_size())
 
 
 def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out, tiles, scratch_mib) -> None:
@@ -302,13 +282,14 @@ def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out,
         _run_gemms(hidden, gate_up, down, group_layout, topk_weights, act, slot_out, tiles)
 
 
-def choose_path(num_rows: int, num_experts: int) -> str:
+def choose_path(num_rows: int, num_experts: int, qtype: int) -> str:
     """'fused' (decode in the GEMMs) or 'scratch' (dequantize first), by rows per expert."""
     pinned = os.environ.get(PATH_ENV)
     if pinned:
         assert pinned in ("fused", "scratch"), f"{PATH_ENV} must be 'fused' or 'scratch', got {pinned!r}"
         return pinned
-    return "scratch" if num_rows / num_experts >= SCRATCH_MIN_ROWS_PER_EXPERT else "fused"
+    threshold = SCRATCH_MIN_ROWS_PER_EXPERT.get(kernel_type(qtype).name, SCRATCH_MIN_ROWS_DEFAULT)
+    return "scratch" if num_rows / num_experts >= threshold else "fused"
 
 
 def quant_fused_moe(
@@ -332,7 +313,7 @@ def quant_fused_moe(
     act = torch.empty(layout.max_tiles * tiles[0], two_inter // 2, dtype=hidden.dtype, device=hidden.device)
     slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.float().contiguous()
-    if choose_path(T * K, E) == "scratch":
+    if choose_path(T * K, E, w_gate_up.qtype) == "scratch":
         _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, scratch_mib)
     else:
         _run_gemms(
