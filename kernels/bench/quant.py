@@ -160,15 +160,25 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
 
 
 # split-launch tiles (block_m,block_n,warps,stages) tried by --sweep on one dense shape and T
-SWEEP_SPLIT = ["16,64,4,3", "16,128,4,3", "16,64,4,1", "16,128,8,2"]
-SWEEP_MOE = ["16,64,4,3", "16,128,4,3", "16,64,4,1", "16,128,8,2"]
+SWEEP_SPLIT = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
+SWEEP_MOE = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
 
 
 def sweep(qtype: int) -> list[list]:
     """Decode-size tiles of the split linear (V3 o_proj, T=1) and the fused MoE (V3, T=1): time and bits."""
     from mlapipe.kernels.quant.fused_moe import CONFIG_ENV
+    from mlapipe.kernels.quant.linear import PROGRAMS_ENV
 
     rows = []
+    for name, N, K in (("o", 7168, 16384), ("q", 3072, 2048)):  # V3 o_proj, V2-Lite q_proj
+        w = random_quant((N, K), qtype, K**-0.5, f"sweep.{name}")
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for per_sm in ("2", "4", "8", "16"):
+            run = functools.partial(quant_linear, x, w)
+            ms = _with_env(PROGRAMS_ENV, per_sm, functools.partial(median_ms, run, graph=True))
+            rows.append([f"linear {name} {N}x{K}, programs/SM", kernel_type(qtype).name, per_sm, f"{ms:.4f}",
+                         f"{w.nbytes / ms / 1e6:.0f}", ""])  # fmt: skip
+            print(rows[-1], flush=True)
     w = random_quant((7168, 16384), qtype, 16384**-0.5, "sweep.o")
     x = torch.randn(1, 16384, device="cuda", dtype=torch.bfloat16)
     first = None

@@ -42,6 +42,7 @@ from mlapipe.kernels.quant.tensor import QuantTensor
 SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it the tiled one over a dequantized scratch
 DEFAULT_SCRATCH_MIB = 1024  # bound on the scratch of the tiled launch (rows dequantized at a time)
 PROGRAMS_PER_SM = 8  # the split launch's target: enough warps in flight to hide the decode's latency
+PROGRAMS_ENV = "MLAPIPE_QUANT_PROGRAMS_PER_SM"  # overrides it (sweeps; changes the chunks, so the bits)
 # "block_m,block_n,warps,stages" pins a launch's tiles (benches, sweeps); the bits do not depend on them
 SPLIT_CONFIG_ENV = "MLAPIPE_QUANT_SPLIT_CONFIG"
 TILED_CONFIG_ENV = "MLAPIPE_QUANT_TILED_CONFIG"
@@ -67,7 +68,9 @@ def reduction_block_k(K: int, largest: int = 64) -> int:
     return block_k
 
 
-def plan_linear(N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64) -> LinearPlan:
+def plan_linear(
+    N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64, per_sm: int = PROGRAMS_PER_SM
+) -> LinearPlan:
     """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach PROGRAMS_PER_SM
     programs a SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
     max(BLOCK_K, the type's block) values, so chunks start on block boundaries."""
@@ -75,7 +78,7 @@ def plan_linear(N: int, K: int, block_elems: int, num_sms: int, largest_block_k:
     step = max(block_k, block_elems)
     steps = K // step
     column_blocks = triton.cdiv(N, 64)
-    wanted = max(1, min(triton.cdiv(PROGRAMS_PER_SM * num_sms, column_blocks), steps // 4))
+    wanted = max(1, min(triton.cdiv(per_sm * num_sms, column_blocks), steps // 4))
     chunk_k = triton.cdiv(steps, wanted) * step
     return LinearPlan(block_k, chunk_k, triton.cdiv(K, chunk_k))
 
@@ -253,7 +256,8 @@ def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
 def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
     largest_block_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
-    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k)
+    per_sm = int(os.environ.get(PROGRAMS_ENV, PROGRAMS_PER_SM))
+    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k, per_sm)
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
