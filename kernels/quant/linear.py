@@ -41,7 +41,7 @@ from mlapipe.kernels.quant.tensor import QuantTensor
 
 SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it the tiled one over a dequantized scratch
 DEFAULT_SCRATCH_MIB = 1024  # bound on the scratch of the tiled launch (rows dequantized at a time)
-PROGRAMS_PER_SM = 8  # the split launch's target: enough warps in flight to hide the decode's latency
+PROGRAMS_PER_SM = 16  # split launch target: warps in flight to hide the decode latency (swept 2-16)
 PROGRAMS_ENV = "MLAPIPE_QUANT_PROGRAMS_PER_SM"  # overrides it (sweeps; changes the chunks, so the bits)
 # "block_m,block_n,warps,stages" pins a launch's tiles (benches, sweeps); the bits do not depend on them
 SPLIT_CONFIG_ENV = "MLAPIPE_QUANT_SPLIT_CONFIG"
