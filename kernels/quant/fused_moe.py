@@ -6,21 +6,25 @@ Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_
 w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
 (stable by expert, tile-padded; tile_expert -1 = skip).
 
-1. `_gate_up_kernel`: program (tile, column block): BLOCK_N intermediate columns x BLOCK_M sorted rows.
+1. `_gate_up_kernel`: program (tile, column block[, chunk]): BLOCK_N intermediate columns x BLOCK_M rows.
    Per BLOCK_K step it decodes the expert's gate and up rows (BLOCK_N, BLOCK_K) and multiplies them by the
    rows' hidden states transposed (BLOCK_K, BLOCK_M): the weight tile is the dot's first operand, so on
    Hopper wgmma reads it from the registers the decoder left it in, and the 64-row minimum of wgmma
    falls on weight columns, not on the handful of token rows of a decode step. Two fp32 accumulators
-   over all of H in increasing k; silu(gate) * up goes to act (P, I) at the sorted position.
+   over H (chunk order above); silu(gate) * up goes to act (P, I) at the sorted position.
 2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
    routing weight in fp32, to slot_out (R, H) at row r.
 3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32.
 
-Determinism and batch invariance as in the bf16 kernel: no atomics, no split over a reduction dim; each
-output element is one program's chain of tl.dot steps from a zero accumulator in increasing k, on
-decoded values rounded to the activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32
-with IEEE products for fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows
-per expert, never from T; that no tile choice changes the bits is checked on an H200 (GPU tests).
+Reduction order: the dense linear's fixed K chunks (linear.plan_linear, sized for a one-token step's
+DECODE_TILES row tiles; never from T): each chunk a chain of tl.dot steps from a zero accumulator in
+increasing k, the chunks added in order to a zero total. Up to SPLIT_MAX_ROWS rows the chunks are
+programs of their own (grid axis 1) writing fp32 partials, summed in order by `_gate_up_combine_kernel`
+(then silu(gate) * up) and `_down_combine_kernel` (then the routing weight); past it each program walks
+its chunks. Same sums, same bits, and no atomics anywhere. Values: decoded tiles rounded to the
+activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32 with IEEE products for
+fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows per expert, never from
+T; that no tile choice changes the bits is checked on an H200 (GPU tests).
 
 Scratch path (prefill-sized, from SCRATCH_MIN_ROWS_PER_EXPERT rows per expert): the experts are
 dequantized to the activations' dtype in groups of at most scratch_mib (the amb-like bound) and the same

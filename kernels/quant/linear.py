@@ -13,11 +13,16 @@ to a zero fp32 total. Two launch shapes compute exactly that:
 - split (decode-sized T): grid (column blocks, chunks), BLOCK_M 16..64 rows a program, so every SM streams
   weights even when N alone gives few column blocks. Each program writes its chunk's partial (chunks, T, N)
   fp32; `_sum_chunks_kernel` adds them in chunk order. One chunk: the program writes 0 + acc itself.
-- tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64/128; each program walks the
-  chunks in order, restarting a zero accumulator per chunk and adding it to its total.
-Both give the same bits for a row whatever T is or where the row sits in the batch, as long as the
-matrix instructions accumulate a chunk the same way for every row tile (checked on an H200 by the GPU
-tests: mma.sync at 16 rows and wgmma at 64/128 rows; kernels/NOTES-quant.md). No atomics anywhere.
+- tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64; each program walks the
+  chunks in order, restarting a zero accumulator per chunk and adding it to its total. `quant_linear`
+  runs it over a scratch: rows of w dequantized to x's dtype (at most DEFAULT_SCRATCH_MIB at a time) and
+  read by a plain-float decoder (kernels/quant/scratch.py), so each weight is decoded once, not once per
+  row tile; the values are the same rounded numbers, so the bits are too.
+The weight tile is the dot's first operand (out^T = W x^T): wgmma reads it from registers and its 64-row
+minimum falls on weight rows; the tokens are the dot's N (16 at decode). All launches give the same bits
+for a row whatever T is or where the row sits in the batch, as long as the matrix instructions
+accumulate a chunk the same way for every tile shape (checked on an H200 by the GPU tests:
+kernels/NOTES-quant.md). No atomics anywhere.
 """
 
 from __future__ import annotations
