@@ -117,6 +117,12 @@ def _add_serve(sub) -> None:
         default=30.0,
         help="seconds SIGTERM waits for requests in progress before failing them",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores but one, which the HTTP event loop needs)",
+    )
     _add_engine_options(p)
 
 
@@ -174,7 +180,19 @@ def _add_engine_options(p) -> None:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
     )
     add_memory_options(p)
 
@@ -306,6 +324,8 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
         "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
         "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
@@ -430,9 +450,11 @@ def _print_plan(model, args) -> None:
     from mlapipe.runtime.planner import (
         DEFAULT_KV_MEMORY_FRACTION,
         PlanError,
+        has_quantized_experts,
         layer_weight_bytes,
         plan_for_model,
         plan_kv_from_memory,
+        stage_tensor_names,
     )
     from mlapipe.runtime.weight_storage import bytes_by_type
 
@@ -464,6 +486,7 @@ def _print_plan(model, args) -> None:
                     f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
                 ],
                 kv_memory_fraction=fraction,
+                quantized_experts=has_quantized_experts(model),
                 **options,
             )
         except PlanError as e:
@@ -475,7 +498,7 @@ def _print_plan(model, args) -> None:
     print(plan.format())
     print("weights per device by type (as loaded):")
     for stage in plan.stages:
-        names = _stage_tensors(model, stage)
+        names = stage_tensor_names(model, stage)
         table = bytes_by_type(model.tensors, names, 2)
         cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
         print(f"  stage {stage.stage}: {cells}")
@@ -491,15 +514,6 @@ def _print_fallback(model) -> None:
             f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
             f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
         )
-
-
-def _stage_tensors(model, stage) -> list[str]:
-    names = [
-        n
-        for n in model.tensors
-        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
-    ]
-    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:
@@ -544,6 +558,18 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _set_serving_threads(threads: int | None) -> None:
+    """On CPU the engine's matmuls run on OpenMP threads whose barriers spin: a thread that shares its
+    core with the HTTP event loop stalls every step (bench_serve on a busy 2-core machine: 20 tokens/s
+    with both cores for torch, 160-390 with one). Default: leave the event loop a core."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    torch.set_num_threads(threads or max(1, cores - 1))
+
+
 def cmd_serve(args) -> int:
     import functools
     import pathlib
@@ -556,8 +582,9 @@ def cmd_serve(args) -> int:
     path = demo_model_path() if args.demo else args.model
     name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
     options = engine_options(args)  # unknown options fail here, before the server starts
+    _set_serving_threads(args.threads)
     loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
-    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+    loop.on_ready.append(lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True))
 
     def listening(url: str) -> None:
         print(

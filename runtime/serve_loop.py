@@ -121,7 +121,7 @@ class EngineLoop:
         self.state = LOADING
         self.failure: str | None = None  # why the state is FAILED
         self.load_error: BaseException | None = None
-        self.on_ready: Callable[[], None] | None = None  # called on the loop thread once loaded
+        self.on_ready: list[Callable[[], None]] = []  # called on the loop thread once loaded
         self.on_load_failure: Callable[[str], None] | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}  # engine request id -> progress (loop thread only)
@@ -184,8 +184,9 @@ class EngineLoop:
         with self._lock:
             if self.state == LOADING:
                 self.state = READY
-        if self.state == READY and self.on_ready is not None:
-            self.on_ready()
+        if self.state == READY:
+            for callback in self.on_ready:
+                callback()
         try:
             self._serve()
         finally:

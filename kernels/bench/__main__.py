@@ -5,6 +5,7 @@ SUITES = {
     "attention": "mlapipe.kernels.bench.attention",
     "moe": "mlapipe.kernels.bench.moe",
     "quant": "mlapipe.kernels.bench.quant",
+    "dequant": "mlapipe.kernels.bench.dequant",
 }
 
 
