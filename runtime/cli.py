@@ -346,20 +346,9 @@ def cmd_generate(args) -> int:
     from mlapipe.runtime.tiny_models import demo_model_path
 
     path = demo_model_path() if args.demo else args.model
-    SamplingParams(
-        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )  # before loading
+    SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checked now
+    prompt, n_ctx, room = _prompt_room(path, args)  # before any weight is read: the file's header only
     with Engine(path, **engine_options(args)) as engine:
-        prompt = args.prompt
-        if args.chat:
-            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        room = engine.n_ctx - len(engine.tokenizer.encode(prompt))
-        if args.max_tokens is not None and args.max_tokens > room:
-            raise ValueError(
-                f"-n {args.max_tokens} does not fit: the prompt takes {engine.n_ctx - room} of the "
-                f"{engine.n_ctx}-token context, so at most {max(room, 0)} tokens can follow "
-                f"(lower -n, or raise -c up to the model's {engine.config.context_length})"
-            )
         params = SamplingParams(
             max_tokens=args.max_tokens or max(1, min(64, room)),
             temperature=args.temp,
@@ -367,7 +356,7 @@ def cmd_generate(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        prompt_tokens = engine.n_ctx - room
+        prompt_tokens = n_ctx - room
         print(printable(prompt), end="", flush=True)
         count, reason, first, last = 0, None, None, None
         started = time.perf_counter()
@@ -381,6 +370,34 @@ def cmd_generate(args) -> int:
         speed = speed_summary(prompt_tokens, count, started, first, last)
         print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
+
+
+def _prompt_room(path: str, args) -> tuple[str, int, int]:
+    """(the prompt as run, n_ctx, tokens that can follow it), from the file's metadata and tokenizer;
+    refuses an -n that cannot fit, saying why, before the engine loads the model."""
+    from mlapipe.runtime.engine import DEFAULT_N_CTX, open_tokenizer
+    from mlapipe.runtime.gguf_model import GGUFModel
+
+    model = GGUFModel(path)
+    tokenizer = open_tokenizer(model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    maximum = model.config.context_length
+    if args.ctx_size is not None and args.ctx_size > maximum:
+        raise ValueError(
+            f"n_ctx={args.ctx_size} is above the model's maximum context of {maximum} tokens "
+            f"({model.path}: context_length)"
+        )
+    n_ctx = args.ctx_size or min(DEFAULT_N_CTX, maximum)
+    room = n_ctx - len(tokenizer.encode(prompt))
+    if args.max_tokens is not None and args.max_tokens > room:
+        raise ValueError(
+            f"-n {args.max_tokens} does not fit: the prompt takes {n_ctx - room} of the {n_ctx}-token "
+            f"context, so at most {max(room, 0)} tokens can follow (lower -n, or raise -c up to the "
+            f"model's {maximum})"
+        )
+    return prompt, n_ctx, room
 
 
 def cmd_perplexity(args) -> int:
