@@ -177,7 +177,9 @@ class EngineLoop:
             self.engine = self.build_engine()
         except Exception as e:  # the model does not load: nothing will ever run
             self.load_error = e
-            self._fail(f"{type(e).__name__}: {e}" if not str(e) else str(e))
+            self._fail(
+                f"{type(e).__name__}: {e}" if not str(e) else str(e), logged=False
+            )  # the caller says it
             if self.on_load_failure is not None:
                 self.on_load_failure(self.failure)
             return
@@ -332,9 +334,10 @@ class EngineLoop:
             if command[0] == "add":
                 self._end(command[1], event)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, logged: bool = True) -> None:
         with self._lock:
             self.failure = reason
             self.state = FAILED
-        log.error("engine failed: %s", reason)
+        if logged:
+            log.error("engine failed: %s", reason)
         self._end_all(Failed(f"the engine failed: {reason}"))
