@@ -78,6 +78,21 @@ class ModelConfig:
                     f"expert groups {self.num_expert_groups} (used {self.num_expert_groups_used}) "
                     f"do not divide {self.num_experts} experts"
                 )
+            per_group = self.num_experts // self.num_expert_groups
+            if self.num_expert_groups > 1 and per_group < 2:  # a group is scored by its top-2 experts
+                raise ConfigError(
+                    f"expert groups {self.num_expert_groups} leave {per_group} of the {self.num_experts} "
+                    "experts per group; group-limited routing scores each group by its best two"
+                )
+            if (
+                self.num_expert_groups > 1
+                and self.num_expert_groups_used * per_group < self.num_experts_per_token
+            ):
+                raise ConfigError(
+                    f"{self.num_expert_groups_used} of {self.num_expert_groups} expert groups hold "
+                    f"{self.num_expert_groups_used * per_group} experts, fewer than the "
+                    f"{self.num_experts_per_token} used per token"
+                )
 
     # derived -------------------------------------------------------------------------------------
     @property
