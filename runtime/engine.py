@@ -564,20 +564,23 @@ def _raise_if_failed(request: Request) -> None:
 
 
 def _loading_bar(model, enabled: bool | None):
-    """A bar over the model's layers, advanced as this process reads each one (the in-process
-    executor); pipeline stages read theirs in their actors, so there it fills when they are ready."""
+    """A bar over the bytes the model's tensors take in the file, with the rate (GB/s), advanced as
+    this process loads each tensor (the in-process executor); pipeline stages load theirs in their
+    actors, so there it fills when they are ready."""
     from tqdm import tqdm
 
     bar = tqdm(
-        total=model.config.num_layers,
-        desc="loading layers",
-        unit="layer",
+        total=getattr(model, "load_bytes", 0),
+        desc="loading weights",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
         file=sys.stderr,
         disable=None if enabled is None else not enabled,  # None: only on a terminal
         leave=False,
     )
-    if hasattr(model, "on_layer_read"):
-        model.on_layer_read = lambda layer: bar.update(1)
+    if hasattr(model, "on_bytes_read"):
+        model.on_bytes_read = bar.update
     return bar
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from mlapipe.runtime.gguf_types import type_problem
+
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 had 32-bit counts; gguf and llama.cpp read 2 and 3
 DEFAULT_ALIGNMENT = 32
@@ -224,7 +226,10 @@ class _Header:
             qtype = GGMLQuantizationType(code)
             block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise _Problem(f"tensor {name!r} has unknown type code {code}") from None
+            # names ik_llama.cpp-only types and says the file is ik-specific (runtime/gguf_types.py)
+            raise _Problem(
+                type_problem(name, code) or f"tensor {name!r} has unknown type code {code}"
+            ) from None
         if dims[0] % block_elems:
             raise _Problem(
                 f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a whole number of "
