@@ -181,6 +181,7 @@ class Engine:
                 check_plan,
                 fixed_blocks,
                 block_size,
+                lambda stage: _advance(loading, stage.end_layer - stage.first_layer),
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -198,7 +199,6 @@ class Engine:
                 **runner_options,
             )
         self.blocks = BlockManager(self.executor.num_kv_blocks, block_size)
-        loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
         loading.close()
         self.scheduler = Scheduler(
             self.blocks,
@@ -234,6 +234,7 @@ class Engine:
         check_plan,
         num_kv_blocks,
         block_size,
+        on_stage_loaded,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
 
@@ -260,6 +261,7 @@ class Engine:
             placement=placement,
             runner_options=options,
             cpu_threads=self.cpu_threads,
+            on_stage_loaded=on_stage_loaded,
         )
 
     # requests -----------------------------------------------------------------------------------
@@ -486,7 +488,8 @@ def _raise_if_failed(request: Request) -> None:
 
 def _loading_bar(model, enabled: bool | None):
     """A bar over the model's layers, advanced as this process reads each one (the in-process
-    executor); pipeline stages read theirs in their actors, so there it fills when they are ready."""
+    executor); pipeline stages read theirs in their actors, and it advances by a stage's layers as each
+    stage is ready."""
     from tqdm import tqdm
 
     bar = tqdm(
@@ -500,6 +503,11 @@ def _loading_bar(model, enabled: bool | None):
     if hasattr(model, "on_layer_read"):
         model.on_layer_read = lambda layer: bar.update(1)
     return bar
+
+
+def _advance(bar, layers: int) -> None:
+    bar.update(layers)
+    bar.refresh()  # a stage's whole share at once: show it even if the last refresh was recent
 
 
 def _default_device() -> str:
