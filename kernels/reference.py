@@ -259,3 +259,29 @@ def dense_mlp(
 ) -> torch.Tensor:
     """SwiGLU MLP: down(silu(gate x) * up x). hidden (T, Hd); w_gate, w_up (I, Hd); w_down (Hd, I)."""
     return F.linear(F.silu(F.linear(hidden, w_gate)) * F.linear(hidden, w_up), w_down)
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantized weights (kernels/quant/): decode the blocks to fp32 with the type's torch decoder, then the
+# math above
+
+
+def quant_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x (T, K) @ decode(w: QuantTensor (N, K))^T in fp32, (T, N) in x's dtype."""
+    from mlapipe.kernels.quant.dispatch import dequantize
+
+    return (x.float() @ dequantize(w).t()).to(x.dtype)
+
+
+def quant_fused_moe(
+    hidden: torch.Tensor,  # (T, Hd)
+    w_gate_up,  # QuantTensor (E, 2I, Hd)
+    w_down,  # QuantTensor (E, Hd, I)
+    topk_weights: torch.Tensor,  # (T, K) fp32
+    topk_ids: torch.Tensor,  # (T, K)
+    scratch_mib: float = 0,  # the kernel's bf16 scratch bound; no meaning here
+) -> torch.Tensor:
+    """fused_moe on the experts decoded to fp32."""
+    from mlapipe.kernels.quant.dispatch import dequantize
+
+    return fused_moe(hidden, dequantize(w_gate_up), dequantize(w_down), topk_weights, topk_ids)

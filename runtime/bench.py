@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from mlapipe.runtime.engine import Engine
+from mlapipe.runtime.planner import stage_tensor_names
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.shapes import SHAPES, random_spec
 
@@ -173,17 +174,19 @@ def _measure(engine: Engine, test: Test, seqs: int, seed: int) -> float:
 
 
 def memory_report(engine: Engine, name: str) -> str:
-    """Per stage: weight bytes as planned (quantized blocks + decoded tensors) against what loading
-    allocated on the device, and the KV cache in bytes and tokens."""
+    """Per stage: the weights' bytes in the file (or recipe), as planned on the device (quantized blocks
+    + decoded tensors) and as loading allocated them, and the KV cache."""
     stats = engine.executor.stats()
     plan = engine.plan
     lines = [f"memory of {name} ({engine.blocks.num_blocks * engine.blocks.block_size:,} KV tokens):"]
     for stage, info in zip(plan.stages if plan else [], stats):
+        file_bytes = sum(engine.model.tensors[n].num_bytes for n in stage_tensor_names(engine.model, stage))
         allocated = info.get("weight_bytes_allocated", 0)
-        ratio = f"{allocated / stage.weight_bytes:.3f}x" if allocated else "n/a (CPU)"
+        ratio = f"{allocated / file_bytes:.3f}x the file's" if allocated else "n/a on CPU"
         lines.append(
-            f"  stage {stage.stage}: weights planned {stage.weight_bytes / 2**30:.3f} GiB, allocated "
-            f"{allocated / 2**30:.3f} GiB ({ratio}); KV cache {info.get('kv_cache_bytes', 0) / 2**30:.3f} GiB"
+            f"  stage {stage.stage}: weights planned {stage.weight_bytes / 2**30:.3f} GiB, in the file "
+            f"{file_bytes / 2**30:.3f} GiB, allocated {allocated / 2**30:.3f} GiB ({ratio}); "
+            f"KV cache {info.get('kv_cache_bytes', 0) / 2**30:.3f} GiB"
         )
     return "\n".join(lines)
 

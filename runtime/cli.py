@@ -174,7 +174,19 @@ def _add_engine_options(p) -> None:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of the metrics server (default 127.0.0.1; 0.0.0.0 for a cluster's Prometheus)",
+    )
+    p.add_argument(
+        "--transport-tls",
+        default=None,
+        metavar="CERT,KEY,CA[,NAME]",
+        help="mutual TLS on the grpc transport: this node's certificate and key, the cluster's CA, and "
+        "optionally the name the certificates are issued for (deploy/README.md)",
     )
     add_memory_options(p)
 
@@ -306,6 +318,8 @@ def engine_options(args) -> dict:
         "decode_steps": args.decode_steps,
         "address": args.address,
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "transport_tls": getattr(args, "transport_tls", None),
         "kv_memory_fraction": getattr(args, "gpu_memory_utilization", None),
         "dequantize_weights": getattr(args, "dequantize", False) or None,
     }
@@ -430,9 +444,11 @@ def _print_plan(model, args) -> None:
     from mlapipe.runtime.planner import (
         DEFAULT_KV_MEMORY_FRACTION,
         PlanError,
+        has_quantized_experts,
         layer_weight_bytes,
         plan_for_model,
         plan_kv_from_memory,
+        stage_tensor_names,
     )
     from mlapipe.runtime.weight_storage import bytes_by_type
 
@@ -464,6 +480,7 @@ def _print_plan(model, args) -> None:
                     f"device {i} ({args.device_memory / 2**30:.2f} GiB)" for i in range(args.pipeline)
                 ],
                 kv_memory_fraction=fraction,
+                quantized_experts=has_quantized_experts(model),
                 **options,
             )
         except PlanError as e:
@@ -475,7 +492,7 @@ def _print_plan(model, args) -> None:
     print(plan.format())
     print("weights per device by type (as loaded):")
     for stage in plan.stages:
-        names = _stage_tensors(model, stage)
+        names = stage_tensor_names(model, stage)
         table = bytes_by_type(model.tensors, names, 2)
         cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(table.items(), key=lambda kv: -kv[1]))
         print(f"  stage {stage.stage}: {cells}")
@@ -491,15 +508,6 @@ def _print_fallback(model) -> None:
             f"quantized tensors loaded as BF16 ({', '.join(kinds)}: no kernel, or an expert stack with a "
             f"dense member): {len(fallback)}, e.g. {', '.join(fallback[:4])}"
         )
-
-
-def _stage_tensors(model, stage) -> list[str]:
-    names = [
-        n
-        for n in model.tensors
-        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
-    ]
-    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
 
 
 def cmd_batch(args) -> int:

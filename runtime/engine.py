@@ -26,6 +26,7 @@ from mlapipe.runtime.metrics import EngineMetrics
 from mlapipe.runtime.planner import (
     DEFAULT_KV_MEMORY_FRACTION,
     check_fits,
+    has_quantized_experts,
     layer_weight_bytes,
     plan_for_model,
     plan_kv_from_memory,
@@ -49,6 +50,10 @@ class PromptError(ValueError):
 
 class RequestFailed(RuntimeError):
     """A request ended with an error (a pipeline stage failed); the message names the cause."""
+
+
+class EngineClosed(RuntimeError):
+    """A method of an engine that close() (or leaving its with block) has already shut down."""
 
 
 @dataclass
@@ -89,11 +94,15 @@ class Engine:
         deadline_s: float = 120.0,
         placement: str = "PACK",  # Ray placement strategy of the stages
         metrics_port: int | None = None,  # serve Prometheus metrics on this port (0: any free one)
+        metrics_host: str = "127.0.0.1",  # the metrics server's address ("0.0.0.0": every interface)
+        transport_tls: str | None = None,  # "CERT,KEY,CA[,SERVER_NAME]": mutual TLS on gRPC links
         progress: bool | None = None,  # model-loading bar on stderr; default: only when it is a terminal
         cpu_threads: int | None = None,  # torch threads per CPU stage; default: runtime/threads.py
         kv_memory_fraction: float | None = None,  # size the KV cache from memory (default 0.9 on GPUs)
         dequantize_weights: bool = False,  # decode every weight at load instead of keeping GGUF blocks
+        device_memory: int | None = None,  # plan as if each device were an empty one of this many bytes
     ):
+        self._closed = False
         model = os.fspath(model)  # a path object works as well as a string
         check_engine_args(
             pipeline=pipeline,
@@ -109,6 +118,7 @@ class Engine:
             transport=transport,
             devices=devices,
         )
+        tls = _tls_files(transport_tls, transport)
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
@@ -140,29 +150,43 @@ class Engine:
         self._plan_options["dequantize"] = dequantize_weights
 
         def check_plan(device_infos: list[dict]) -> int:
-            """Plans the stages on the devices found (before any weight is read); returns KV blocks."""
+            """Plans the stages on the devices found (before any weight is read); returns KV blocks.
+            Weights that do not fit are refused with what would (plan_kv_from_memory's message), whether
+            the cache is sized from memory or given."""
             options = dict(self._plan_options)
+            if device_memory is not None:
+                device_infos = [
+                    d | {"total_bytes": device_memory, "free_bytes": device_memory} for d in device_infos
+                ]
             names = [d["device"] for d in device_infos]
+            dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
+            layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
+            options["quantized_experts"] = has_quantized_experts(self.model, dequantize)
+            memory_plan = plan_kv_from_memory(
+                self.config,
+                layers,
+                embed,
+                head,
+                num_stages,
+                total_bytes=[d["total_bytes"] for d in device_infos],
+                free_bytes=[d["free_bytes"] for d in device_infos],
+                device_names=names,
+                kv_memory_fraction=kv_memory_fraction if sized_from_memory else 1.0,
+                block_size=block_size,
+                element_size=element_size,
+                **options,
+            )
             if sized_from_memory:
-                dequantize, element_size = options.pop("dequantize"), options.pop("element_size")
-                layers, embed, head = layer_weight_bytes(self.model, element_size, dequantize)
-                self.plan = plan_kv_from_memory(
-                    self.config,
-                    layers,
-                    embed,
-                    head,
-                    num_stages,
-                    total_bytes=[d["total_bytes"] for d in device_infos],
-                    free_bytes=[d["free_bytes"] for d in device_infos],
-                    device_names=names,
-                    kv_memory_fraction=kv_memory_fraction,
-                    block_size=block_size,
-                    element_size=element_size,
-                    **options,
-                )
-                return self.plan.num_kv_tokens // block_size
+                self.plan = memory_plan
+                return memory_plan.num_kv_tokens // block_size
+            options.pop("quantized_experts")
             self.plan = plan_for_model(
-                self.model, num_stages, num_kv_tokens=fixed_blocks * block_size, **options
+                self.model,
+                num_stages,
+                num_kv_tokens=fixed_blocks * block_size,
+                dequantize=dequantize,
+                element_size=element_size,
+                **options,
             )
             check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
             return fixed_blocks
@@ -181,6 +205,7 @@ class Engine:
                 check_plan,
                 fixed_blocks,
                 block_size,
+                tls,
                 lambda stage: _advance(loading, stage.end_layer - stage.first_layer),
             )
         else:
@@ -216,7 +241,7 @@ class Engine:
         self.metrics = EngineMetrics(self.scheduler, self.blocks, self.executor)
         if metrics_port is not None:
             try:
-                self.metrics.serve(metrics_port)
+                self.metrics.serve(metrics_port, metrics_host)
             except ValueError:
                 self.executor.shutdown()
                 raise
@@ -234,6 +259,7 @@ class Engine:
         check_plan,
         num_kv_blocks,
         block_size,
+        tls,
         on_stage_loaded,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
@@ -260,6 +286,7 @@ class Engine:
             check_plan=check_plan,
             placement=placement,
             runner_options=options,
+            transport_tls=tls,
             cpu_threads=self.cpu_threads,
             on_stage_loaded=on_stage_loaded,
         )
@@ -268,6 +295,7 @@ class Engine:
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, score_only: bool = False
     ) -> str:
+        self._check_open()
         if self._failure:
             raise RequestFailed(
                 f"the engine cannot run requests after a failure ({self._failure}); rebuild it"
@@ -281,6 +309,7 @@ class Engine:
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """Runs what can run now; returns (requests that got tokens, requests that finished)."""
+        self._check_open()
         batches = self.scheduler.schedule_all()
         advanced, finished = [], []
         try:
@@ -377,9 +406,20 @@ class Engine:
 
     # lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Gives back everything the engine took, now: the metrics server, the model's device memory
+        (in-process: weights, latent cache, CUDA graphs and their pools, cached blocks), and for a Ray
+        pipeline its actors and placement group. Later calls raise EngineClosed; closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
         self.scheduler.abort_all("engine closed")
         self.metrics.close()
-        self.executor.shutdown()
+        executor, self.executor = self.executor, None
+        executor.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"the engine for {self.model.path} is closed: build a new Engine to run requests")
 
     def __enter__(self) -> Engine:
         return self
@@ -420,6 +460,16 @@ class Engine:
             self.tokenizer.decode(request.output_token_ids) if self.tokenizer else "",
             request.finish_reason,
         )
+
+
+def _tls_files(text: str | None, transport: str | None):
+    if text is None:
+        return None
+    from mlapipe.workers.transport.tls import TlsFiles
+
+    if transport != "grpc":
+        raise ValueError(f"transport_tls secures the grpc transport; transport is {transport or 'its default'}")
+    return TlsFiles.parse(text)
 
 
 def check_engine_args(

@@ -74,7 +74,8 @@ class EngineMetrics:
         self.request_success = Counter(
             f"{PREFIX}request_success", "Requests finished.", ["finished_reason"], registry=r
         )
-        r.register(StageStatsCollector(executor, blocks, lambda: self.batches_submitted))
+        self._stage_stats = StageStatsCollector(executor, blocks, lambda: self.batches_submitted)
+        r.register(self._stage_stats)
 
     # hooks the engine calls ---------------------------------------------------------------------
     def on_request_added(self, request) -> None:
@@ -116,12 +117,13 @@ class EngineMetrics:
             self._prompt_counted.pop(request.request_id, None)
 
     # serving ------------------------------------------------------------------------------------
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serves /metrics on `port` (0: any free port); returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serves /metrics on `port` (0: any free port) of `addr`: loopback unless told otherwise (a
+        cluster's Prometheus needs "0.0.0.0" or the node's address); returns the port."""
         try:
             self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            raise MetricsPortError(f"cannot serve metrics on port {port}: {e}") from None
+            raise MetricsPortError(f"cannot serve metrics on {addr} port {port}: {e}") from None
         port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", addr, port)
         return port
@@ -135,6 +137,7 @@ class EngineMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self._stage_stats.executor = None  # a closed engine's metrics keep no model alive
 
 
 class StageStatsCollector:
@@ -163,7 +166,7 @@ class StageStatsCollector:
 
     def _poll(self) -> list[dict]:
         with self._lock:
-            if time.monotonic() - self._polled_at >= STATS_MIN_INTERVAL_S:
+            if self.executor is not None and time.monotonic() - self._polled_at >= STATS_MIN_INTERVAL_S:
                 try:
                     self._stats = self.executor.stats()
                 except Exception as e:  # a stage is gone (failure or shutdown): keep the last numbers
@@ -186,6 +189,12 @@ class StageStatsCollector:
         kv_blocks = GaugeMetricFamily(
             f"{PREFIX}stage_kv_blocks_used", "KV-cache blocks in use on the stage.", labels=["stage"]
         )
+        rejected = CounterMetricFamily(
+            f"{PREFIX}stage_transport_rejected",
+            "Activation streams the stage refused or dropped, by reason (unauthenticated, unknown_key, "
+            "bad_header, oversize, truncated, duplicate, expired).",
+            labels=["stage", "reason"],
+        )
         used_blocks = self.blocks.num_blocks - self.blocks.num_free
         for stage in stats:
             label = [str(stage["stage"])]
@@ -193,6 +202,9 @@ class StageStatsCollector:
                 family.add_metric(label, stage.get(key, 0))
             in_flight.add_metric(label, max(0, submitted - stage.get("batches", 0)))
             kv_blocks.add_metric(label, used_blocks)
+            for reason, count in stage.get("transport_rejected", {}).items():
+                rejected.add_metric(label + [reason], count)
         yield from families.values()
         yield in_flight
         yield kv_blocks
+        yield rejected

@@ -5,6 +5,12 @@ in submission order, so stages see batches in the same order); activations trave
 the transport, never through Ray. Up to one micro-batch per stage is in flight, so all stages work at
 once. Each batch has a deadline: a stage that dies or hangs fails the batches in flight with an error
 naming the stage, and the pipeline shuts itself down instead of hanging.
+
+Links are the pipeline's own: it draws a link secret (workers/transport/auth.py) and hands it to its
+stages as a Ray call argument; gRPC streams and the torch.distributed rendezvous carry it. Stages listen
+on loopback when they all share one node, else on the address Ray uses for their node. Shutting down
+kills the actors, removes the placement group and waits until the stages' processes are gone, so the
+devices' memory is free for whatever comes next.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from mlapipe.runtime.ray_local import ensure_ray
 log = logging.getLogger("mlapipe.pipeline")
 
 HEALTH_GROUP = "health"
+TRANSPORT_GROUP = "transport"
 PROBE_TIMEOUT_S = 5.0  # a live stage answers a health check in milliseconds, even mid-batch
 
 
@@ -52,10 +59,12 @@ class RayPipeline:
         placement: str = "PACK",  # consecutive stages on one node when possible; STRICT_SPREAD: one per node
         micro_batches_per_stage: int = 2,
         runner_options: dict | None = None,
+        transport_tls=None,  # workers.transport.tls.TlsFiles: mutual TLS on the gRPC links
         cpu_threads: int = 1,  # torch threads of each CPU stage
         on_stage_loaded=None,  # callable(StageSpec) as each stage has read its layers (a loading bar)
     ):
         from mlapipe.workers.stage import StageWorker
+        from mlapipe.workers.transport.auth import LinkSecret
 
         ensure_ray(address)
         # Micro-batches in flight: two per stage, so that a stage finds the next prompt micro-batch queued
@@ -66,12 +75,16 @@ class RayPipeline:
         self.decode_groups = len(stages)
         self.deadline_s = deadline_s
         self.transport = transport
+        self._secret = LinkSecret()
+        self._tls = transport_tls
+        self._store_actor = None  # the torch.distributed rendezvous (gloo / NCCL)
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.01}
         self._pg = placement_group([bundle] * len(stages), strategy=placement)
         ray.get(self._pg.ready(), timeout=deadline_s)
         # Health checks run in a concurrency group of their own: a stage busy in (or stuck on) a
-        # micro-batch still answers them, so only a dead or stopped process fails one.
-        actor_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(StageWorker)
+        # micro-batch still answers them, so only a dead or stopped process fails one. expect() runs
+        # in another, beside the run loop (the default group, max_concurrency=1, keeps batches in order).
+        actor_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1, TRANSPORT_GROUP: 1})(StageWorker)
         self.actors = [
             actor_cls.options(
                 num_gpus=1 if use_gpu else 0,
@@ -117,14 +130,30 @@ class RayPipeline:
             on_ready(ready[0])
 
     def _connect(self, transport: str) -> None:
+        from mlapipe.workers.transport.auth import bind_address
+
         if len(self.actors) == 1:
             return
+        nodes = [d["node_id"] for d in self.devices]
+        hosts = [bind_address(d["ip"], nodes) for d in self.devices]
         if transport in ("nccl", "gloo"):
-            port = self._get(self.actors[0].free_port.remote())
-            master = f"{self.devices[0]['ip']}:{port}"
-            self._get([a.connect_torch.remote(transport, master, self.deadline_s) for a in self.actors])
+            from mlapipe.workers.transport.ray_store import RendezvousStoreActor
+
+            self._store_actor = ray.remote(num_cpus=0)(RendezvousStoreActor).remote(self._secret)
+            self._get(
+                [
+                    a.connect_torch.remote(transport, self._store_actor, self._secret, host, self.deadline_s)
+                    for a, host in zip(self.actors, hosts)
+                ]
+            )
         elif transport == "grpc":
-            addresses = self._get([a.serve_grpc.remote(self.deadline_s) for a in self.actors])
+            addresses = self._get(
+                [
+                    a.serve_grpc.remote(self.deadline_s, self._secret, host, self._tls)
+                    for a, host in zip(self.actors, hosts)
+                ]
+            )
+            self.link_addresses = addresses  # each stage's server, in stage order
             links = [(next_address, None) for next_address in addresses[1:]] + [(None, addresses[0])]
             self._get([a.connect_grpc.remote(*link) for a, link in zip(self.actors, links)])
         else:
@@ -135,6 +164,9 @@ class RayPipeline:
         """Micro-batches of one step go one actor call each, so a finished one frees its group while
         the others are still in flight. A decode round is one call for all its micro-batches: the
         stages interleave them step by step (see workers/stage.py)."""
+        if self.transport == "grpc" and len(self.actors) > 1:  # what each stage's link will admit
+            for actor in self.actors:
+                actor.expect.options(concurrency_group=TRANSPORT_GROUP).remote(batches)
         if any(b.num_steps > 1 for b in batches):
             refs = [a.run_round.remote(batches) for a in self.actors]
             self._pending[batches[0].batch_id] = (refs, time.monotonic() + self.deadline_s)
@@ -239,16 +271,46 @@ class RayPipeline:
     def stats(self) -> list[dict]:
         return self._get([a.stats.remote() for a in self.actors], timeout=30)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Kills the stage actors (their processes exit, which frees their devices whatever state a
+        stage is in) and the rendezvous actor, removes the placement group, and waits up to wait_s for
+        both to be gone."""
         self._pending.clear()
-        for actor in getattr(self, "actors", []):
+        actors = list(getattr(self, "actors", []))
+        if getattr(self, "_store_actor", None) is not None:
+            actors.append(self._store_actor)
+            self._store_actor = None
+        for actor in actors:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor, no_restart=True)
         self.actors = []
-        if getattr(self, "_pg", None) is not None:
+        pg, self._pg = getattr(self, "_pg", None), None
+        if pg is not None:
             with contextlib.suppress(Exception):
-                remove_placement_group(self._pg)
-            self._pg = None
+                remove_placement_group(pg)
+        here = ray.get_runtime_context().get_node_id()
+        local_pids = [d["pid"] for d in getattr(self, "devices", []) if d["node_id"] == here]
+        _wait_until_gone(actors, local_pids, pg, wait_s)
+
+
+def _wait_until_gone(actors, pids: list[int], pg, wait_s: float) -> None:
+    """Until Ray reports every actor dead, the local stage processes have exited and the placement
+    group is removed (or wait_s passes: a slow teardown is logged, never raised)."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    for actor in actors:
+        with contextlib.suppress(Exception):  # RayActorError: dead, as wanted
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            log.warning("a stage actor still answers after it was killed")
+    for pid in pids:  # the stages on this node: their exit is what frees a device here
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).wait(timeout=max(0.1, deadline - time.monotonic()))
+    while pg is not None and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if ray.util.placement_group_table(pg).get("state") == "REMOVED":
+                return
+        time.sleep(0.05)
 
 
 def _short(error: Exception) -> str:

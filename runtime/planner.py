@@ -199,9 +199,12 @@ def plan_pipeline(
     n_ctx: int | None = None,
     kv_element_size: int = 2,
     element_size: int = 2,
+    quantized_experts: bool = False,
 ) -> PipelinePlan:
     """The memory plan of every stage. `num_kv_tokens` is the latent-KV capacity of the cache (all
     sequences together); `n_ctx` the longest one sequence can get (default: num_kv_tokens).
+    `quantized_experts`: the routed experts stay in GGUF blocks, so a prefill-sized MoE may decode
+    them into a bounded scratch (moe_scratch_bytes).
 
     The attention intermediate is sized for one sequence of min(num_kv_tokens, n_ctx) tokens, because
     the decompressed prefill (workers/attention.py) sizes its head steps from the longest sequence of a
@@ -223,7 +226,10 @@ def plan_pipeline(
         )
         kv = num_kv_tokens * cfg.latent_dim * kv_element_size * (end - first)
         attention, num_steps = attention_bytes(cfg, attention_tokens, amb, element_size)
-        transient = max(attention, ffn_bytes(cfg, range(first, end), ubatch, element_size))
+        ffn = ffn_bytes(cfg, range(first, end), ubatch, element_size)
+        if quantized_experts and any(cfg.is_moe_layer(i) for i in range(first, end)):
+            ffn += moe_scratch_bytes(cfg, ubatch, element_size)
+        transient = max(attention, ffn)
         if is_last:
             transient = max(transient, ubatch * cfg.vocab_size * FP32)  # fp32 logits
         compute = NUM_HIDDEN_BUFFERS * ubatch * cfg.hidden_size * element_size + transient
@@ -244,6 +250,22 @@ def attention_bytes(
     largest_step = max(end - start for start, end in steps)
     latent = num_kv_tokens * cfg.latent_dim * element_size
     return latent + largest_step * per_head, len(steps)
+
+
+# kernels/quant/fused_moe.py: a prefill-sized quantized MoE (from SCRATCH_MIN_ROWS_PER_EXPERT rows per
+# expert) decodes the layer's experts into a scratch of at most DEFAULT_SCRATCH_MIB (the driver imports
+# no Triton, so the two numbers are repeated here)
+SCRATCH_MIN_ROWS_PER_EXPERT = 256
+DEFAULT_SCRATCH_MIB = 4096
+
+
+def moe_scratch_bytes(cfg: ModelConfig, ubatch: int, element_size: int) -> int:
+    """The quantized MoE's dequantize scratch at a full micro-batch: 0 when a micro-batch never brings
+    enough rows per expert to take that path (V3 at ubatch 2048: 64 rows per expert)."""
+    if ubatch * cfg.num_experts_per_token < SCRATCH_MIN_ROWS_PER_EXPERT * cfg.num_experts:
+        return 0
+    experts = cfg.num_experts * 3 * cfg.expert_intermediate_size * cfg.hidden_size * element_size
+    return min(experts, DEFAULT_SCRATCH_MIB * MIB)
 
 
 def ffn_bytes(cfg: ModelConfig, layers: range, ubatch: int, element_size: int) -> int:
@@ -299,7 +321,24 @@ def plan_for_model(
 ) -> PipelinePlan:
     """plan_pipeline for an open model; options as plan_pipeline takes them (num_kv_tokens required)."""
     layers, embed, head = layer_weight_bytes(model, element_size, dequantize)
+    options.setdefault("quantized_experts", has_quantized_experts(model, dequantize))
     return plan_pipeline(model.config, layers, embed, head, num_stages, element_size=element_size, **options)
+
+
+def stage_tensor_names(model, stage: StagePlan) -> list[str]:
+    """Our names of the tensors a stage holds: its layers', the embedding on the first, norm and output
+    on the last."""
+    names = [
+        n
+        for n in model.tensors
+        if n.startswith("layers.") and stage.first_layer <= int(n.split(".")[1]) < stage.end_layer
+    ]
+    return names + (["embed"] if stage.has_embed else []) + (["norm", "head"] if stage.has_head else [])
+
+
+def has_quantized_experts(model, dequantize: bool = False) -> bool:
+    forms = storage_forms(model.tensors, dequantize)
+    return any(form == "quant" for name, form in forms.items() if name.endswith(".moe.w_down"))
 
 
 def plan_kv_from_memory(

@@ -77,7 +77,7 @@ SHAPES = {
     "v3-tiny": ModelConfig(
         num_layers=4,
         hidden_size=256,
-        vocab_size=512,
+        vocab_size=384,  # the tiny models' trained vocabulary (runtime/tiny_models.py), so files can match
         context_length=4096,
         rms_norm_eps=1e-6,
         num_heads=2,

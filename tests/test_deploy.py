@@ -32,7 +32,13 @@ def parse_mlapipe_command(command: str):
     """The command must run the `mlapipe` console script with arguments its parser accepts."""
     argv = shlex.split(command)
     assert argv[0] == "mlapipe", command
-    return cli.build_parser().parse_args(argv[1:])
+    parser = cli.build_parser()
+    # Its paths name files on the cluster, not on this machine: check the arguments, not the files.
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            if action.type in (cli._existing_file, cli._output_file):
+                action.type = str
+    return parser.parse_args(argv[1:])
 
 
 def test_console_script_is_runtime_cli():
@@ -50,6 +56,7 @@ def test_prometheus_scrapes_the_metrics_port_the_jobs_use():
     args = parse_mlapipe_command(job["spec"]["entrypoint"])
     assert args.command == "batch"
     assert ports == {args.metrics_port}
+    assert args.metrics_host == "0.0.0.0"  # the pod's Prometheus scrapes the pod address, not loopback
     assert jobs["mlapipe"].get("metrics_path", "/metrics") == "/metrics"
     ray_sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
     assert ray_sd.endswith("prom_metrics_service_discovery.json")  # the file Ray's head writes

@@ -436,3 +436,16 @@ def test_inspect_plans_named_devices_and_refuses_with_the_numbers():
     assert refused.returncode == 2
     assert "does not fit on device 0 (139.00 GiB)" in refused.stderr
     assert "2 pipeline stages of this device size" in refused.stderr
+
+
+def test_quantized_experts_add_the_dequantize_scratch_only_where_prefill_takes_it():
+    """kernels/quant/fused_moe.py decodes a layer's experts to bf16 once a micro-batch brings 256 rows per
+    expert: V2-Lite at ubatch 8192 (768 rows per expert), not at 2048 (192)."""
+    cfg = v2_lite_config()
+    experts_bf16 = 64 * 3 * 1408 * 2048 * 2  # below the 4 GiB bound
+    for ubatch, extra in ((2048, 0), (8192, experts_bf16)):
+        plans = [
+            plan_pipeline(cfg, [MIB] * 27, 0, 0, 2, num_kv_tokens=4096, ubatch=ubatch, quantized_experts=q)
+            for q in (False, True)
+        ]  # stage 0: no fp32 logits, which would outweigh everything at ubatch 8192
+        assert plans[1].stages[0].compute_bytes - plans[0].stages[0].compute_bytes == extra

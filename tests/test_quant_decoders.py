@@ -3,7 +3,8 @@
 Blocks are adversarial: every byte uniformly random (all quant, index, sign and sub-scale patterns),
 the fp16 scale fields drawn from zero / subnormal, ordinary, and huge magnitudes of both signs (never
 inf or NaN: their propagation is not a format property). Bits are compared as int32, so -0.0 vs 0.0
-counts. Without a GPU the Triton decoders run in the interpreter at small sizes; on a GPU the `gpu`
+counts. MXFP4 / NVFP4 keep random scale bytes (all finite; MXFP4's largest overflow to inf in gguf and
+here alike). Without a GPU the Triton decoders run in the interpreter at small sizes; on a GPU the `gpu`
 test repeats the comparison at a larger size with the compiled kernels.
 """
 
@@ -34,6 +35,9 @@ from mlapipe.kernels.quant.dequantize import (  # noqa: E402
 from mlapipe.kernels.quant.tensor import QuantTensor  # noqa: E402
 from mlapipe.kernels.quant.types import QUANT_TYPES, has_kernel, nbytes, quant_type, row_bytes  # noqa: E402
 
+# MXFP4's huge e8m0 scales overflow fp32 (inf, in gguf too), huge fp16 scales overflow fp16 outputs
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered")
+
 TYPES = list(QUANT_TYPES.values())
 TYPE_IDS = [t.name for t in TYPES]
 PLAIN_COLS = 37  # plain float types: an odd row length, so the decoders' tail mask is exercised
@@ -63,7 +67,8 @@ def adversarial_rows(qtype: int, rows: int, blocks_per_row: int, rng: np.random.
     blocks = torch.from_numpy(rng.integers(0, 256, (n, row.block_bytes), dtype=np.uint8))
     d = torch.from_numpy(fp16_scales(rng, n).copy())
     dmin = torch.from_numpy(fp16_scales(rng, n).copy()) if len(row.fp16_fields) == 2 else None
-    random_blocks.write_fp16_scales(blocks, qtype, d, dmin)
+    if row.fp16_fields or row.name == "IQ1_M":  # MXFP4 / NVFP4 keep random scale bytes: all are finite
+        random_blocks.write_scales(blocks, qtype, d, dmin)
     return blocks.numpy().reshape(rows, -1)
 
 
@@ -99,16 +104,13 @@ def test_table_matches_gguf_sizes_and_covers_its_dequantizers():
         ]
         assert has_kernel(row.code) and row.decoder is not None and row.reference is not None
     Q = gguf.GGMLQuantizationType
-    # gguf dequantizes these too; none has appeared in a DeepSeek GGUF (ternary, fp4 formats)
-    not_ours = {Q.TQ1_0, Q.TQ2_0, Q.MXFP4, Q.NVFP4, Q.Q1_0}
-    dequantizable = set(gguf.quants._type_traits) | {Q.F16, Q.F32}
-    assert dequantizable - not_ours <= set(QUANT_TYPES)
+    assert set(gguf.quants._type_traits) | {Q.F16, Q.F32} <= set(QUANT_TYPES)  # all that gguf dequantizes
     assert row_bytes(Q.Q4_K, 7168) == 28 * 144 and nbytes(Q.Q8_0, (4, 3, 64)) == 12 * 2 * 34
     with pytest.raises(ValueError, match="Q4_K rows hold multiples of 256 values, not 1408"):
         row_bytes(Q.Q4_K, 1408)
-    with pytest.raises(ValueError, match="TQ2_0 has no block decoder"):
-        quant_type(Q.TQ2_0)
-    assert not has_kernel(Q.TQ2_0)
+    with pytest.raises(ValueError, match="Q8_K has no block decoder"):
+        quant_type(Q.Q8_K)
+    assert not has_kernel(Q.Q8_K)
 
 
 def test_tables_are_gguf_tables():
@@ -133,11 +135,12 @@ def test_torch_reference_equals_gguf(row):
     )
 
 
-# (rows, blocks per row): rows not a multiple of the 4-row tile; one row of one block; several blocks
-SHAPES = [(5, 2), (1, 1), (3, 4)]
+# (rows, blocks per row): rows not a multiple of the 4-row tile, two blocks a row; one row of one block
+# (the tile-width test below walks rows of several blocks)
+SHAPES = [(5, 2), (1, 1)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["5x2", "1x1", "3x4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["5x2", "1x1"])
 @pytest.mark.parametrize("row", TYPES, ids=TYPE_IDS)
 def test_triton_decoder_equals_gguf(row, shape):
     raw = adversarial_rows(row.code, *shape, np.random.default_rng([row.code, *shape]))
@@ -148,7 +151,7 @@ def test_triton_decoder_equals_gguf(row, shape):
     "row", [t for t in TYPES if t.block_elems > 1], ids=[t.name for t in TYPES if t.block_elems > 1]
 )
 def test_every_tile_width_decodes_the_same(row):
-    """BLOCK_K 32 (an eighth of a K-quant block) up to two whole K-quant blocks per tile."""
+    """BLOCK_K 32 (an eighth of a K-quant block), 64 (the GEMMs' tile) and 512 (two K-quant blocks)."""
     raw = adversarial_rows(row.code, 2, 512 // row.block_elems, np.random.default_rng(row.code + 100))
     want = gguf_values(raw, row.code)
     for block_k in (32, 64, 512):
@@ -159,8 +162,6 @@ def test_every_tile_width_decodes_the_same(row):
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 
 
-# huge scales overflow fp16 to inf (like torch); the interpreter's numpy cast warns about it
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 def test_dequantize_expert_stack_and_output_dtype(dtype):
     """A (E, N, cols) expert stack dequantizes whole and per expert; half output is the rounded fp32."""
@@ -181,7 +182,6 @@ def test_dequantize_expert_stack_and_output_dtype(dtype):
 # ---- embedding gather ----------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("row", TYPES, ids=TYPE_IDS)
 def test_embedding_gather_equals_reference(row):
     raw = adversarial_rows(row.code, 9, 2, np.random.default_rng(row.code + 200))
@@ -217,8 +217,8 @@ def test_random_blocks_have_the_requested_scale(row):
     assert abs(values.std().item() / std - 1) < 0.05
     assert abs(values.mean().item()) < 0.05 * std
     again = random_blocks.random_quant_tensor((256, cols), row.code, std, "layers.0.attn.wq_a", seed=3)
-    other = random_blocks.random_quant_tensor((256, cols), row.code, std, "layers.1.attn.wq_a", seed=3)
-    assert torch.equal(w.data, again.data) and not torch.equal(w.data, other.data)
+    other = random_blocks.random_quant_tensor((4, cols), row.code, std, "layers.1.attn.wq_a", seed=3)
+    assert torch.equal(w.data, again.data) and not torch.equal(w.data[:4], other.data)
     assert_bits_equal(
         dequantize(QuantTensor(w.data[:4].contiguous(), row.code, (4, cols))), values[:4].float()
     )

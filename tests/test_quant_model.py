@@ -187,3 +187,121 @@ def test_recipe_model_two_cpu_stages_match_one(ray_local, one_stage):
         assert [r.token_ids for r in engine.generate(PROMPTS, params)] == tokens
         # one stage in this process sums its matmuls on two threads, a stage actor on one: the same to ~1e-6
         np.testing.assert_allclose(engine.score(PROMPTS[0]), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_written_in_the_recipe_loads_like_the_random_recipe_model(tmp_path):
+    """Our writer's V3-tiny-shaped file (real tensor names) with every tensor in the recipe's type loads
+    with the random-weight path's types and per-layer device bytes, and runs."""
+    from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+    from mlapipe.runtime.gguf_model import our_name
+    from mlapipe.runtime.planner import layer_weight_bytes
+
+    random_model = RandomModel(SPEC)
+    cfg = random_model.config
+    shape = dict(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.expert_intermediate_size,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        num_hidden_layers=cfg.num_layers,
+        first_k_dense_replace=cfg.num_dense_layers,
+        n_routed_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_token,
+        n_group=cfg.num_expert_groups,
+        topk_group=cfg.num_expert_groups_used,
+    )
+    base = write_tiny_model(tmp_path / "f32.gguf", "v3", seed=6, **shape)
+    replace = {}
+    for t in gguf.GGUFReader(base).tensors:
+        info = random_model.tensors[our_name(t.name)]
+        if info.qtype != Q.F32:
+            blocks = random_quant_tensor(info.shape, int(info.qtype), info.shape[-1] ** -0.5, t.name)
+            replace[t.name] = (blocks.data.numpy(), info.qtype)
+    path = rewrite_gguf(base, str(tmp_path / "ud_q2_k_xl.gguf"), replace)
+    model = GGUFModel(path)
+    assert {n: (t.qtype, t.num_bytes) for n, t in model.tensors.items()} == {
+        n: (t.qtype, t.num_bytes) for n, t in random_model.tensors.items()
+    }
+    assert layer_weight_bytes(model) == layer_weight_bytes(random_model)
+    with Engine(path, block_size=16) as engine:
+        scores = engine.score(list(range(5, 30)))
+    assert np.isfinite(scores).all() and np.std(scores) > 0
+
+
+def test_the_block_manager_is_sized_from_the_memory_fraction():
+    """The cache is what the weights and compute buffer leave of the fraction, in whole blocks; the
+    scheduler's blocks and the stage's allocation follow it."""
+    mib = 2**20
+    with Engine(
+        SPEC, devices="cpu", block_size=16, n_ctx=256, kv_memory_fraction=0.5, device_memory=64 * mib
+    ) as engine:
+        plan = engine.plan
+        (stage,) = plan.stages
+        per_token = engine.config.latent_dim * 4 * 4  # fp32 latent rows on CPU, 4 layers
+        left = 32 * mib - stage.weight_bytes - stage.compute_bytes
+        assert plan.num_kv_tokens == left // per_token // 16 * 16 > 4 * 256  # more than the fixed 4 x n_ctx
+        assert engine.blocks.num_blocks * 16 == plan.num_kv_tokens
+        kv = engine.executor.runner.kv_cache
+        assert kv.shape[:3] == (4, engine.blocks.num_blocks, 16)
+    with pytest.raises(ValueError, match="does not fit on cpu"):
+        Engine(SPEC, devices="cpu", kv_memory_fraction=0.9, device_memory=4 * mib)
+
+
+@pytest.mark.parametrize(
+    "shape, shared, inter, types, joined",
+    [
+        # all Q8_0, 2 shared experts of 128: their down projection splits at whole 32-blocks -> one launch
+        ("v2-lite", 2, 128, ("Q8_0", "Q8_0", "Q8_0", "Q8_0"), True),
+        # llama.cpp's V2-Lite-like Q4_K: routed down falls back to Q5_0, shared down stays Q4_K and its
+        # 2 x 128 columns do not split at 256-blocks -> the shared experts run as their own MLP
+        ("v2-lite", 2, 128, ("Q4_K", "Q5_0", "Q4_K", "Q4_K"), False),
+        # the Q2_K-class mix: routed Q2_K / Q3_K, shared Q6_K -> their own MLP
+        ("v3", 1, 256, ("Q2_K", "Q3_K", "Q6_K", "Q6_K"), False),
+    ],
+)
+def test_quantized_moe_block_equals_the_plain_composition(shape, shared, inter, types, joined):
+    """Both forms of the MoE block (decode-sized, prefill-sized) on QuantTensor experts equal routed
+    experts plus the shared MLP on the decoded weights."""
+    from dataclasses import replace
+
+    from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+    from mlapipe.kernels.quant.reference import dequantize_rows
+    from mlapipe.runtime.shapes import SHAPES
+    from mlapipe.workers.layers import FUSED_SHARED_MAX_TOKENS, MoEBlock
+    from tests.test_moe_block import unfused
+
+    base = SHAPES[shape]
+    cfg = replace(
+        base, hidden_size=256, num_experts=16, num_shared_experts=shared, expert_intermediate_size=inter,
+    )  # fmt: skip
+    E, H, n = cfg.num_experts, cfg.hidden_size, shared
+    routed_gate_up, routed_down, shared_gate_up, shared_down = (Q[t] for t in types)
+    shapes = {
+        "moe.w_gate": ((E, inter, H), routed_gate_up),
+        "moe.w_up": ((E, inter, H), routed_gate_up),
+        "moe.w_down": ((E, H, inter), routed_down),
+        "shared.w_gate": ((n * inter, H), shared_gate_up),
+        "shared.w_up": ((n * inter, H), shared_gate_up),
+        "shared.w_down": ((H, n * inter), shared_down),
+    }
+    quantized = {name: random_quant_tensor(s, int(t), s[-1] ** -0.5, name) for name, (s, t) in shapes.items()}
+    g = torch.Generator().manual_seed(1)
+    router = {"moe.router": torch.randn(E, H, generator=g) * H**-0.5}
+    if cfg.gating == "sigmoid":
+        router["moe.router_bias"] = torch.randn(E, generator=g) * 0.01
+    decoded = {k: dequantize_rows(w.data, w.qtype).reshape(w.shape) for k, w in quantized.items()}
+    block = MoEBlock(cfg, quantized | router)
+    assert isinstance(block.w_gate_up, QuantTensor) and block.shared_in_stack == joined
+    assert (block.shared_mlp is None) == joined
+    x = torch.randn(FUSED_SHARED_MAX_TOKENS + 9, H, generator=g)
+    expected = unfused(cfg, decoded | router, x)
+    torch.testing.assert_close(block.forward(x), expected, rtol=1e-5, atol=1e-5)  # the prefill form
+    decode_form = torch.cat([block.forward(x[i : i + 16]) for i in (0, 16)])
+    torch.testing.assert_close(decode_form, expected[:32], rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 0.1

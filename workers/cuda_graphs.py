@@ -42,6 +42,7 @@ class DecodeGraphs:
         self.rows = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self._capture_stream: torch.cuda.Stream | None = None  # one for all captures: one cuBLAS workspace
 
     def accepts(self, batch: MicroBatch) -> bool:
         return len(batch.chunks) <= self.max_batch and all(
@@ -122,7 +123,9 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream first: Triton compiles and autotunes there, never inside the capture.
-        stream = torch.cuda.Stream()
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
+        stream = self._capture_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -133,3 +136,17 @@ class DecodeGraphs:
             output = self._forward(bucket)
         self.pool = graph.pool()
         return graph, output
+
+    def release(self) -> None:
+        """Destroys the graphs and drops the static buffers; the graphs' private pool goes back to the
+        caching allocator once no graph and no output tensor refers to it."""
+        torch.cuda.synchronize()  # no replay still reading the buffers
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.pool = None
+        self._capture_stream = None
+        for name in ("token_ids", "hidden_in", "positions", "slots", "block_table", "seq_lens",
+                     "query_start_loc", "rows"):  # fmt: skip
+            setattr(self, name, None)
+        self.runner = None

@@ -51,7 +51,11 @@ class LocalExecutor:
         return [self.stage.stats()]
 
     def shutdown(self) -> None:
+        """Frees the weights and the cache now, not when the engine object is collected: an engine sized
+        from free memory right after this one (a test, a benchmark sweep) must find the memory free."""
         import torch
 
         self._done.clear()
+        self.runner = None
+        self.stage.shutdown()
         torch.set_num_threads(self._threads_before)

@@ -118,15 +118,16 @@ def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch
 
 
 def mla_up_projections(cfg: ModelConfig, weights: dict, prefix: str) -> dict:
-    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded
-    (attn_kv_b, or attn_k_b + attn_v_b); the loaded forms are removed."""
-    H, N = cfg.num_heads, cfg.qk_nope_head_dim
+    """attn.w_uk (H, N, C) and attn.w_uv (H, V, C), dense, from whichever MLA layout was loaded:
+    attn_kv_b (H*(N+V), C); mainline's 3-D attn_k_b (H, C, N) + attn_v_b (H, V, C); or ik_llama.cpp's
+    2-D attn_k_b (H*C, N) + attn_v_b (H*V, C). The loaded forms are removed."""
+    H, N, V, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if prefix + "attn.wkv_b" in weights:
-        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, -1, cfg.kv_lora_rank)
+        kv_b = weights.pop(prefix + "attn.wkv_b").view(H, N + V, C)
         w_uk, w_uv = kv_b[:, :N], kv_b[:, N:]
     else:
-        w_uk = weights.pop(prefix + "attn.wk_b").transpose(1, 2)
-        w_uv = weights.pop(prefix + "attn.wv_b")
+        w_uk = weights.pop(prefix + "attn.wk_b").reshape(H, C, N).transpose(1, 2)
+        w_uv = weights.pop(prefix + "attn.wv_b").reshape(H, V, C)
     return {prefix + "attn.w_uk": w_uk.contiguous(), prefix + "attn.w_uv": w_uv.contiguous()}
 
 
@@ -182,6 +183,16 @@ class ModelRunner:
             max_blocks = -(-(max_seq_len or num_blocks * block_size) // block_size)
             self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def release(self) -> None:
+        """Drops every tensor this runner holds (weights, latent cache, graphs and their memory pool,
+        rope tables), so that they are freed once the caller's own references are gone."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
+        self.kv_cache = None
+        self.shard = None
+        self.inv_freq = None
 
     # per micro-batch ----------------------------------------------------------------------------
     def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
@@ -290,6 +301,28 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0])
     return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
+
+
+def free_cached_memory(device) -> None:
+    """Returns freed memory to the device and the host: the caching allocator's blocks, cuBLAS's
+    per-stream workspaces (allocated through it and kept for the process's life otherwise), and torch's
+    pinned host blocks. Other processes (the next engine's stage actors) see the memory free after."""
+    import gc
+
+    from mlapipe.kernels.quant.tables import release_device_tables
+
+    release_device_tables()  # module-level: shared by every runner of the process, remade on use
+    gc.collect()  # reference cycles (modules, graphs) holding tensors
+    if torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return
+    torch.cuda.synchronize()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+    if empty_host_cache is not None:
+        empty_host_cache()
 
 
 def score_targets(logits: torch.Tensor, targets: list[int]) -> list[float]:

@@ -74,24 +74,21 @@ class StageWorker:
         return self.runner.allocate_kv_cache(num_blocks, block_size, max_seq_len)
 
     # transports ---------------------------------------------------------------------------------
-    def free_port(self) -> int:
-        from mlapipe.workers.transport.torch_dist import free_tcp_port
+    def connect_torch(self, backend: str, store_actor, secret, bind_host: str, timeout_s: float) -> None:
+        """Joins the pipeline's process group through the rendezvous actor; blocks until every stage
+        has joined. gloo/NCCL sockets listen on bind_host's interface."""
+        from mlapipe.workers.transport.ray_store import RayStore
+        from mlapipe.workers.transport.torch_dist import TorchDistTransport, bind_sockets_to
 
-        return free_tcp_port()
+        bind_sockets_to(bind_host)
+        store = RayStore(store_actor, secret, timeout_s)
+        self.transport = TorchDistTransport(backend, store, self.stage, self.num_stages, timeout_s, self.device)
 
-    def connect_torch(self, backend: str, master: str, timeout_s: float) -> None:
-        """Joins the pipeline's process group; blocks until every stage has joined."""
-        from mlapipe.workers.transport.torch_dist import TorchDistTransport
-
-        self.transport = TorchDistTransport(
-            backend, master, self.stage, self.num_stages, timeout_s, self.device
-        )
-
-    def serve_grpc(self, timeout_s: float) -> str:
+    def serve_grpc(self, timeout_s: float, secret, bind_host: str, tls=None) -> str:
         from mlapipe.workers.transport.grpc_stream import GrpcTransport
 
-        self.transport = GrpcTransport(self.device, timeout_s)
-        return self.transport.serve(_node_ip())
+        self.transport = GrpcTransport(self.device, timeout_s, secret, tls)
+        return self.transport.serve(bind_host)
 
     def connect_grpc(self, next_address: str | None, first_address: str | None = None) -> None:
         """Links to the next stage; the last stage links back to the first (decode-round tokens)."""
@@ -99,6 +96,23 @@ class StageWorker:
             self.transport.connect(next_address)
         if first_address is not None:
             self.transport.connect_back(first_address)
+
+    def expect(self, batches: list[MicroBatch]) -> None:
+        """The transport messages these micro-batches will bring to this stage, with their exact shapes
+        (the gRPC link admits nothing else). Ray runs this in the actor's "transport" concurrency group,
+        beside the run loop, as soon as the driver submits the batches."""
+        import torch
+
+        expect = getattr(self.transport, "expect", None)
+        if expect is None:
+            return
+        for batch in batches:
+            for k in range(batch.num_steps):
+                num_tokens = batch.num_tokens if k == 0 else len(batch.chunks)  # later steps: decode
+                if not self.is_first:
+                    expect(_step_key(batch.batch_id, k), (num_tokens, self.hidden_size), self.runner.dtype)
+                elif not self.is_last and k + 1 < batch.num_steps:
+                    self.transport.expect_back(_step_key(batch.batch_id, k), (len(batch.chunks),), torch.int64)
 
     # the run loop ------------------------------------------------------------------------------
     def run_batch(self, batch: MicroBatch) -> StepOutput | None:
@@ -199,6 +213,7 @@ class StageWorker:
             "steps": self.steps_done,
             "bytes_sent": getattr(self.transport, "bytes_sent", 0),
             "amb_steps": amb_steps_taken(self.runner),
+            "transport_rejected": dict(getattr(getattr(self.transport, "inbox", None), "rejected", {})),
             "weight_bytes_allocated": self.weight_bytes_allocated,
             "kv_cache_bytes": _kv_bytes(self.runner),
         }
@@ -207,14 +222,27 @@ class StageWorker:
         return self.stage
 
     def shutdown(self) -> None:
+        """Gives back what the stage took: the transport's sockets and threads, then the runner's
+        weights, latent cache, CUDA graphs and their pools, and the allocator's cached blocks."""
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        self._pending_timings.clear()  # CUDA events
+        if self.runner is not None:
+            from mlapipe.workers.model_runner import free_cached_memory
+
+            self.runner.release()
+            self.runner = None
+            free_cached_memory(self.device)
 
 
 def _key(batch: MicroBatch, step: int) -> str:
+    return _step_key(batch.batch_id, step)
+
+
+def _step_key(batch_id: int, step: int) -> str:
     """Names one step of one micro-batch on the wire (the gRPC link matches messages by it)."""
-    return f"{batch.batch_id}.{step}"
+    return f"{batch_id}.{step}"
 
 
 def _round_output(batch: MicroBatch, tokens_per_step: list) -> StepOutput:

@@ -1,7 +1,12 @@
 import importlib
 import sys
 
-SUITES = {"attention": "mlapipe.kernels.bench.attention", "moe": "mlapipe.kernels.bench.moe"}
+SUITES = {
+    "attention": "mlapipe.kernels.bench.attention",
+    "moe": "mlapipe.kernels.bench.moe",
+    "quant": "mlapipe.kernels.bench.quant",
+    "dequant": "mlapipe.kernels.bench.dequant",
+}
 
 
 def main() -> None:

@@ -410,6 +410,71 @@ def decode_iq1_m(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
     return _flat(dl[:, :, None] * (grid + delta), R, BLOCK_K)
 
 
+# ---- ternary and fp4 types ---------------------------------------------------------------------
+
+
+@triton.jit
+def decode_tq1_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # block_tq1_0, 54 bytes: qs[48] | qh[4] | fp16 d; 5 (qs) or 4 (qh) base-3 digits per byte, digit t of
+    # byte b read as ((b * 3^t mod 256) * 3) >> 8. Values 0-159: digit e/32 of qs[e%32]; 160-239: digit
+    # (e-160)/16 of qs[32 + e%16]; 240-255: digit (e-240)/4 of qh[e%4].  x = d * (digit - 1)
+    R: tl.constexpr = rows.shape[0]
+    base, gi, j = _groups(rows, row_bytes, k0, BLOCK_K, 16, 256, 54)
+    d = _fp16(w_ptr, base + 52)
+    g = gi[:, None]  # [NG, 1] groups of 16 values
+    jj = j[None, :]
+    offset = tl.where(g < 10, (g % 2) * 16 + jj, tl.where(g < 15, 32 + jj, 48 + jj % 4))
+    t = tl.where(g < 10, g // 2, tl.where(g < 15, g - 10, jj // 4))
+    pow3 = tl.where(t == 0, 1, tl.where(t == 1, 3, tl.where(t == 2, 9, tl.where(t == 3, 27, 81))))
+    byte = _byte(w_ptr, base[:, :, None] + offset[None, :, :])
+    q = ((((byte * pow3[None, :, :]) & 0xFF) * 3) >> 8) - 1
+    return _flat(d[:, :, None] * q.to(tl.float32), R, BLOCK_K)
+
+
+@triton.jit
+def decode_tq2_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # block_tq2_0, 66 bytes: qs[64] (2-bit fields as Q2_K: value e in field (e/32)%4 of qs[(e/128)*32 +
+    # e%32]) | fp16 d.  x = d * (q - 1)
+    R: tl.constexpr = rows.shape[0]
+    base, gi, j = _groups(rows, row_bytes, k0, BLOCK_K, 32, 256, 66)
+    d = _fp16(w_ptr, base + 64)
+    byte = _byte(w_ptr, base[:, :, None] + ((gi // 4) * 32)[None, :, None] + j[None, None, :])
+    q = ((byte >> (2 * (gi % 4))[None, :, None]) & 3) - 1
+    return _flat(d[:, :, None] * q.to(tl.float32), R, BLOCK_K)
+
+
+@triton.jit
+def decode_mxfp4(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # block_mxfp4, 17 bytes: e8m0 scale e | qs[16] (nibbles as Q4_0). d = 2^(e - 128) (ggml's
+    # e8m0_to_fp32_half; subnormal for e < 2).  x = d * kvalues_mxfp4[q];  table: the 16 kvalues
+    R: tl.constexpr = rows.shape[0]
+    base, _, j = _groups(rows, row_bytes, k0, BLOCK_K, 32, 32, 17)
+    e = tl.load(w_ptr + base).to(tl.uint32)
+    bits = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    d = bits.to(tl.float32, bitcast=True)
+    kv = tl.load(table_ptr + _nibble32(w_ptr, base, 1, j)).to(tl.float32)
+    return _flat(d[:, :, None] * kv, R, BLOCK_K)
+
+
+@triton.jit
+def decode_nvfp4(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # block_nvfp4, 36 bytes: 4 ue4m3 scales (one per 16 values; e4m3 without sign, bias 7, 0 and 0x7F
+    # read as 0, halved) | qs[32]: per 16 values, the low nibbles of 8 bytes then their high nibbles.
+    # x = d * kvalues_mxfp4[q];  table: the 16 kvalues
+    R: tl.constexpr = rows.shape[0]
+    base, gi, j = _groups(rows, row_bytes, k0, BLOCK_K, 16, 64, 36)
+    x = _byte(w_ptr, base + gi[None, :])
+    exp = (x >> 3) & 0xF
+    man = (x & 7).to(tl.float32)
+    power = ((exp + 120) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 7), exact
+    raw = tl.where(exp == 0, man * 0.001953125, (1.0 + man / 8.0) * power)  # 2^-9 for subnormals
+    d = tl.where((x == 0) | (x == 0x7F), 0.0, raw * 0.5)
+    byte = _byte(w_ptr, base[:, :, None] + (4 + gi * 8)[None, :, None] + (j % 8)[None, None, :])
+    q = (byte >> (4 * (j // 8))[None, None, :]) & 0xF
+    kv = tl.load(table_ptr + q).to(tl.float32)
+    return _flat(d[:, :, None] * kv, R, BLOCK_K)
+
+
 # ---- plain floats: one value per "block"; these mask past the row's end ------------------------
 
 

@@ -332,6 +332,62 @@ def _nibbles_pairs(b: torch.Tensor) -> torch.Tensor:
     return ((b.to(torch.int32).reshape(n, -1, 1) >> _shifts(0, 4, device=b.device)) & 0x0F).reshape(n, -1)
 
 
+# ---- ternary and fp4 types ---------------------------------------------------------------------
+
+
+def decode_tq1_0(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    dev = blocks.device
+    qs = blocks[:, :48].to(torch.int32)
+    qh = blocks[:, 48:52].to(torch.int32)
+    d = _f16(blocks, 52)
+    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=dev)
+    # byte * 3^t wraps at 256 (numpy's uint8 product); the top base-3 digit is then (x * 3) >> 8
+    qs0 = ((qs[:, :32].reshape(n, 1, 32) * pow3.reshape(1, 5, 1)) & 0xFF).reshape(n, -1)
+    qs1 = ((qs[:, 32:].reshape(n, 1, 16) * pow3.reshape(1, 5, 1)) & 0xFF).reshape(n, -1)
+    qh = ((qh.reshape(n, 1, 4) * pow3[:4].reshape(1, 4, 1)) & 0xFF).reshape(n, -1)
+    q = ((torch.cat([qs0, qs1, qh], dim=-1) * 3) >> 8) - 1
+    return d * q.float()
+
+
+def decode_tq2_0(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    qs = blocks[:, :64].to(torch.int32).reshape(n, -1, 1, 32)
+    d = _f16(blocks, 64)
+    q = ((qs >> _shifts(0, 2, 4, 6, device=blocks.device).reshape(1, 1, 4, 1)) & 3).reshape(n, -1) - 1
+    return d * q.float()
+
+
+def _kvalues_mxfp4(device) -> torch.Tensor:
+    return torch.from_numpy(tables.kvalues_mxfp4()).to(device).float()
+
+
+def decode_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    e = blocks[:, :1].to(torch.int32)
+    # e8m0 scale, halved (gguf's e8m0_to_fp32_half): 2^(e - 128), subnormal for e < 2
+    bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+    d = bits.view(torch.float32)
+    q = _nibbles(blocks[:, 1:], 16)
+    return d * _kvalues_mxfp4(blocks.device)[q]
+
+
+def ue4m3_half(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 scale bytes (unsigned e4m3, bias 7) -> fp32, halved; 0 and 0x7F decode to 0 (gguf's)."""
+    exp = (x >> 3) & 0xF
+    man = (x & 7).float()
+    powers = torch.tensor([2.0 ** (k - 7) for k in range(16)], device=x.device)
+    raw = torch.where(exp == 0, man * 2.0**-9, (1.0 + man / 8.0) * powers[exp])
+    return torch.where((x == 0) | (x == 0x7F), 0.0, raw * 0.5)
+
+
+def decode_nvfp4(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    d = ue4m3_half(blocks[:, :4].to(torch.int32)).reshape(n, 4, 1)
+    qs = blocks[:, 4:].to(torch.int32).reshape(n, 4, 8)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # per 16 values: 8 low nibbles, then the 8 high ones
+    return (d * _kvalues_mxfp4(blocks.device)[q]).reshape(n, 64)
+
+
 # ---- plain floats (one value per "block") ------------------------------------------------------
 
 

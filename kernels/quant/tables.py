@@ -2,6 +2,7 @@
 
 Each table-reading type gets one flat int16 tensor; its Triton decoder knows the layout:
 - IQ4_NL, IQ4_XS: the 16 non-linear values (kvalues_iq4nl).
+- MXFP4, NVFP4: the 16 e2m1 values, doubled (kvalues_mxfp4).
 - IQ2_XXS, IQ2_XS, IQ3_XXS: the grid (G rows of W values, row-major), then the 128 `ksigns` bytes at
   offset G*W (7 sign bits -> 8 signs with even parity).
 - IQ2_S, IQ3_S: the grid alone (their signs are stored bit by bit in the block).
@@ -52,11 +53,19 @@ def kvalues() -> np.ndarray:
     return np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.int8)
 
 
+@functools.cache
+def kvalues_mxfp4() -> np.ndarray:
+    """int8 (16,): gguf's MXFP4 values (e2m1, doubled), shared by MXFP4 and NVFP4."""
+    return np.array(gguf_quants.MXFP4.kvalues, dtype=np.int8)
+
+
 def host_table(qtype: int) -> torch.Tensor:
     """The flat int16 table of `qtype` (layouts in the module docstring), on the CPU."""
     qtype = Q(int(qtype))
     if qtype in _KVALUES:
         parts = [kvalues()]
+    elif qtype in (Q.MXFP4, Q.NVFP4):
+        parts = [kvalues_mxfp4()]
     elif qtype in _GRIDS:
         parts = [grid(qtype).reshape(-1)]
         if _GRIDS[qtype][1]:
@@ -69,6 +78,11 @@ def host_table(qtype: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _device_table(qtype: int, device: str) -> torch.Tensor:
     return host_table(qtype).to(device)
+
+
+def release_device_tables() -> None:
+    """Drops the device copies, so a closed engine leaves nothing on the device (Engine.close())."""
+    _device_table.cache_clear()
 
 
 def device_table(qtype: int, device: torch.device | str) -> torch.Tensor:

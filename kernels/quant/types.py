@@ -73,6 +73,10 @@ QUANT_TYPES: dict[int, QuantType] = {
         _row("IQ2_S", (0,), has_table=True),
         _row("IQ3_XXS", (0,), has_table=True),
         _row("IQ1_M", (), has_table=True),
+        _row("TQ1_0", (52,)),
+        _row("TQ2_0", (64,)),
+        _row("MXFP4", (), has_table=True),  # e8m0 scale byte, see random_blocks
+        _row("NVFP4", (), has_table=True),  # four ue4m3 scale bytes
         _row("BF16", ()),
         _row("F16", ()),
         _row("F32", ()),

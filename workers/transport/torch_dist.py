@@ -8,28 +8,45 @@ NCCL communicator and stream, so tokens flowing back never queue behind activati
 (one stream for both directions would deadlock: stage 0 sending micro-batch B forward while stage 1
 waits to send A's tokens back). Tokens go with isend and nobody waits on it: the first stage's
 receive is what orders them.
+
+Security: the rendezvous goes through a Ray actor (transport/ray_store.py), so there is no TCPStore
+port; gloo's pair sockets and NCCL's bootstrap sockets listen on the interface of the stage's bind
+address (loopback when the whole pipeline is on one node), set through GLOO_SOCKET_IFNAME and
+NCCL_SOCKET_IFNAME unless the user set those. The receiver posts each receive with the exact size the
+micro-batch implies, so a message of another size fails that receive and is never buffered whole.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
+import logging
+import os
 
 import torch
 import torch.distributed as dist
 
+from mlapipe.workers.transport.auth import interface_of
 
-def free_tcp_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+log = logging.getLogger("mlapipe.transport")
+
+
+def bind_sockets_to(address: str) -> None:
+    """gloo and NCCL take an interface, not an address: the one that holds `address`."""
+    interface = interface_of(address)
+    if interface is None:
+        log.warning("no network interface holds %s; gloo/NCCL pick their own", address)
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, interface)
 
 
 class TorchDistTransport:
-    def __init__(self, backend: str, master: str, rank: int, world_size: int, timeout_s: float, device):
+    def __init__(
+        self, backend: str, store: dist.Store, rank: int, world_size: int, timeout_s: float, device
+    ):
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{master}",
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

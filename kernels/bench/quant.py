@@ -1,0 +1,255 @@
+"""Quantized kernels bench: `python -m mlapipe.kernels.bench quant [--types q8_0,q4_k] [--models v3,v2-lite]`.
+
+On random valid blocks made on the GPU (kernels/quant/random_blocks.py), for each type and model:
+- dense linear (kernels/quant/linear.py) on the model's projection shapes at decode sizes (T = 1, 16):
+  GB/s over the quantized bytes against the copy rate measured here; at T = 2048 against cuBLAS on the
+  bf16-dequantized weight;
+- fused MoE (kernels/quant/fused_moe.py) at T = 1, 16 (GB/s over the hit experts' quantized bytes) and
+  at prefill sizes against today's bf16 kernel on the dequantized experts, both quantized paths timed
+  (decode in the GEMMs, bf16 scratch) to place the crossover.
+Correctness first: bf16 results against kernels.reference (V2-Lite shapes) and equality of the paths.
+Times are CUDA-graph replays (median). Tables print last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from mlapipe.kernels import reference
+from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
+from mlapipe.kernels.bench.moe import MODELS, route
+from mlapipe.kernels.fused_moe import fused_moe
+from mlapipe.kernels.quant.dispatch import dequantize_on_device, kernel_type
+from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
+from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
+from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+
+TYPE_CODES = {"q8_0": 8, "q4_k": 12, "q6_k": 14, "q5_k": 13, "q2_k": 10, "q3_k": 11, "q4_0": 2}
+Q8_0 = 8
+
+# (name, N, K) of each model's dense projections (torch order: out features, in features)
+DENSE = {
+    "v3": [("q_a", 1536, 7168), ("q_b", 24576, 1536), ("kv_a", 576, 7168), ("o", 7168, 16384),
+           ("mlp_gate_up", 36864, 7168), ("mlp_down", 7168, 18432), ("head", 129280, 7168)],
+    "v2-lite": [("q", 3072, 2048), ("kv_a", 576, 2048), ("o", 2048, 2048), ("mlp_gate_up", 21888, 2048),
+                ("mlp_down", 2048, 10944), ("head", 102400, 2048)],
+}  # fmt: skip
+
+
+def random_quant(shape, qtype: int, std: float, name: str):
+    return random_quant_tensor(tuple(shape), qtype, std, name, device="cuda")
+
+
+def fitting_type(qtype: int, cols: int) -> int:
+    """qtype when rows of `cols` values are whole blocks of it, else Q8_0 (as llama.cpp falls back for
+    V2-Lite's 1408-wide expert rows)."""
+    return qtype if cols % kernel_type(qtype).block_elems == 0 else Q8_0
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def pct(value: float, ceiling: float) -> str:
+    return f"{100 * value / ceiling:.0f}%"
+
+
+def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], copy_gbs: float) -> list[list]:
+    rows = []
+    for name, N, K in DENSE[model]:
+        wtype = fitting_type(qtype, K)
+        w = random_quant((N, K), wtype, K**-0.5, f"{model}.{name}")
+        w_bf16 = dequantize_on_device(w, torch.bfloat16)
+        x = torch.randn(max(tokens + prefill), K, device="cuda", dtype=torch.bfloat16)
+        check = relative_error(quant_linear(x[:3], w), reference.quant_linear(x[:3], w))
+        assert check < 1e-2, f"{model} {name}: relative error {check}"
+        for T in tokens:
+            ms = median_ms(functools.partial(quant_linear, x[:T], w), graph=True)
+            bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16), graph=True)
+            gbs = w.nbytes / ms / 1e6
+            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
+                         f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
+            print(rows[-1], flush=True)
+        for T in prefill:
+            ms = median_ms(functools.partial(quant_linear, x[:T], w))
+            bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16))
+            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", "", "", f"{bf16_ms:.4f}",
+                         f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
+            print(rows[-1], flush=True)
+        del w, w_bf16
+    return rows
+
+
+def _with_env(name: str, value: str | None, fn):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tflops: float) -> list[list]:
+    m = MODELS[model]
+    E, H, inter = m["E"], m["H"], m["I"]
+    down_type = fitting_type(qtype, inter)
+    gate_up = random_quant((E, 2 * inter, H), qtype, H**-0.5, f"{model}.gate_up")
+    down = random_quant((E, H, inter), down_type, inter**-0.5, f"{model}.down")
+    gate_up_bf16 = dequantize_on_device(gate_up, torch.bfloat16)
+    down_bf16 = dequantize_on_device(down, torch.bfloat16)
+    expert_bytes = (gate_up.nbytes + down.nbytes) / E
+    type_name = kernel_type(qtype).name + (
+        "" if down_type == qtype else f"+{kernel_type(down_type).name} down"
+    )
+    if model == "v2-lite":  # the fp32 reference of V3's 256 experts needs 45 GB: checked on V2-Lite
+        for T in (1, 37):
+            hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            weights, ids = route(m, T)
+            err = relative_error(
+                quant_fused_moe(hidden, gate_up, down, weights, ids),
+                reference.quant_fused_moe(hidden, gate_up, down, weights, ids),
+            )
+            print(f"check moe {model} {type_name} T={T}: relative error {err:.2e}")
+            assert err < 1e-2
+    dequant_ms = median_ms(functools.partial(dequantize_on_device, gate_up), reps=5)
+    dequant_ms += median_ms(functools.partial(dequantize_on_device, down), reps=5)
+    rows = []
+    for T in tokens:
+        hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = route(m, T)
+        hit = ids.unique().numel()
+        run = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
+        bf16_ms = median_ms(
+            functools.partial(fused_moe, hidden, gate_up_bf16, down_bf16, weights, ids), graph=True
+        )
+        times, outs = {}, {}
+        for path in ("fused", "scratch"):
+            if path == "scratch" and T * m["K"] / E < 8:
+                continue  # every expert dequantized for a handful of rows: never the faster one
+            outs[path] = _with_env(PATH_ENV, path, run)
+            times[path] = _with_env(PATH_ENV, path, functools.partial(median_ms, run, graph=True))
+        chosen = run()
+        same = all(torch.equal(o, chosen) for o in outs.values())
+        best = min(times.values())
+        gbs = hit * expert_bytes / times["fused"] / 1e6
+        tflops = 2 * T * m["K"] * 3 * H * inter / best / 1e9
+        rows.append([model, type_name, T, hit, f"{times['fused']:.3f}", f"{times.get('scratch', float('nan')):.3f}",
+                     f"{gbs:.0f}", pct(gbs, copy_gbs), pct(tflops, mm_tflops), f"{bf16_ms:.3f}",
+                     f"{bf16_ms / best:.2f}", f"{dequant_ms:.3f}", same])  # fmt: skip
+        print(rows[-1], flush=True)
+    del gate_up, down, gate_up_bf16, down_bf16
+    torch.cuda.empty_cache()
+    return rows
+
+
+# split-launch tiles (block_m,block_n,warps,stages) tried by --sweep on one dense shape and T
+SWEEP_SPLIT = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3", "16,32,2,3"]
+SWEEP_MOE = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3"]
+
+
+def sweep(qtype: int) -> list[list]:
+    """Decode-size tiles of the split linear (V3 o_proj, T=1) and the fused MoE (V3, T=1): time and bits."""
+    from mlapipe.kernels.quant.fused_moe import CONFIG_ENV
+
+    rows = []
+    w = random_quant((7168, 16384), qtype, 16384**-0.5, "sweep.o")
+    x = torch.randn(1, 16384, device="cuda", dtype=torch.bfloat16)
+    first = None
+    for tiles in SWEEP_SPLIT:
+        run = functools.partial(quant_linear, x, w)
+        out = _with_env(SPLIT_CONFIG_ENV, tiles, run)
+        first = out if first is None else first
+        ms = _with_env(SPLIT_CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
+        rows.append(["linear o 7168x16384", kernel_type(qtype).name, tiles, f"{ms:.4f}",
+                     f"{w.nbytes / ms / 1e6:.0f}", torch.equal(out, first)])  # fmt: skip
+        print(rows[-1], flush=True)
+    del w
+    m = MODELS["v3"]
+    gate_up = random_quant((m["E"], 2 * m["I"], m["H"]), qtype, m["H"] ** -0.5, "sweep.gate_up")
+    down = random_quant((m["E"], m["H"], m["I"]), qtype, m["I"] ** -0.5, "sweep.down")
+    hidden = torch.randn(1, m["H"], device="cuda", dtype=torch.bfloat16)
+    weights, ids = route(m, 1)
+    hit_bytes = ids.unique().numel() * (gate_up.nbytes + down.nbytes) / m["E"]
+    first = None
+    for tiles in SWEEP_MOE:
+        run = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
+        out = _with_env(CONFIG_ENV, tiles, run)
+        first = out if first is None else first
+        ms = _with_env(CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
+        rows.append(["moe v3 T=1", kernel_type(qtype).name, tiles, f"{ms:.4f}", f"{hit_bytes / ms / 1e6:.0f}",
+                     torch.equal(out, first)])  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlapipe.kernels.bench quant")
+    parser.add_argument("--types", default="q8_0,q4_k")
+    parser.add_argument("--models", default="v3,v2-lite")
+    parser.add_argument("--tokens", default="1,16", help="decode-sized T (dense and MoE)")
+    parser.add_argument("--dense-prefill", default="2048")
+    parser.add_argument("--moe-prefill", default="128,512,2048,8192")
+    parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--no-moe", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="first time decode tiles on V3 shapes")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    copy_gbs, mm_tflops = copy_bandwidth_gbs(), matmul_tflops()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
+    types = [TYPE_CODES[t] for t in args.types.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    sweep_rows = [row for t in types for row in sweep(t)] if args.sweep else []
+    dense_rows, moe_rows = [], []
+    for model in args.models.split(","):
+        for qtype in types:
+            if not args.no_dense:
+                prefill = [int(t) for t in args.dense_prefill.split(",") if t]
+                dense_rows += bench_dense(model, qtype, tokens, prefill, copy_gbs)
+            if not args.no_moe:
+                moe_tokens = tokens + [int(t) for t in args.moe_prefill.split(",") if t]
+                moe_rows += bench_moe(model, qtype, moe_tokens, copy_gbs, mm_tflops)
+
+    print(
+        f"\ncopy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s on {device}, measured in this run;"
+    )
+    print("ms: CUDA-graph replays, median (prefill dense rows: eager). GB/s over the quantized bytes.")
+    if sweep_rows:
+        print("\n## Decode tiles (bits equal to the first config's?)\n")
+        print(markdown_table(["what", "type", "bm,bn,warps,stages", "ms", "GB/s", "same bits"], sweep_rows))
+    if dense_rows:
+        print("\n## Quantized dense linear vs cuBLAS on the bf16-dequantized weight\n")
+        header = [
+            "model",
+            "type",
+            "proj",
+            "N",
+            "K",
+            "T",
+            "ms",
+            "GB/s",
+            "% copy",
+            "bf16 ms",
+            "bf16/ours",
+            "rel err",
+        ]
+        print(markdown_table(header, dense_rows))
+    if moe_rows:
+        print("\n## Quantized fused MoE vs the bf16 kernel on the dequantized experts\n")
+        print("fused: decode in the GEMMs; scratch: dequantize to bf16, then the bf16 kernels; GB/s, % copy:")
+        print("fused path over the hit experts' quantized bytes; % mm and bf16/ours: the faster path;")
+        print(
+            "dequant ms: all experts to bf16 (today's bf16 kernel on a scratch would cost that + bf16 ms).\n"
+        )
+        header = ["model", "type", "T", "hit", "fused ms", "scratch ms", "GB/s", "% copy", "% mm", "bf16 ms",
+                  "bf16/ours", "dequant ms", "paths same bits"]  # fmt: skip
+        print(markdown_table(header, moe_rows))

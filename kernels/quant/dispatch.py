@@ -1,0 +1,46 @@
+"""What the shared quantized GEMMs need of a type (kernels/quant/types.py's row, its decoder and table),
+and the dtype their tl.dot runs in."""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from mlapipe.kernels.quant import dequantize as _dequantize
+from mlapipe.kernels.quant import tables
+from mlapipe.kernels.quant.types import QUANT_TYPES, QuantType, quant_type
+
+MIN_TILE_K = 32  # the decoders' smallest BLOCK_K; the GEMMs' reduction dim is a multiple of it
+
+
+def kernel_type(qtype: int) -> QuantType:
+    """The type's row, with a one-line error when it has no Triton decoder."""
+    row = quant_type(qtype)
+    if not row.has_kernel:
+        raise ValueError(f"quant type {row.name} has no Triton decoder for the quantized GEMMs")
+    return row
+
+
+def kernel_types() -> list[int]:
+    """ggml type codes the shared GEMMs can decode, in the table's order."""
+    return [code for code, row in QUANT_TYPES.items() if row.has_kernel]
+
+
+def table_of(qtype: int, device: torch.device) -> torch.Tensor:
+    return tables.device_table(qtype, device)
+
+
+def compute_dtype(activation_dtype: torch.dtype):
+    """bf16 activations: bf16 tensor-core dots (weights rounded to bf16, as dequantize-on-load does);
+    anything else: fp32 dots with IEEE products, so results match the fp32 reference within rounding."""
+    return tl.bfloat16 if activation_dtype == torch.bfloat16 else tl.float32
+
+
+def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Torch reference decode of a QuantTensor to its logical shape (bit-exact with gguf's numpy)."""
+    return _dequantize.dequantize_reference(w, dtype)
+
+
+def dequantize_on_device(w, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The Triton whole-tensor dequantization (kernels/quant/dequantize.py)."""
+    return _dequantize.dequantize(w, dtype)

@@ -1,0 +1,346 @@
+"""Routed experts on GGUF blocks: kernels/fused_moe.py's two grouped GEMMs with the expert weight tiles
+decoded in registers by the type's decoder (a tl.constexpr), the same ordering and slot sum.
+
+Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_gate_up (E, 2I, H)
+(gate rows [0, I), up rows [I, 2I): gate and up concatenated by rows in block bytes, so one type) and
+w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
+(stable by expert, tile-padded; tile_expert -1 = skip).
+
+1. `_gate_up_kernel`: program (tile, column block): BLOCK_N intermediate columns x BLOCK_M sorted rows.
+   Per BLOCK_K step it decodes the expert's gate and up rows (BLOCK_N, BLOCK_K) and multiplies them by the
+   rows' hidden states transposed (BLOCK_K, BLOCK_M): the weight tile is the dot's first operand, so on
+   Hopper wgmma reads it from the registers the decoder left it in, and the 64-row minimum of wgmma
+   falls on weight columns, not on the handful of token rows of a decode step. Two fp32 accumulators
+   over all of H in increasing k; silu(gate) * up goes to act (P, I) at the sorted position.
+2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
+   routing weight in fp32, to slot_out (R, H) at row r.
+3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32.
+
+Determinism and batch invariance as in the bf16 kernel: no atomics, no split over a reduction dim; each
+output element is one program's chain of tl.dot steps from a zero accumulator in increasing k, on
+decoded values rounded to the activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32
+with IEEE products for fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows
+per expert, never from T; that no tile choice changes the bits is checked on an H200 (GPU tests).
+
+Scratch path (prefill-sized, from SCRATCH_MIN_ROWS_PER_EXPERT rows per expert): the experts are
+dequantized to the activations' dtype in groups of at most scratch_mib (the amb-like bound) and the same
+two kernels run over each group with a plain-bf16 decoder (tiles of other experts say -1 for that group;
+all groups write one act and one slot_out, then one slot sum). The decoder's values are the same
+rounded numbers, so the scratch path gives the fused path's bits: switching with T keeps invariance.
+
+Shared experts: when their type equals the routed stack's, the loader stacks them after the routed
+experts (ids E.., as kernels/moe_routing.py appends them) and they run in the same launch; a different
+type cannot share the stack (one decoder per launch): call this function a second time on the shared
+stack with every token routed to all of them at weight 1, and add the two outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column
+from mlapipe.kernels.moe_routing import moe_align
+from mlapipe.kernels.quant.dispatch import (
+    compute_dtype,
+    dequantize_on_device,
+    kernel_type,
+    table_of,
+)
+from mlapipe.kernels.quant.linear import decoded_dot, reduction_block_k
+from mlapipe.kernels.quant.tensor import QuantTensor
+
+# Rows per expert (T*K/E) from which dequantizing to the bf16 scratch beats decoding in the GEMMs
+# (measured on an H200: kernels/NOTES-quant.md).
+SCRATCH_MIN_ROWS_PER_EXPERT = 256
+DEFAULT_SCRATCH_MIB = 4096
+PATH_ENV = "MLAPIPE_QUANT_MOE_PATH"  # "fused" or "scratch" pins the path (tests, benches)
+CONFIG_ENV = "MLAPIPE_QUANT_MOE_CONFIG"  # "block_m,block_n,warps,stages" pins the fused path's tiles
+
+
+@triton.jit
+def _gate_up_kernel(
+    hidden_ptr,  # (T, H)
+    w_ptr,  # (E, 2I, row_bytes) uint8 blocks
+    table_ptr,
+    act_ptr,  # (P, I) out
+    sorted_row_ids_ptr,  # (P,) int32
+    tile_expert_ptr,  # (max_tiles,) int32
+    num_rows,
+    top_k,
+    hidden_size,
+    inter_size,
+    num_tiles,
+    stride_hidden_t,
+    stride_w_e,  # bytes per expert
+    row_bytes,
+    stride_act_p,
+    DECODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    positions = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_row_ids_ptr + positions)
+    row_ok = rows < num_rows
+    tokens = (rows // top_k).to(tl.int64)
+    cols = column * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter_size
+    cols_read = tl.minimum(cols, inter_size - 1)  # past I: decode the last column, never stored
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_e
+    at_ptrs = (
+        hidden_ptr + tokens[None, :] * stride_hidden_t + tl.arange(0, BLOCK_K)[:, None]
+    )  # (BLOCK_K, BLOCK_M)
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    # One step: STEP values from a pointer at the step's first block (as linear.decoded_dot, two tiles).
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
+    for k0 in range(0, hidden_size, STEP):
+        w_step = w_expert + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
+        for sub in tl.static_range(STEP // BLOCK_K):
+            at = tl.load(at_ptrs + (k0 + sub * BLOCK_K), mask=row_ok[None, :], other=0.0).to(COMPUTE)
+            gate = DECODE(w_step, cols_read, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
+            up = DECODE(w_step, cols_read + inter_size, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(
+                COMPUTE
+            )
+            if IEEE:
+                acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
+                acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
+            else:
+                acc_gate = tl.dot(gate, at, acc_gate)
+                acc_up = tl.dot(up, at, acc_up)
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # (BLOCK_N, BLOCK_M)
+    act_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + cols[:, None]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr,  # (P, I)
+    w_ptr,  # (E, H, row_bytes) uint8 blocks
+    table_ptr,
+    slot_out_ptr,  # (R, H) out
+    sorted_row_ids_ptr,  # (P,) int32
+    tile_expert_ptr,  # (max_tiles,) int32
+    topk_weights_ptr,  # (R,) fp32
+    num_rows,
+    hidden_size,
+    inter_size,
+    num_tiles,
+    stride_act_p,
+    stride_w_e,
+    row_bytes,
+    stride_slot_r,
+    DECODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    positions = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_row_ids_ptr + positions)
+    row_ok = rows < num_rows
+    cols = column * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden_size
+    cols_read = tl.minimum(cols, hidden_size - 1)
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_e
+    at_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + tl.arange(0, BLOCK_K)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc = decoded_dot(
+        acc, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, positions >= 0, 0, inter_size,
+        DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+    )  # fmt: skip
+    routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
+    out = acc * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
+    out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
+    tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def decode_bf16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    """The scratch's decoder: bf16 rows (row_bytes = 2 * cols) read as bf16 (wide loads) -> fp32."""
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.bfloat16))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def decode_fp16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float16))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def decode_fp32_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float32))
+    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :])
+
+
+_SCRATCH_DECODERS = {torch.float16: decode_fp16_scratch, torch.float32: decode_fp32_scratch}
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fused_tiles(num_rows: int, num_experts: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the decoding GEMMs, from rows per expert (never T itself)."""
+    if text := os.environ.get(CONFIG_ENV):
+        values = tuple(int(v) for v in text.split(","))
+        assert len(values) == 4, f"{CONFIG_ENV} wants 4 integers (block_m,block_n,warps,stages), got {text!r}"
+        return values
+    if _interpreted(device):
+        return 16, 64, 4, 1
+    rows_per_expert = num_rows / num_experts
+    if rows_per_expert >= 96:
+        return 128, 128, 8, 3
+    if rows_per_expert > 16:
+        return 64, 64, 4, 3
+    return 16, 64, 4, 3
+
+
+def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids) -> None:
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if not isinstance(w, QuantTensor) or len(w.shape) != 3 or not w.data.is_contiguous():
+            raise ValueError(f"quant_fused_moe: {name} must be a contiguous (E, rows, cols) QuantTensor")
+    T, H = hidden.shape
+    E, two_inter, H_w = w_gate_up.shape
+    inter = two_inter // 2
+    if H_w != H or two_inter != 2 * inter:
+        raise ValueError(f"quant_fused_moe: w_gate_up {w_gate_up.shape} vs hidden {H}")
+    if tuple(w_down.shape) != (E, H, inter):
+        raise ValueError(f"quant_fused_moe: w_down {w_down.shape} must be ({E}, {H}, {inter})")
+    if topk_weights.shape != topk_ids.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"quant_fused_moe: topk {tuple(topk_ids.shape)} must be ({T}, K) like its weights")
+    if hidden.stride(1) != 1:
+        raise ValueError("quant_fused_moe: hidden must be contiguous along its last dim")
+
+
+@dataclass(frozen=True)
+class ExpertBlocks:
+    """One expert stack as the GEMMs read it: bytes (E, rows, row_bytes), its decoder and table."""
+
+    data: torch.Tensor  # uint8 (E, rows, row_bytes)
+    decoder: object  # @triton.jit tile decoder
+    table: torch.Tensor
+    block_elems: int
+    block_bytes: int
+
+    @classmethod
+    def of(cls, w: QuantTensor) -> ExpertBlocks:
+        kind = kernel_type(w.qtype)
+        return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.block_bytes)
+
+
+def _run_gemms(hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles):
+    """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped)."""
+    H, inter, K = hidden.shape[1], act.shape[1], layout.num_rows // hidden.shape[0]
+    block_m, block_n, warps, stages = tiles
+    compute = compute_dtype(hidden.dtype)
+    common = dict(COMPUTE=compute, IEEE=compute == tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8)
+    launch = dict(num_warps=warps, num_stages=stages)
+    largest_k = 256 if _interpreted(hidden.device) else 64  # the interpreter pays per call, not per value
+    _gate_up_kernel[(layout.max_tiles * triton.cdiv(inter, block_n),)](
+        hidden, gate_up.data, gate_up.table, act, layout.sorted_row_ids, layout.tile_expert, layout.num_rows,
+        K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0), gate_up.data.shape[-1],
+        act.stride(0), DECODE=gate_up.decoder, BLOCK_K=reduction_block_k(H, largest_k),
+        BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes, **common, **launch,
+    )  # fmt: skip
+    _down_kernel[(layout.max_tiles * triton.cdiv(H, block_n),)](
+        act, down.data, down.table, slot_out, layout.sorted_row_ids, layout.tile_expert, topk_weights,
+        layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
+        slot_out.stride(0), DECODE=down.decoder, BLOCK_K=reduction_block_k(inter, largest_k),
+        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, **common, **launch,
+    )  # fmt: skip
+
+
+def experts_per_group(E: int, H: int, inter: int, scratch_mib: float, element_size: int = 2) -> int:
+    """Experts whose dequantized gate|up and down fit in scratch_mib together (at least one)."""
+    per_expert = 3 * H * inter * element_size
+    return max(1, min(E, int(scratch_mib * (1 << 20)) // per_expert))
+
+
+def _scratch_blocks(w: QuantTensor, first: int, last: int, dtype: torch.dtype) -> ExpertBlocks:
+    """Experts [first, last) of w dequantized to dtype, as rows the scratch decoder reads."""
+    values = dequantize_on_device(w[first:last], dtype)
+    data = values.view(torch.uint8).reshape(last - first, values.shape[1], -1)
+    decoder = decode_bf16_scratch if dtype == torch.bfloat16 else _SCRATCH_DECODERS[dtype]
+    return ExpertBlocks(data, decoder, data, 1, values.element_size())
+
+
+def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out, tiles, scratch_mib) -> None:
+    """The same GEMMs over experts dequantized group by group (at most scratch_mib of bf16 at a time)."""
+    E, two_inter, H = w_gate_up.shape
+    group = experts_per_group(E, H, two_inter // 2, scratch_mib, hidden.element_size())
+    for first in range(0, E, group):
+        last = min(E, first + group)
+        owner = layout.tile_expert
+        in_group = (owner >= first) & (owner < last)
+        group_layout = replace(layout, tile_expert=torch.where(in_group, owner - first, -1).to(torch.int32))
+        gate_up = _scratch_blocks(w_gate_up, first, last, hidden.dtype)
+        down = _scratch_blocks(w_down, first, last, hidden.dtype)
+        _run_gemms(hidden, gate_up, down, group_layout, topk_weights, act, slot_out, tiles)
+
+
+def choose_path(num_rows: int, num_experts: int) -> str:
+    """'fused' (decode in the GEMMs) or 'scratch' (dequantize first), by rows per expert."""
+    pinned = os.environ.get(PATH_ENV)
+    if pinned:
+        assert pinned in ("fused", "scratch"), f"{PATH_ENV} must be 'fused' or 'scratch', got {pinned!r}"
+        return pinned
+    return "scratch" if num_rows / num_experts >= SCRATCH_MIN_ROWS_PER_EXPERT else "fused"
+
+
+def quant_fused_moe(
+    hidden: torch.Tensor,  # (T, Hd)
+    w_gate_up: QuantTensor,  # (E, 2I, Hd): rows [0, I) gate, [I, 2I) up
+    w_down: QuantTensor,  # (E, Hd, I)
+    topk_weights: torch.Tensor,  # (T, K) fp32
+    topk_ids: torch.Tensor,  # (T, K)
+    scratch_mib: float = DEFAULT_SCRATCH_MIB,  # bound on the bf16 scratch of the prefill path
+) -> torch.Tensor:
+    """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1."""
+    _check(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    T, H = hidden.shape
+    out = torch.empty_like(hidden)
+    if T == 0:
+        return out
+    E, two_inter, _ = w_gate_up.shape
+    K = topk_ids.shape[1]
+    tiles = _fused_tiles(T * K, E, hidden.device)
+    layout = moe_align(topk_ids.contiguous(), E, tiles[0])
+    act = torch.empty(layout.max_tiles * tiles[0], two_inter // 2, dtype=hidden.dtype, device=hidden.device)
+    slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
+    weights = topk_weights.float().contiguous()
+    if choose_path(T * K, E) == "scratch":
+        _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, scratch_mib)
+    else:
+        _run_gemms(
+            hidden, ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down), layout, weights, act, slot_out, tiles
+        )
+    block_h = min(1024, triton.next_power_of_2(H))
+    block_t = max(1, 2048 // block_h)
+    _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+        slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h
+    )
+    return out

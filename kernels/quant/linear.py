@@ -1,0 +1,313 @@
+"""Dense linear on GGUF blocks: out (T, N) = x (T, K) @ decode(w)^T, fp32 accumulation, out in x's dtype.
+
+The weight stays in its block bytes (kernels/quant/tensor.py); each program decodes (BLOCK_N, BLOCK_K)
+tiles in registers with the type's Triton decoder (a constexpr function: DECODE(w_ptr, rows, row_bytes,
+k0, BLOCK_K, table_ptr) -> fp32 (len(rows), BLOCK_K)) and feeds them to tl.dot, cast to the compute
+dtype: bf16 for bf16 activations (the same rounding as dequantizing the weight to bf16 at load), fp32 with
+IEEE products otherwise (so fp32/fp16 activations match "decode to fp32, then the torch reference").
+
+One reduction order for every batch size. K is cut into fixed chunks (`LinearPlan`: chunk_k elements,
+a function of N, K, the type and the GPU's SM count, never of T). Within a chunk an fp32 accumulator
+starts at zero and takes tl.dot steps in increasing k; the chunks' results are then added in chunk order
+to a zero fp32 total. Two launch shapes compute exactly that:
+- split (decode-sized T): grid (column blocks, chunks), BLOCK_M 16..64 rows a program, so every SM streams
+  weights even when N alone gives few column blocks. Each program writes its chunk's partial (chunks, T, N)
+  fp32; `_sum_chunks_kernel` adds them in chunk order. One chunk: the program writes 0 + acc itself.
+- tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64/128; each program walks the
+  chunks in order, restarting a zero accumulator per chunk and adding it to its total.
+Both give the same bits for a row whatever T is or where the row sits in the batch, as long as the
+matrix instructions accumulate a chunk the same way for every row tile (checked on an H200 by the GPU
+tests: mma.sync at 16 rows and wgmma at 64/128 rows; kernels/NOTES-quant.md). No atomics anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mlapipe.kernels.quant.dispatch import MIN_TILE_K, compute_dtype, kernel_type, table_of
+from mlapipe.kernels.quant.tensor import QuantTensor
+
+SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it row tiles alone fill the GPU
+# "block_m,block_n,warps,stages" pins a launch's tiles (benches, sweeps); the bits do not depend on them
+SPLIT_CONFIG_ENV = "MLAPIPE_QUANT_SPLIT_CONFIG"
+TILED_CONFIG_ENV = "MLAPIPE_QUANT_TILED_CONFIG"
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """The reduction order of one weight shape: chunks of chunk_k elements walked in BLOCK_K steps."""
+
+    block_k: int
+    chunk_k: int
+    num_chunks: int
+
+
+def reduction_block_k(K: int, largest: int = 64) -> int:
+    """BLOCK_K of a GEMM reducing over K: the largest power of two from the decoders' 32 up to `largest`
+    that divides K (a tile never straddles the row's end)."""
+    if K % MIN_TILE_K:
+        raise ValueError(f"quantized GEMMs need a reduction dim that is a multiple of {MIN_TILE_K}, got {K}")
+    block_k = MIN_TILE_K
+    while block_k < largest and K % (2 * block_k) == 0:
+        block_k *= 2
+    return block_k
+
+
+def plan_linear(N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64) -> LinearPlan:
+    """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach two programs a
+    SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
+    max(BLOCK_K, the type's block) values, so chunks start on block boundaries."""
+    block_k = reduction_block_k(K, largest_block_k)
+    step = max(block_k, block_elems)
+    steps = K // step
+    column_blocks = triton.cdiv(N, 64)
+    wanted = max(1, min(triton.cdiv(2 * num_sms, column_blocks), steps // 4))
+    chunk_k = triton.cdiv(steps, wanted) * step
+    return LinearPlan(block_k, chunk_k, triton.cdiv(K, chunk_k))
+
+
+@triton.jit
+def decoded_dot(
+    acc, w_ptr, table_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end,
+    DECODE: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+):  # fmt: skip
+    """acc (BLOCK_N, BLOCK_M) + decode(w[rows, k_start:k_end]) @ xt[k_start:k_end, :] in BLOCK_K steps,
+    k increasing; xt_ptrs (BLOCK_K, BLOCK_M) point at k = 0 of each column of x transposed.
+
+    The weight tile is the dot's first operand: on Hopper wgmma takes it straight from the registers the
+    decoder left it in (no shared-memory round trip), and its 64-row minimum falls on the weight rows, so
+    a single token costs a 16-column x tile, not a 64-row one. Each loop step covers STEP = max(BLOCK_K,
+    block) values from a pointer moved to the step's first block, and decodes its BLOCK_K tiles at
+    constant offsets, so the decoder's per-value address arithmetic is the same every step (the
+    compiler keeps it out of the loop) and only one scalar pointer moves."""
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
+    for k0 in range(k_start, k_end, STEP):
+        w_step = w_ptr + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
+        for sub in tl.static_range(STEP // BLOCK_K):
+            xt = tl.load(xt_ptrs + (k0 + sub * BLOCK_K), mask=token_ok[None, :], other=0.0).to(COMPUTE)
+            w = DECODE(w_step, rows, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
+            if IEEE:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+    return acc
+
+
+@triton.jit
+def _linear_split_kernel(
+    x_ptr,  # (T, K)
+    w_ptr,  # (N, row_bytes) uint8 blocks
+    table_ptr,  # the type's lookup table (any pointer when it has none)
+    partial_ptr,  # (num_chunks, T, N) fp32 out; unused when DIRECT
+    out_ptr,  # (T, N) out when DIRECT
+    num_tokens,
+    N,
+    K,
+    row_bytes,
+    stride_x,
+    chunk_k,
+    DECODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,  # one chunk: write 0 + acc in out's dtype, no partials
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
+    BLOCK_BYTES: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_read = tl.minimum(rows, N - 1)  # columns past N decode the last row; never stored
+    chunk = tl.program_id(1)
+    k_start = chunk * chunk_k
+    k_end = tl.minimum(k_start + chunk_k, K)
+    for m0 in range(0, num_tokens, BLOCK_M):
+        tokens = m0 + tl.arange(0, BLOCK_M)
+        token_ok = tokens < num_tokens
+        xt_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + tl.arange(0, BLOCK_K)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc = decoded_dot(
+            acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+        )  # fmt: skip
+        mask = row_ok[:, None] & token_ok[None, :]
+        if DIRECT:
+            total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32) + acc
+            offsets = tokens[None, :].to(tl.int64) * N + rows[:, None]
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            offsets = (chunk * num_tokens + tokens[None, :]).to(tl.int64) * N + rows[:, None]
+            tl.store(partial_ptr + offsets, acc, mask=mask)
+
+
+@triton.jit
+def _sum_chunks_kernel(partial_ptr, out_ptr, numel, num_chunks, BLOCK: tl.constexpr):
+    """out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    total = tl.zeros((BLOCK,), tl.float32)
+    for chunk in range(num_chunks):
+        total += tl.load(partial_ptr + chunk * numel + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_tiled_kernel(
+    x_ptr,  # (T, K)
+    w_ptr,  # (N, row_bytes) uint8 blocks
+    table_ptr,
+    out_ptr,  # (T, N)
+    num_tokens,
+    N,
+    K,
+    row_bytes,
+    stride_x,
+    chunk_k,
+    num_chunks,
+    DECODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):
+    # Consecutive programs share a column block, so its weight bytes come from L2 for the row blocks.
+    num_row_blocks = tl.cdiv(num_tokens, BLOCK_M)
+    pid = tl.program_id(0)
+    tokens = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid // num_row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token_ok = tokens < num_tokens
+    row_ok = rows < N
+    rows_read = tl.minimum(rows, N - 1)
+    xt_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + tl.arange(0, BLOCK_K)[:, None]
+    total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for chunk in range(num_chunks):  # in order, each from a zero accumulator: the split launch's sum
+        k_start = chunk * chunk_k
+        k_end = tl.minimum(k_start + chunk_k, K)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc = decoded_dot(
+            acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+        )  # fmt: skip
+        total += acc
+    offsets = tokens[None, :].to(tl.int64) * N + rows[:, None]
+    tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    if _interpreted(device):
+        return 2  # small grids in the interpreter, still more than one chunk on odd shapes
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pinned(name: str) -> tuple[int, int, int, int] | None:
+    text = os.environ.get(name)
+    if not text:
+        return None
+    values = tuple(int(v) for v in text.split(","))
+    assert len(values) == 4, f"{name} wants 4 integers (block_m,block_n,warps,stages), got {text!r}"
+    return values
+
+
+def _split_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the split launch."""
+    if pinned := _pinned(SPLIT_CONFIG_ENV):
+        return pinned
+    if _interpreted(device):
+        return 16, 64, 4, 1
+    return max(16, min(64, triton.next_power_of_2(num_tokens))), 64, 4, 3
+
+
+def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the tiled launch."""
+    if pinned := _pinned(TILED_CONFIG_ENV):
+        return pinned
+    if _interpreted(device):
+        return 16, 64, 4, 1
+    return 64, 128, 8, 3  # 128 x 128 spills: the chunk accumulator and the total are both live
+
+
+def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
+    N, K = w.shape
+    largest_block_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
+    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k)
+
+
+def _check(x: torch.Tensor, w: QuantTensor) -> None:
+    if not isinstance(w, QuantTensor) or len(w.shape) != 2:
+        raise ValueError(f"quant_linear: w must be a 2-D QuantTensor, got {type(w).__name__}")
+    kernel_type(w.qtype)
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"quant_linear: x {tuple(x.shape)} does not match w {w.shape} (T, K) x (N, K)")
+    if x.device != w.device:
+        raise ValueError(f"quant_linear: x on {x.device}, w on {w.device}")
+    if x.stride(1) != 1 or not w.data.is_contiguous():
+        raise ValueError("quant_linear: x rows and w blocks must be contiguous")
+
+
+def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
+    """The split launch (any T; chosen for decode-sized batches)."""
+    T, K = x.shape
+    N = w.shape[0]
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
+    block_m, block_n, warps, stages = _split_tiles(T, x.device)
+    compute = compute_dtype(x.dtype)
+    direct = plan.num_chunks == 1
+    partial = out if direct else torch.empty(plan.num_chunks, T, N, dtype=torch.float32, device=x.device)
+    _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
+        x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
+        DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
+        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if not direct:
+        block = 1024
+        _sum_chunks_kernel[(triton.cdiv(T * N, block),)](partial, out, T * N, plan.num_chunks, BLOCK=block)
+    return out
+
+
+def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
+    """The tiled launch (any T; chosen for prefill-sized batches)."""
+    T, K = x.shape
+    N = w.shape[0]
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
+    block_m, block_n, warps, stages = _tiled_tiles(T, x.device)
+    compute = compute_dtype(x.dtype)
+    _linear_tiled_kernel[(triton.cdiv(T, block_m) * triton.cdiv(N, block_n),)](
+        x, w.data, table, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k, plan.num_chunks,
+        DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
+        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def quant_linear(
+    x: torch.Tensor,  # (T, K) bf16 / fp16 / fp32
+    w: QuantTensor,  # (N, K) logical, GGUF blocks
+) -> torch.Tensor:
+    """x @ decode(w)^T, (T, N) in x's dtype; the same bits for a row at every T (module header)."""
+    _check(x, w)
+    plan = linear_plan(w, x.device)
+    if x.shape[0] <= SPLIT_MAX_TOKENS:
+        return linear_split(x, w, plan)
+    return linear_tiled(x, w, plan)
