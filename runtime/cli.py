@@ -117,6 +117,12 @@ def _add_serve(sub) -> None:
         default=30.0,
         help="seconds SIGTERM waits for requests in progress before failing them",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores but one, which the HTTP event loop needs)",
+    )
     _add_engine_options(p)
 
 
@@ -340,20 +346,9 @@ def cmd_generate(args) -> int:
     from mlapipe.runtime.tiny_models import demo_model_path
 
     path = demo_model_path() if args.demo else args.model
-    SamplingParams(
-        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )  # before loading
+    SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checked now
+    prompt, n_ctx, room = _prompt_room(path, args)  # before any weight is read: the file's header only
     with Engine(path, **engine_options(args)) as engine:
-        prompt = args.prompt
-        if args.chat:
-            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        room = engine.n_ctx - len(engine.tokenizer.encode(prompt))
-        if args.max_tokens is not None and args.max_tokens > room:
-            raise ValueError(
-                f"-n {args.max_tokens} does not fit: the prompt takes {engine.n_ctx - room} of the "
-                f"{engine.n_ctx}-token context, so at most {max(room, 0)} tokens can follow "
-                f"(lower -n, or raise -c up to the model's {engine.config.context_length})"
-            )
         params = SamplingParams(
             max_tokens=args.max_tokens or max(1, min(64, room)),
             temperature=args.temp,
@@ -361,7 +356,7 @@ def cmd_generate(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        prompt_tokens = engine.n_ctx - room
+        prompt_tokens = n_ctx - room
         print(printable(prompt), end="", flush=True)
         count, reason, first, last = 0, None, None, None
         started = time.perf_counter()
@@ -375,6 +370,34 @@ def cmd_generate(args) -> int:
         speed = speed_summary(prompt_tokens, count, started, first, last)
         print(f"\n[{count} tokens, finish: {finish}; {speed}; model {path}]", file=sys.stderr)
     return 0
+
+
+def _prompt_room(path: str, args) -> tuple[str, int, int]:
+    """(the prompt as run, n_ctx, tokens that can follow it), from the file's metadata and tokenizer;
+    refuses an -n that cannot fit, saying why, before the engine loads the model."""
+    from mlapipe.runtime.engine import DEFAULT_N_CTX, open_tokenizer
+    from mlapipe.runtime.gguf_model import GGUFModel
+
+    model = GGUFModel(path)
+    tokenizer = open_tokenizer(model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    maximum = model.config.context_length
+    if args.ctx_size is not None and args.ctx_size > maximum:
+        raise ValueError(
+            f"n_ctx={args.ctx_size} is above the model's maximum context of {maximum} tokens "
+            f"({model.path}: context_length)"
+        )
+    n_ctx = args.ctx_size or min(DEFAULT_N_CTX, maximum)
+    room = n_ctx - len(tokenizer.encode(prompt))
+    if args.max_tokens is not None and args.max_tokens > room:
+        raise ValueError(
+            f"-n {args.max_tokens} does not fit: the prompt takes {n_ctx - room} of the {n_ctx}-token "
+            f"context, so at most {max(room, 0)} tokens can follow (lower -n, or raise -c up to the "
+            f"model's {maximum})"
+        )
+    return prompt, n_ctx, room
 
 
 def cmd_perplexity(args) -> int:
@@ -552,6 +575,19 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _set_serving_threads(threads: int | None) -> int:
+    """On CPU the engine's matmuls run on OpenMP threads whose barriers spin: a thread that shares its
+    core with the HTTP event loop stalls every step (bench_serve on a busy 2-core machine: 20 tokens/s
+    with both cores for torch, 160-390 with one). Default: leave the event loop a core."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    torch.set_num_threads(threads or max(1, cores - 1))
+    return torch.get_num_threads()  # what the engine's CPU stages use too (Engine's cpu_threads)
+
+
 def cmd_serve(args) -> int:
     import functools
     import pathlib
@@ -564,8 +600,12 @@ def cmd_serve(args) -> int:
     path = demo_model_path() if args.demo else args.model
     name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
     options = engine_options(args)  # unknown options fail here, before the server starts
-    loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
-    loop.on_ready = lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True)
+    threads = _set_serving_threads(args.threads)
+    loop = EngineLoop(
+        functools.partial(Engine, path, progress=False, cpu_threads=threads, **options),
+        max_queue=args.max_queue,
+    )
+    loop.on_ready.append(lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True))
 
     def listening(url: str) -> None:
         print(

@@ -38,6 +38,7 @@ from mlapipe.runtime.threads import cpu_threads as default_cpu_threads
 from mlapipe.runtime.tokenizer import GGUFTokenizer
 
 TRANSPORTS = ("nccl", "gloo", "grpc")
+DEFAULT_N_CTX = 4096  # capped by the model's context_length
 
 Prompt = str | Sequence[int]
 
@@ -119,16 +120,20 @@ class Engine:
             devices=devices,
         )
         tls = _tls_files(transport_tls, transport)
+        if address:  # a cluster that does not answer fails now, not after the model is read
+            from mlapipe.runtime.ray_local import check_reachable
+
+            check_reachable(address)
         random_weights = is_random_spec(model)
         self.model = RandomModel(model) if random_weights else GGUFModel(model)
         self.config = self.model.config
-        self.tokenizer = None if random_weights else GGUFTokenizer(self.model.metadata)
+        self.tokenizer = None if random_weights else open_tokenizer(self.model)
         if n_ctx is not None and n_ctx > self.config.context_length:
             raise ValueError(
                 f"n_ctx={n_ctx} is above the model's maximum context of {self.config.context_length} tokens "
                 f"({self.model.path}: context_length)"
             )
-        self.n_ctx = n_ctx or min(4096, self.config.context_length)
+        self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.context_length)
         blocks_per_seq = -(-self.n_ctx // block_size)
         if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
@@ -419,7 +424,9 @@ class Engine:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise EngineClosed(f"the engine for {self.model.path} is closed: build a new Engine to run requests")
+            raise EngineClosed(
+                f"the engine for {self.model.path} is closed: build a new Engine to run requests"
+            )
 
     def __enter__(self) -> Engine:
         return self
@@ -468,7 +475,9 @@ def _tls_files(text: str | None, transport: str | None):
     from mlapipe.workers.transport.tls import TlsFiles
 
     if transport != "grpc":
-        raise ValueError(f"transport_tls secures the grpc transport; transport is {transport or 'its default'}")
+        raise ValueError(
+            f"transport_tls secures the grpc transport; transport is {transport or 'its default'}"
+        )
     return TlsFiles.parse(text)
 
 
@@ -529,6 +538,26 @@ def check_engine_args(
         raise ValueError(f"devices must be 'cuda' or 'cpu', got {devices!r}")
     if transport == "nccl" and (devices == "cpu" or (devices is None and _default_device() == "cpu")):
         raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
+
+
+def open_tokenizer(model: GGUFModel) -> GGUFTokenizer:
+    """The file's tokenizer; anything wrong with its tokenizer.* metadata is the file's error."""
+    from mlapipe.runtime.gguf_model import ModelFileError
+    from mlapipe.runtime.tokenizer import TokenizerError
+
+    try:
+        tokenizer = GGUFTokenizer(model.metadata)
+    except TokenizerError as e:
+        raise ModelFileError(f"{model.path}: {e}") from None
+    except Exception as e:  # a key missing or of the wrong type: the tokenizer reads only the file
+        raise ModelFileError(f"{model.path}: cannot build its tokenizer ({type(e).__name__}: {e})") from None
+    for name in ("bos_token_id", "eos_token_id"):
+        token = getattr(tokenizer, name)
+        if token is not None and not 0 <= token < tokenizer.vocab_size:
+            raise ModelFileError(
+                f"{model.path}: tokenizer.ggml.{name} = {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})"
+            )
+    return tokenizer
 
 
 def _raise_if_failed(request: Request) -> None:

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from mlapipe.runtime.config import ConfigError, ModelConfig
+from mlapipe.runtime.gguf_check import check_gguf_file
 
 GGUF_MAGIC = b"GGUF"
 
@@ -242,12 +243,7 @@ class GGUFModel:
 
 
 def _open_reader(path: str) -> GGUFReader:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    check_gguf_file(path, ModelFileError)  # the whole file's structure, before gguf's reader trusts it
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # gguf's parser raises bare ValueError/IndexError on damaged headers

@@ -16,8 +16,6 @@ import socket
 import subprocess
 import sys
 
-import ray
-
 from mlapipe.runtime.errors import ClusterUnreachable
 
 CONNECT_TIMEOUT_S = 5.0
@@ -27,16 +25,24 @@ DEFAULT_CLIENT_PORT = 10001
 
 def ensure_ray(address: str | None) -> None:
     """Joins the cluster at `address` (or RAY_ADDRESS), else starts a local one: the embedded default."""
+    import ray
+
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address not in ("auto", "local"):
+    address = cluster_address(address)
+    if address:
         check_reachable(address)
     kwargs = {"address": address} if address else {}
     with _startup_notices_at_debug():
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
-    if not address or address == "local":
+    if not address:
         _start_reaper()
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS; None (or "local") for a local one."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 @contextlib.contextmanager
@@ -56,7 +62,10 @@ def _startup_notices_at_debug():
 
 
 def check_reachable(address: str) -> None:
-    """Raises ClusterUnreachable unless something accepts a TCP connection at the address's port."""
+    """Raises ClusterUnreachable unless something accepts a TCP connection at the address's port
+    ("auto", which finds a cluster started on this machine, is left to Ray)."""
+    if address == "auto":
+        return
     host, port = _host_port(address)
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):

@@ -121,7 +121,7 @@ class EngineLoop:
         self.state = LOADING
         self.failure: str | None = None  # why the state is FAILED
         self.load_error: BaseException | None = None
-        self.on_ready: Callable[[], None] | None = None  # called on the loop thread once loaded
+        self.on_ready: list[Callable[[], None]] = []  # called on the loop thread once loaded
         self.on_load_failure: Callable[[str], None] | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}  # engine request id -> progress (loop thread only)
@@ -177,15 +177,18 @@ class EngineLoop:
             self.engine = self.build_engine()
         except Exception as e:  # the model does not load: nothing will ever run
             self.load_error = e
-            self._fail(f"{type(e).__name__}: {e}" if not str(e) else str(e))
+            self._fail(
+                f"{type(e).__name__}: {e}" if not str(e) else str(e), logged=False
+            )  # the caller says it
             if self.on_load_failure is not None:
                 self.on_load_failure(self.failure)
             return
         with self._lock:
             if self.state == LOADING:
                 self.state = READY
-        if self.state == READY and self.on_ready is not None:
-            self.on_ready()
+        if self.state == READY:
+            for callback in self.on_ready:
+                callback()
         try:
             self._serve()
         finally:
@@ -331,9 +334,10 @@ class EngineLoop:
             if command[0] == "add":
                 self._end(command[1], event)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, logged: bool = True) -> None:
         with self._lock:
             self.failure = reason
             self.state = FAILED
-        log.error("engine failed: %s", reason)
+        if logged:
+            log.error("engine failed: %s", reason)
         self._end_all(Failed(f"the engine failed: {reason}"))

@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -45,9 +46,17 @@ log = logging.getLogger("mlapipe.server")
 RETRY_AFTER_S = "1"
 
 
-def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine_loop: EngineLoop,
+    model_name: str,
+    api_key: str | None = None,
+    on_loaded: Callable[[], None] | None = None,  # run on the event loop's thread once the model is loaded
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if on_loaded is not None:
+            event_loop = asyncio.get_running_loop()
+            engine_loop.on_ready.append(lambda: event_loop.call_soon_threadsafe(on_loaded))
         engine_loop.start()
         yield
         await asyncio.to_thread(engine_loop.stop)
@@ -330,7 +339,16 @@ def serve(
     """Runs the server until SIGTERM / SIGINT and returns 0; raises the model's error if it did not load."""
     import uvicorn
 
-    app = build_app(engine_loop, model_name, api_key)
+    server = None
+
+    def take_signals_back() -> None:
+        # ray.init (a pipeline's Engine) installs Ray's own SIGTERM handler, which aborts the process;
+        # uvicorn's goes back once the engine is up (signal.signal: here, on the main thread)
+        if threading.current_thread() is threading.main_thread():  # uvicorn took them only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, server.handle_exit)
+
+    app = build_app(engine_loop, model_name, api_key, on_loaded=take_signals_back)
     config = uvicorn.Config(
         app,
         host=host,

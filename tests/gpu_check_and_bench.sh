@@ -49,6 +49,10 @@ if [[ $what == quant ]]; then
   # run: per type the memory lines (weights planned = quantized bytes, allocated after load) and pp/tg rows
   python3 -m pytest -q -m gpu tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/quant_model_tests.log"
   bench -p 2048 -n 128 --wtype bf16,q8_0,q4_k | tee "$out/bench_quant_v2_lite.log"
+  for wtype in q8_0 q4_k; do  # where a quantized decode step's time goes, kernel by kernel
+    python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_decode_$wtype.log" 2>&1
+    grep -v -i "token authentication" "$out/profile_decode_$wtype.log" | grep -A 14 "decode steps of"
+  done
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -80,6 +80,33 @@ def test_rayjob_manifest_runs_mlapipe_batch_on_gpu_workers():
     assert gpus >= args.pipeline  # one GPU per stage
 
 
+def test_rayjob_serve_manifest_exposes_the_api_through_a_service():
+    job, service = yaml.safe_load_all((DEPLOY / "rayjob-serve.yaml").read_text())
+    assert job["kind"] == "RayJob" and service["kind"] == "Service"
+    args = parse_mlapipe_command(job["spec"]["entrypoint"])
+    assert args.command == "serve" and args.pipeline > 1
+    assert args.host == "0.0.0.0"  # inside the pod; the default (127.0.0.1) would be unreachable
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    container = head["spec"]["containers"][0]
+    exposed = {p["containerPort"] for p in container["ports"]}
+    assert {args.port, args.metrics_port} <= exposed
+    assert head["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    assert service["spec"]["selector"].items() <= head["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [args.port]
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["MLAPIPE_API_KEY"]["valueFrom"]  # the key never in the manifest
+    # `ray job stop` and pod deletion leave the server its graceful shutdown
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]["value"]) > args.shutdown_timeout
+    assert head["spec"]["terminationGracePeriodSeconds"] > args.shutdown_timeout
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(
+        int(w["replicas"])
+        * int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for w in workers
+    )
+    assert gpus >= args.pipeline
+
+
 def test_cluster_yaml_has_gpu_workers_that_install_mlapipe():
     cluster = load_yaml("ray-cluster.yaml")
     node_types = cluster["available_node_types"]

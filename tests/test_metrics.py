@@ -114,15 +114,24 @@ def test_local_engine_counters_match_what_ran(model_path):
         scrape(port)  # close() stopped the server and freed the port
 
 
-def test_metrics_port_option_reaches_the_engine():
+def test_metrics_port_option_reaches_the_engine(tmp_path):
     from mlapipe.runtime import cli
 
-    args = cli.build_parser().parse_args(["batch", "--input", "i", "--output", "o", "--demo"])
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("")
+    files = ["batch", "--input", str(prompts), "--output", str(tmp_path / "out.jsonl"), "--demo"]
+    args = cli.build_parser().parse_args(files)
     assert "metrics_port" not in cli.engine_options(args)
-    args = cli.build_parser().parse_args(
-        ["batch", "--input", "i", "--output", "o", "--demo", "--metrics-port", "9400", "--no-progress"]
-    )
+    args = cli.build_parser().parse_args(files + ["--metrics-port", "9400", "--no-progress"])
     assert cli.engine_options(args) == {"metrics_port": 9400, "progress": False}
+    args = cli.build_parser().parse_args(
+        files + ["--metrics-port", "9400", "--metrics-host", "0.0.0.0", "--transport-tls", "c.pem,k.pem,ca.pem"]
+    )
+    assert cli.engine_options(args) == {
+        "metrics_port": 9400,
+        "metrics_host": "0.0.0.0",
+        "transport_tls": "c.pem,k.pem,ca.pem",
+    }
 
 
 @pytest.fixture(scope="module")

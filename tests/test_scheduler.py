@@ -90,7 +90,9 @@ def test_stop_on_eos_and_max_tokens_and_context():
     reasons = {}
     while s.has_unfinished:
         batch = s.schedule()
-        sampled = {c.request_id: [9 if c.request_id in ("eos", "ign") else 5] for c in batch.chunks if c.sample}
+        sampled = {
+            c.request_id: [9 if c.request_id in ("eos", "ign") else 5] for c in batch.chunks if c.sample
+        }
         for r in s.update(StepOutput(batch.batch_id, sampled))[1]:
             reasons[r.request_id] = (r.finish_reason, len(r.output_token_ids))
     assert reasons == {"eos": ("stop", 1), "len": ("length", 2), "ctx": ("length", 2), "ign": ("length", 2)}
@@ -201,3 +203,22 @@ def test_a_round_waits_for_prefill_and_respects_the_shortest_request():
     remaining = min(r.sampling.max_tokens - len(r.output_token_ids) for r in s.running)
     batches = s.schedule_all()
     assert {b.num_steps for b in batches} == {min(8, remaining)} and remaining > 1
+
+
+def test_abort_frees_blocks_now_or_when_its_batch_returns():
+    s = _scheduler(num_blocks=16)
+    for rid in ("running", "waiting", "in_flight"):
+        s.add(Request(rid, list(range(6)), SamplingParams(max_tokens=50)))
+    first = s.schedule()  # ubatch 8: "running" whole, 2 tokens of "waiting"
+    _finish(s, first)
+    ended = s.abort("running")
+    assert ended.finish_reason == "abort" and s.blocks.table("running") == []
+    assert s.abort("waiting", "stop").finish_reason == "stop"  # a stop string found by the caller
+    batch = s.schedule()
+    assert [c.request_id for c in batch.chunks] == ["in_flight"]
+    assert s.abort("in_flight") is None  # the stages may still write its blocks: not freed yet
+    assert s.blocks.table("in_flight")
+    _, finished = _finish(s, batch)
+    assert [r.finish_reason for r in finished] == ["abort"]
+    assert s.blocks.num_free == 16 and not s.has_unfinished
+    assert s.abort("in_flight") is None and s.abort("unknown") is None

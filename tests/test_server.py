@@ -27,7 +27,7 @@ from mlapipe.runtime.server import build_app
 from mlapipe.runtime.tiny_models import demo_model_path
 
 KEY = "test-key"
-MAX_QUEUE = 16
+MAX_QUEUE = 18
 PROMPTS = [f"Request {i}: the quick brown fox" for i in range(MAX_QUEUE)]
 
 
@@ -218,9 +218,14 @@ def test_seeded_sampling_equals_the_engine(served, reference):
 
 
 def test_16_concurrent_streaming_clients(served, reference):
-    expected = [r.text for r in reference.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))]
+    """16 streams all get the engine's tokens, while beside them one client walks away mid-stream and
+    one sends a prompt too long for the context: those fail alone."""
+    expected = [
+        r.text for r in reference.generate(PROMPTS[:16], SamplingParams(max_tokens=24, ignore_eos=True))
+    ]
+    free_at_start = served.loop.engine.blocks.num_free
 
-    async def one(client, prompt):
+    async def one(client, prompt, leave_early=False):
         stream = await client.completions.create(
             model="demo",
             prompt=prompt,
@@ -232,13 +237,24 @@ def test_16_concurrent_streaming_clients(served, reference):
         text = ""
         async for chunk in stream:
             text += chunk.choices[0].text
+            if leave_early:
+                await stream.close()
+                return None
         return text
+
+    async def too_long(client):
+        with pytest.raises(openai.BadRequestError, match="context"):
+            await client.completions.create(model="demo", prompt="word " * 600, stream=True)
 
     async def run():
         async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0) as client:
-            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+            streams = [one(client, p) for p in PROMPTS[:16]]
+            return await asyncio.gather(
+                *streams, one(client, PROMPTS[16], leave_early=True), too_long(client)
+            )
 
-    assert asyncio.run(run()) == expected
+    assert asyncio.run(run())[:16] == expected
+    wait_for(lambda: served.loop.num_active == 0 and served.loop.engine.blocks.num_free == free_at_start, 30)
 
 
 def test_bad_requests_get_openai_errors(served):
@@ -272,7 +288,7 @@ def test_bad_requests_get_openai_errors(served):
 
 
 def test_full_queue_429_and_disconnects_free_kv_blocks(served):
-    """15 streams and one plain request fill the queue: the next gets 429. Then every client goes away
+    """Streams and one plain request fill the queue: the next gets 429. Then every client goes away
     mid-answer, and the KV blocks all come back."""
     engine = served.loop.engine
     free_at_start, aborted_before = engine.blocks.num_free, _aborted(served)
@@ -282,12 +298,12 @@ def test_full_queue_429_and_disconnects_free_kv_blocks(served):
         async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0) as client:
             streams = [
                 await client.completions.create(model="demo", prompt=p, stream=True, **long)
-                for p in PROMPTS[:15]
+                for p in PROMPTS[:-1]
             ]
-            for stream in streams:  # each has its first tokens: all 15 are running
+            for stream in streams:  # each has its first tokens: all are running
                 await stream.__anext__()
             slow = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=1.5)
-            plain = asyncio.ensure_future(slow.completions.create(model="demo", prompt=PROMPTS[15], **long))
+            plain = asyncio.ensure_future(slow.completions.create(model="demo", prompt=PROMPTS[-1], **long))
             await asyncio.sleep(0.5)
             assert served.loop.num_active == MAX_QUEUE
             with pytest.raises(openai.RateLimitError) as caught:
@@ -390,7 +406,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
 
         def read(i):
             stream = client.completions.create(
-                model="demo", prompt=PROMPTS[i], max_tokens=96, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                model="demo", prompt=PROMPTS[i], max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True},
                 stream_options={"include_usage": True},
             )  # fmt: skip
             chunks = iter(stream)
@@ -411,10 +427,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert "Waiting for connections to close" in log  # uvicorn's word that responses were in progress
+    assert "Waiting for connections to close" in log, log  # uvicorn's word: responses were in progress
     for chunks in results:  # and every one was answered to the end
         assert chunks is not None and stream_text(chunks)[1] == "length"
-        assert chunks[-1].usage.completion_tokens == 96
+        assert chunks[-1].usage.completion_tokens == 400
 
 
 def _healthy(url: str) -> bool:

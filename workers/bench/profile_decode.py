@@ -22,9 +22,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps to profile")
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps per driver round trip")
     parser.add_argument("--pipeline", type=int, default=1)
+    parser.add_argument("--wtype", default=None, help="weight type or recipe (runtime/recipes.py); default BF16")
     args = parser.parse_args()
     with Engine(
-        random_spec(args.shape),
+        random_spec(args.shape, wtype=args.wtype),
         n_ctx=512,
         kv_blocks=8 * args.seqs + 8,
         devices="cuda",
