@@ -443,7 +443,11 @@ def cmd_inspect(args) -> int:
         model = RandomModel(random_spec(args.shape, args.layers, wtype=args.wtype))
     cfg = model.config
     print(f"model: {model.path}")
-    print(f"architecture: deepseek2, MLA layout: {model.mla_layout}")
+    paths = getattr(model, "paths", [model.path])
+    if len(paths) > 1:
+        print(f"shards: {len(paths)} ({paths[0]} ... {paths[-1]})")
+    layout = model.mla.describe() if hasattr(model, "mla") else model.mla_layout
+    print(f"architecture: deepseek2, MLA layout: {layout}")
     for name, value in cfg.describe():
         print(f"  {name:26s} {value}")
     print("tensor types:")

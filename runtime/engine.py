@@ -211,7 +211,7 @@ class Engine:
                 fixed_blocks,
                 block_size,
                 tls,
-                lambda stage: _advance(loading, stage.end_layer - stage.first_layer),
+                _stage_progress(loading, self.config.num_layers, pipeline),
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -566,27 +566,38 @@ def _raise_if_failed(request: Request) -> None:
 
 
 def _loading_bar(model, enabled: bool | None):
-    """A bar over the model's layers, advanced as this process reads each one (the in-process
-    executor); pipeline stages read theirs in their actors, and it advances by a stage's layers as each
-    stage is ready."""
+    """A bar over the bytes the model's tensors take in the file, with the rate (GB/s), advanced as
+    this process loads each tensor (the in-process executor); pipeline stages load theirs in their
+    actors, and it advances by a stage's share (its layers' part of the bytes) as each stage is ready."""
     from tqdm import tqdm
 
     bar = tqdm(
-        total=model.config.num_layers,
-        desc="loading layers",
-        unit="layer",
+        total=getattr(model, "load_bytes", 0),
+        desc="loading weights",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
         file=sys.stderr,
         disable=None if enabled is None else not enabled,  # None: only on a terminal
         leave=False,
     )
-    if hasattr(model, "on_layer_read"):
-        model.on_layer_read = lambda layer: bar.update(1)
+    if hasattr(model, "on_bytes_read"):
+        model.on_bytes_read = bar.update
     return bar
 
 
-def _advance(bar, layers: int) -> None:
-    bar.update(layers)
-    bar.refresh()  # a stage's whole share at once: show it even if the last refresh was recent
+def _stage_progress(bar, num_layers: int, num_stages: int):
+    """on_stage_loaded for a pipeline: each stage ready adds its layers' share of the bytes; the last
+    one fills the bar."""
+    ready = []
+
+    def on_stage_loaded(stage) -> None:
+        ready.append(stage)
+        share = round(bar.total * (stage.end_layer - stage.first_layer) / num_layers)
+        bar.update(bar.total - bar.n if len(ready) == num_stages else min(share, bar.total - bar.n))
+        bar.refresh()  # a stage's whole share at once: show it even if the last refresh was recent
+
+    return on_stage_loaded
 
 
 def _default_device() -> str:

@@ -19,8 +19,11 @@ refuses, naming the file and the problem:
   one before, in offset order). So an overlap, an offset that wraps around, a tensor retyped to a
   smaller type or given a smaller shape (which would leave a hole, and read the wrong bytes), or
   trailing garbage is refused instead of computed on.
-Only then is the file handed to gguf's reader. Metadata values are checked against the key table in
-runtime/gguf_keys.py by the loader's config reading, not here: this module knows the file's structure.
+- metadata against the one key table (runtime/gguf_keys.py): every key it lists has its type and
+  range, and a key of the architecture's namespace that it does not list, or a key in no namespace a
+  GGUF writer uses, is refused: it is most likely a damaged or misspelt name, and reading the real
+  key's default instead would run a different model (a GGUF has no checksum to tell).
+Only then is the file handed to gguf's reader.
 
     check_gguf_file(path, ModelFileError)   # raises ModelFileError(f"{path}: ...") on the first problem
 """
@@ -36,6 +39,8 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from mlapipe.runtime.gguf_types import type_problem
+
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 had 32-bit counts; gguf and llama.cpp read 2 and 3
 DEFAULT_ALIGNMENT = 32
@@ -43,6 +48,10 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 with the terminating NUL
 MAX_KEY_BYTES = 65535
 INT64_MAX = (1 << 63) - 1
+
+# Key namespaces llama.cpp's tools write besides the architecture's own (llama-arch.cpp, llama-quantize's
+# quantize.imatrix.*, imatrix files); a key outside them is taken for a damaged name.
+KNOWN_NAMESPACES = ("general", "tokenizer", "split", "quantize", "imatrix")
 
 # GGUF value types: code -> (name, struct format of a scalar or None for string / array)
 STRING, ARRAY, BOOL = 8, 9, 7
@@ -169,6 +178,7 @@ class _Header:
             if key in metadata:
                 raise _Problem(f"metadata key {key!r} appears twice")
             metadata[key] = self.value(key)
+        _check_metadata(metadata)
         alignment = self.alignment(metadata)
         tensors = [self.tensor_info(i) for i in range(num_tensors)]
         data_offset = _align(self.pos, alignment)
@@ -224,7 +234,10 @@ class _Header:
             qtype = GGMLQuantizationType(code)
             block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise _Problem(f"tensor {name!r} has unknown type code {code}") from None
+            # names ik_llama.cpp-only types and says the file is ik-specific (runtime/gguf_types.py)
+            raise _Problem(
+                type_problem(name, code) or f"tensor {name!r} has unknown type code {code}"
+            ) from None
         if dims[0] % block_elems:
             raise _Problem(
                 f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a whole number of "
@@ -273,6 +286,32 @@ class _Header:
                 f"{data_size - expected} bytes after the last tensor's data belong to no tensor (a wrong type "
                 "or shape in the tensor infos?)"
             )
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    from mlapipe.runtime import gguf_keys
+
+    prefix = f"{gguf_keys.ARCH}."
+    if metadata.get("general.architecture") == gguf_keys.ARCH:
+        strangers = sorted(
+            k for k in metadata if k.split(".", 1)[0] not in (*KNOWN_NAMESPACES, gguf_keys.ARCH)
+        )
+        if strangers:
+            raise _Problem(
+                f"metadata key {strangers[0]!r} is in no namespace a GGUF writer uses "
+                f"({', '.join(KNOWN_NAMESPACES)} and {gguf_keys.ARCH}): a damaged key name?"
+            )
+        unknown = sorted(k for k in metadata if k.startswith(prefix) and k not in gguf_keys.KEY_TABLE)
+        if unknown:
+            raise _Problem(
+                f"unknown metadata key {unknown[0]!r}: not a {gguf_keys.ARCH} key llama.cpp or mlapipe "
+                f"knows (see runtime/gguf_keys.py); a damaged or misspelt name would otherwise leave the "
+                "real key at its default"
+            )
+    try:
+        gguf_keys.check_all(metadata)
+    except gguf_keys.ConfigError as e:
+        raise _Problem(str(e)) from None
 
 
 def _align(offset: int, alignment: int) -> int:

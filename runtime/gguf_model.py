@@ -1,131 +1,56 @@
-"""Reads a deepseek2 GGUF file: metadata -> ModelConfig, a checked tensor index, dequantized weights.
+"""Reads a deepseek2 GGUF model (one file or gguf-split shards): metadata -> ModelConfig, a checked tensor
+index, and each tensor's bytes moved to its device.
 
-One explicit name table maps GGUF tensor names to ours; every tensor in the file must be in it and have
-the shape the config implies, so a bad file fails at open time with its path and the problem named,
-not deep inside a matmul. Both MLA layouts are accepted: `attn_kv_b` alone (older files) or `attn_k_b`
-+ `attn_v_b` (newer llama.cpp files); either way the model gets `attn.w_uk` (H, N, C) and
+Every tensor in the files must be in the name table (runtime/gguf_layouts.py) and have the shape the
+config implies, so a bad file fails at open time with its path and the problem named, not deep inside
+a matmul. All three MLA layouts are accepted; either way the model gets `attn.w_uk` (H, N, C) and
 `attn.w_uv` (H, V, C), the per-head up-projections of the latent.
+
+Loading never copies a whole file to the host: the files stay memory-mapped, and each tensor's bytes
+go from the mapping (the page cache) to its device. F32 / F16 / BF16 are converted on the device, the
+block types are decoded there by kernels/quant's torch reference decoders (bit-identical to gguf's);
+the few types without one (TQ1_0, TQ2_0, MXFP4) are dequantized by gguf on the host one tensor at a
+time just before the upload, so host memory beyond the page cache stays at most about one tensor. `read_blocks` hands out the
+raw block bytes for code that keeps weights quantized (kernels/quant/tensor.py's contract).
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from mlapipe.kernels.quant.reference import dequantize_rows
+from mlapipe.kernels.quant.types import QUANT_TYPES
 from mlapipe.runtime.config import ConfigError, ModelConfig
-from mlapipe.runtime.gguf_check import check_gguf_file
-
-GGUF_MAGIC = b"GGUF"
-
-# Types we dequantize, all through gguf's own quants module.
-SUPPORTED_TYPES = frozenset(
-    GGMLQuantizationType[name]
-    for name in (
-        ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-    )
+from mlapipe.runtime.gguf_layouts import (
+    MLAForm,
+    detect_form,
+    expected_shapes,
+    gguf_name,
+    model_shapes,
+    our_name,
+    unused_tensors,
 )
+from mlapipe.runtime.gguf_shards import ModelFileError, open_model_files
+from mlapipe.runtime.gguf_types import SUPPORTED_TYPES, type_problem  # noqa: F401 (re-exported)
 
-# GGUF name -> our name. "{L}" is the layer index.
-GLOBAL_NAMES = {
-    "token_embd.weight": "embed",
-    "output_norm.weight": "norm",
-    "output.weight": "head",
-}
-LAYER_NAMES = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "attn.wq",  # no q-LoRA (V2-Lite)
-    "attn_q_a.weight": "attn.wq_a",
-    "attn_q_a_norm.weight": "attn.q_norm",
-    "attn_q_b.weight": "attn.wq_b",
-    "attn_kv_a_mqa.weight": "attn.wkv_a",
-    "attn_kv_a_norm.weight": "attn.kv_norm",
-    "attn_kv_b.weight": "attn.wkv_b",
-    "attn_k_b.weight": "attn.wk_b",
-    "attn_v_b.weight": "attn.wv_b",
-    "attn_output.weight": "attn.wo",
-    "ffn_norm.weight": "ffn_norm",
-    "ffn_gate.weight": "mlp.w_gate",
-    "ffn_up.weight": "mlp.w_up",
-    "ffn_down.weight": "mlp.w_down",
-    "ffn_gate_inp.weight": "moe.router",
-    "exp_probs_b.bias": "moe.router_bias",
-    "ffn_gate_exps.weight": "moe.w_gate",
-    "ffn_up_exps.weight": "moe.w_up",
-    "ffn_down_exps.weight": "moe.w_down",
-    "ffn_gate_shexp.weight": "shared.w_gate",
-    "ffn_up_shexp.weight": "shared.w_up",
-    "ffn_down_shexp.weight": "shared.w_down",
-}
-OUR_TO_GGUF_LAYER = {ours: gguf for gguf, ours in LAYER_NAMES.items()}
-_LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(.+)$")
+__all__ = ["GGUFModel", "ModelFileError", "TensorInfo", "expected_shapes", "gguf_name", "our_name"]
 
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used; the message names the file and the problem."""
-
-
-def gguf_name(ours: str) -> str:
-    """Our tensor name -> the GGUF one ('layers.3.attn.wo' -> 'blk.3.attn_output.weight')."""
-    for gguf, mine in GLOBAL_NAMES.items():
-        if mine == ours:
-            return gguf
-    _, layer, rest = ours.split(".", 2)
-    return f"blk.{layer}.{OUR_TO_GGUF_LAYER[rest]}"
-
-
-def our_name(gguf: str) -> str | None:
-    if gguf in GLOBAL_NAMES:
-        return GLOBAL_NAMES[gguf]
-    match = _LAYER_PATTERN.match(gguf)
-    if match and match.group(2) in LAYER_NAMES:
-        return f"layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
-    return None
-
-
-def expected_shapes(cfg: ModelConfig, layer: int, mla_layout: str) -> dict[str, tuple[int, ...]]:
-    """Torch-order shapes of every tensor layer `layer` must have (and no others)."""
-    H, Hd = cfg.num_heads, cfg.hidden_size
-    N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    shapes: dict[str, tuple[int, ...]] = {
-        "attn_norm": (Hd,),
-        "attn.wkv_a": (C + R, Hd),
-        "attn.kv_norm": (C,),
-        "attn.wo": (Hd, H * V),
-        "ffn_norm": (Hd,),
-    }
-    if cfg.q_lora_rank:
-        shapes |= {"attn.wq_a": (cfg.q_lora_rank, Hd), "attn.q_norm": (cfg.q_lora_rank,)}
-        shapes["attn.wq_b"] = (H * (N + R), cfg.q_lora_rank)
-    else:
-        shapes["attn.wq"] = (H * (N + R), Hd)
-    if mla_layout == "kv_b":
-        shapes["attn.wkv_b"] = (H * (N + V), C)
-    else:
-        shapes |= {"attn.wk_b": (H, C, N), "attn.wv_b": (H, V, C)}
-    if cfg.is_moe_layer(layer):
-        E, I = cfg.num_experts, cfg.expert_intermediate_size
-        shapes |= {
-            "moe.router": (E, Hd),
-            "moe.w_gate": (E, I, Hd),
-            "moe.w_up": (E, I, Hd),
-            "moe.w_down": (E, Hd, I),
-        }
-        if cfg.gating == "sigmoid":
-            shapes["moe.router_bias"] = (E,)
-        if cfg.num_shared_experts:
-            Is = I * cfg.num_shared_experts
-            shapes |= {"shared.w_gate": (Is, Hd), "shared.w_up": (Is, Hd), "shared.w_down": (Hd, Is)}
-    else:
-        I = cfg.intermediate_size
-        shapes |= {"mlp.w_gate": (I, Hd), "mlp.w_up": (I, Hd), "mlp.w_down": (Hd, I)}
-    return {f"layers.{layer}.{name}": shape for name, shape in shapes.items()}
+Q = GGMLQuantizationType
+# file types uploaded as they are and converted on the device
+DEVICE_CAST = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+# block types the torch reference decoders of kernels/quant decode on the device (bit-identical to gguf)
+DEVICE_DECODERS = frozenset(code for code in QUANT_TYPES if Q(code) not in DEVICE_CAST)
+DECODE_CHUNK_VALUES = 1 << 24  # values decoded per step: 64 MiB of fp32 temporaries
+DtypeFor = Callable[[str, int], torch.dtype]  # (our name, ndim) -> the dtype it gets on its device
 
 
 @dataclass(frozen=True)
@@ -137,124 +62,196 @@ class TensorInfo:
 
 
 class GGUFModel:
-    """An open, validated deepseek2 GGUF file. Cheap to open: tensor data stays memory-mapped until read."""
+    """An open, validated deepseek2 model. Cheap to open: tensor data stays memory-mapped until loaded."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._reader = _open_reader(self.path)
-        self.metadata = _decode_metadata(self._reader)
+        self._files = open_model_files(self.path)
+        self.paths = [f.path for f in self._files]  # the shards, first one first
+        self.metadata = _decode_metadata(self._files[0].reader)
         try:
             self.config = ModelConfig.from_gguf_metadata(self.metadata)
         except ConfigError as e:
-            raise ModelFileError(f"{self.path}: {e}") from None
-        self.tensors = self._index_tensors()
-        self.on_layer_read = None  # callable(layer index) after each read_layer: the engine's loading bar
+            raise ModelFileError(f"{self.paths[0]}: {e}") from None
+        self.file_tensors, self._data = self._index_tensors()
+        self.mla = self._check_shapes()
+        unused = {f"layers.{i}.{n}" for i in range(self.config.num_layers) for n in unused_tensors(self.mla)}
+        # what the model reads: the file's tensors less the duplicate MLA form it never reads
+        self.tensors = {name: info for name, info in self.file_tensors.items() if name not in unused}
+        self.on_bytes_read: Callable[[int], None] | None = None  # the engine's loading bar
 
     # index and validation -----------------------------------------------------------------------
-    def _index_tensors(self) -> dict[str, TensorInfo]:
+    def _index_tensors(self) -> tuple[dict[str, TensorInfo], dict[str, np.ndarray]]:
         index: dict[str, TensorInfo] = {}
-        file_size = os.path.getsize(self.path)
-        for t in self._reader.tensors:
-            name = our_name(t.name)
-            if name is None:
-                raise ModelFileError(f"{self.path}: unknown tensor {t.name!r} for a deepseek2 model")
-            if t.data_offset + t.n_bytes > file_size:
-                raise ModelFileError(f"{self.path}: truncated file: tensor {t.name!r} runs past the end")
-            if t.tensor_type not in SUPPORTED_TYPES:
-                raise ModelFileError(
-                    f"{self.path}: tensor {t.name!r} has unsupported quant type {t.tensor_type.name} "
-                    f"(supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})"
-                )
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            index[name] = TensorInfo(t.name, shape, GGMLQuantizationType(t.tensor_type), int(t.n_bytes))
-        self._check_shapes(index)
-        return index
+        data: dict[str, np.ndarray] = {}
+        for f in self._files:
+            file_size = os.path.getsize(f.path)
+            for t in f.reader.tensors:
+                name = our_name(t.name)
+                if name is None:
+                    raise ModelFileError(f"{f.path}: unknown tensor {t.name!r} for a deepseek2 model")
+                if t.data_offset + t.n_bytes > file_size:
+                    raise ModelFileError(f"{f.path}: truncated file: tensor {t.name!r} runs past the end")
+                problem = type_problem(t.name, int(t.tensor_type))
+                if problem:
+                    raise ModelFileError(f"{f.path}: {problem}")
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                index[name] = TensorInfo(t.name, shape, Q(t.tensor_type), int(t.n_bytes))
+                data[name] = f.reader.data[t.data_offset : t.data_offset + t.n_bytes]
+        return index, data
 
-    @cached_property
-    def mla_layout(self) -> str:
-        """'kv_b' (attn_kv_b) or 'k_b_v_b' (attn_k_b + attn_v_b), judged from layer 0."""
-        return "k_b_v_b" if "layers.0.attn.wk_b" in self.tensors else "kv_b"
-
-    def _check_shapes(self, index: dict[str, TensorInfo]) -> None:
-        cfg = self.config
-        self.tensors = index  # mla_layout reads it
-        want = {"embed": (cfg.vocab_size, cfg.hidden_size), "norm": (cfg.hidden_size,)}
-        want["head"] = (cfg.vocab_size, cfg.hidden_size)
-        for layer in range(cfg.num_layers):
-            want |= expected_shapes(cfg, layer, self.mla_layout)
+    def _check_shapes(self) -> MLAForm:
+        cfg, index = self.config, self.file_tensors
+        prefix = "layers.0."
+        form = detect_form({n[len(prefix) :]: t.shape for n, t in index.items() if n.startswith(prefix)})
+        if form is None:
+            raise ModelFileError(
+                f"{self.paths[0]}: layer 0 has neither 'blk.0.attn_kv_b.weight' nor "
+                "'blk.0.attn_k_b.weight' + 'blk.0.attn_v_b.weight': no MLA up-projection"
+            )
+        want = model_shapes(cfg, form)
         for name, shape in want.items():
             if name not in index:
-                raise ModelFileError(f"{self.path}: missing tensor {gguf_name(name)!r}")
+                raise ModelFileError(
+                    f"{self.paths[0]}: missing tensor {gguf_name(name)!r} ({form.layout} layout)"
+                )
             if index[name].shape != shape:
                 raise ModelFileError(
-                    f"{self.path}: tensor {index[name].gguf_name!r} has shape {list(index[name].shape)}, "
-                    f"expected {list(shape)} from the model's metadata"
+                    f"{self._file_of(name)}: tensor {index[name].gguf_name!r} has shape {list(index[name].shape)}, "
+                    f"expected {list(shape)} from the model's metadata ({form.layout} layout)"
                 )
         for name, info in index.items():
             if name not in want:
-                raise ModelFileError(f"{self.path}: unexpected tensor {info.gguf_name!r} for this config")
+                raise ModelFileError(
+                    f"{self._file_of(name)}: unexpected tensor {info.gguf_name!r} for this config "
+                    f"({form.layout} layout)"
+                )
+        return form
 
-    # reading --------------------------------------------------------------------------------------
+    def _file_of(self, name: str) -> str:
+        gguf = self.file_tensors[name].gguf_name
+        return next(f.path for f in self._files if any(t.name == gguf for t in f.reader.tensors))
+
+    @property
+    def mla_layout(self) -> str:
+        """'kv_b', 'ik' or 'mainline' (runtime/gguf_layouts.py)."""
+        return self.mla.layout
+
+    # raw bytes --------------------------------------------------------------------------------------
+    def read_blocks(self, name: str) -> tuple[np.ndarray, int, tuple[int, ...]]:
+        """One tensor's bytes as the file holds them, without a copy: (uint8 memory-mapped view shaped
+        (*lead, rows, row_bytes), ggml type code, logical torch-order shape (*lead, rows, cols)), the
+        contract of kernels/quant/tensor.py. Row r is the concatenation of its blocks along the last
+        ("K") dimension. 1-D tensors come as a single row. Names are ours (see `tensors`); which MLA
+        tensors the model reads is `mla.source` (the canonical w_uk / w_uv are derived in load_layer)."""
+        info = self.tensors[name] if name in self.tensors else self.file_tensors[name]
+        block_elems, block_bytes = GGML_QUANT_SIZES[info.qtype]
+        rows_shape = info.shape[:-1] or (1,)
+        row_bytes = info.shape[-1] // block_elems * block_bytes
+        return self._data[name].reshape(*rows_shape, row_bytes), int(info.qtype), info.shape
+
+    # loading --------------------------------------------------------------------------------------
+    def load_blocks(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """read_blocks' bytes copied straight from the mapping to `device` (a tensor of its own)."""
+        blocks, _, _ = self.read_blocks(name)
+        on_device = torch.from_numpy(blocks).to(device)
+        if on_device.device.type == "cpu":
+            on_device = on_device.clone()  # own memory, not the file's pages
+        if self.on_bytes_read is not None:
+            self.on_bytes_read(self.file_tensors[name].num_bytes)
+        return on_device
+
+    def load(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor of ours, as `dtype` on `device` (a tensor of its own, never a view of the file)."""
+        info = self.tensors[name] if name in self.tensors else self.file_tensors[name]
+        device = torch.device(device)
+        raw = self._data[name]
+        if info.qtype in DEVICE_CAST or int(info.qtype) in DEVICE_DECODERS:
+            on_device = torch.from_numpy(raw).to(device)  # the bytes, straight from the mapping
+            if info.qtype in DEVICE_CAST:
+                values = on_device.view(DEVICE_CAST[info.qtype]).reshape(info.shape)
+                if values.device.type == "cpu" and values.dtype == dtype:
+                    values = values.clone()  # own memory, not the file's pages
+                values = values.to(dtype)
+            else:
+                values = _decode_on_device(on_device, int(info.qtype), info.shape, dtype)
+        else:  # a type without a torch decoder: dequantized on the host by gguf, one tensor, then uploaded
+            values = torch.from_numpy(gguf_quants.dequantize(raw, info.qtype).reshape(info.shape))
+            values = values.to(device=device, dtype=dtype)
+        if self.on_bytes_read is not None:
+            self.on_bytes_read(info.num_bytes)
+        return values
+
+    def load_layer(
+        self, layer: int, device: torch.device | str, dtype_for: DtypeFor
+    ) -> dict[str, torch.Tensor]:
+        """Layer weights under our names (without the 'layers.N.' prefix), with the MLA up-projection in
+        canonical form, attn.w_uk (H, N, C) and attn.w_uv (H, V, C), whichever layout the file uses."""
+        cfg = self.config
+        H, N, V, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        prefix = f"layers.{layer}."
+        weights = {
+            name[len(prefix) :]: self.load(name, device, dtype_for(name[len(prefix) :], len(info.shape)))
+            for name, info in self.tensors.items()
+            if name.startswith(prefix)
+        }
+        if self.mla.has_kv_b:
+            kv_b = weights.pop("attn.wkv_b").view(H, N + V, C)
+            weights["attn.w_uk"], weights["attn.w_uv"] = kv_b[:, :N].contiguous(), kv_b[:, N:].contiguous()
+        elif self.mla.split_rank == 3:  # (H, C, N), (H, V, C)
+            weights["attn.w_uk"] = weights.pop("attn.wk_b").transpose(1, 2).contiguous()
+            weights["attn.w_uv"] = weights.pop("attn.wv_b")
+        else:  # ik's 2-D (H*C, N), (H*V, C)
+            weights["attn.w_uk"] = weights.pop("attn.wk_b").view(H, C, N).transpose(1, 2).contiguous()
+            weights["attn.w_uv"] = weights.pop("attn.wv_b").view(H, V, C)
+        return weights
+
     def read(self, name: str) -> np.ndarray:
-        """One tensor of ours, dequantized to float32, in torch order."""
-        info = self.tensors[name]
-        raw = self._reader.tensors[self._tensor_positions[info.gguf_name]].data
-        values = gguf_quants.dequantize(np.asarray(raw), info.qtype)
-        # a copy: F32 data would otherwise stay a read-only view of the memory-mapped file
-        return np.array(values, dtype=np.float32, copy=True).reshape(info.shape)
+        """One tensor of ours, dequantized to float32 on the host, in torch order."""
+        return self.load(name, "cpu", torch.float32).numpy()
 
-    @cached_property
-    def _tensor_positions(self) -> dict[str, int]:
-        return {t.name: i for i, t in enumerate(self._reader.tensors)}
+    def read_layer(self, layer: int) -> dict[str, np.ndarray]:
+        """load_layer on the host in float32, as numpy arrays."""
+        weights = self.load_layer(layer, "cpu", lambda name, ndim: torch.float32)
+        return {k: v.numpy() for k, v in weights.items()}
 
     def layer_tensor_names(self, layer: int) -> list[str]:
         prefix = f"layers.{layer}."
         return [name for name in self.tensors if name.startswith(prefix)]
 
-    def read_layer(self, layer: int) -> dict[str, np.ndarray]:
-        """Layer weights under our names, with the MLA up-projection in canonical form:
-        attn.w_uk (H, N, C) and attn.w_uv (H, V, C) whichever layout the file uses."""
-        cfg = self.config
-        H, N, V = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-        prefix = f"layers.{layer}."
-        weights = {name[len(prefix) :]: self.read(name) for name in self.layer_tensor_names(layer)}
-        if self.on_layer_read is not None:
-            self.on_layer_read(layer)
-        if "attn.wkv_b" in weights:
-            kv_b = weights.pop("attn.wkv_b").reshape(H, N + V, cfg.kv_lora_rank)
-            weights["attn.w_uk"], weights["attn.w_uv"] = kv_b[:, :N], kv_b[:, N:]
-        else:
-            weights["attn.w_uk"] = weights.pop("attn.wk_b").transpose(0, 2, 1)
-            weights["attn.w_uv"] = weights.pop("attn.wv_b")
-        return {k: np.ascontiguousarray(v) for k, v in weights.items()}
-
     # summaries ----------------------------------------------------------------------------------
     @property
+    def load_bytes(self) -> int:
+        """Bytes a full load reads from the files."""
+        return sum(t.num_bytes for t in self.tensors.values())
+
+    @property
     def num_parameters(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.tensors.values())
+        return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def type_summary(self) -> dict[str, tuple[int, int]]:
-        """quant type -> (tensor count, bytes)."""
+        """quant type -> (tensor count, bytes), over every tensor in the files."""
         summary: dict[str, tuple[int, int]] = {}
-        for t in self.tensors.values():
+        for t in self.file_tensors.values():
             count, size = summary.get(t.qtype.name, (0, 0))
             summary[t.qtype.name] = (count + 1, size + t.num_bytes)
         return summary
 
 
-def _open_reader(path: str) -> GGUFReader:
-    check_gguf_file(path, ModelFileError)  # the whole file's structure, before gguf's reader trusts it
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # gguf's parser raises bare ValueError/IndexError on damaged headers
-        raise ModelFileError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
+def _decode_on_device(
+    data: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Block bytes already on their device -> values, decoded there by the torch reference decoders
+    (bit-identical to gguf's numpy ones), a bounded number of rows at a time so the fp32 temporaries
+    stay small beside the tensor itself."""
+    cols = shape[-1]
+    rows = data.view(-1, data.numel() // max(1, math.prod(shape[:-1])))
+    out = torch.empty((rows.shape[0], cols), dtype=dtype, device=data.device)
+    step = max(1, DECODE_CHUNK_VALUES // cols)
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = dequantize_rows(rows[start : start + step], qtype).to(dtype)
+    return out.reshape(shape)
 
 
-def _decode_metadata(reader: GGUFReader) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value = field.contents()
-        meta[name] = value
-    return meta
+def _decode_metadata(reader) -> dict[str, Any]:
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}

@@ -254,14 +254,15 @@ def attention_bytes(
 
 # kernels/quant/fused_moe.py: a prefill-sized quantized MoE (from SCRATCH_MIN_ROWS_PER_EXPERT rows per
 # expert) decodes the layer's experts into a scratch of at most DEFAULT_SCRATCH_MIB (the driver imports
-# no Triton, so the two numbers are repeated here)
-SCRATCH_MIN_ROWS_PER_EXPERT = 256
+# no Triton, so the two numbers are repeated here; the kernel's threshold is per type, 64 or 128: the
+# smaller one counts the scratch whenever some type could take that path)
+SCRATCH_MIN_ROWS_PER_EXPERT = 64
 DEFAULT_SCRATCH_MIB = 4096
 
 
 def moe_scratch_bytes(cfg: ModelConfig, ubatch: int, element_size: int) -> int:
     """The quantized MoE's dequantize scratch at a full micro-batch: 0 when a micro-batch never brings
-    enough rows per expert to take that path (V3 at ubatch 2048: 64 rows per expert)."""
+    enough rows per expert to take that path (V3 at ubatch 1024: 32 rows per expert)."""
     if ubatch * cfg.num_experts_per_token < SCRATCH_MIN_ROWS_PER_EXPERT * cfg.num_experts:
         return 0
     experts = cfg.num_experts * 3 * cfg.expert_intermediate_size * cfg.hidden_size * element_size

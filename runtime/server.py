@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +41,6 @@ from mlapipe.runtime.serve_loop import (
     Unavailable,
 )
 
-log = logging.getLogger("mlapipe.server")
 RETRY_AFTER_S = "1"
 
 

@@ -120,7 +120,10 @@ def tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict[str, Any]:
         )
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose v2 or v3")
-    return cfg | overrides
+    cfg = cfg | overrides
+    # DeepSeek's configs give every head its own "kv head" (converters write it as head_count_kv)
+    cfg["num_key_value_heads"] = overrides.get("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
 
 
 def random_state_dict(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -188,11 +191,12 @@ def write_tiny_model(
     weight_type: str = "F32",
     layout: str = "kv_b",
     pre: str = "deepseek-v3",  # tokenizer.ggml.pre: "deepseek-llm" for V2 / V2-Lite files
+    shards: int = 1,
     **overrides: Any,
 ) -> str:
     vocab = build_vocab(pre=pre)
     cfg = tiny_config(kind, len(vocab.tokens), **overrides)
-    return write_gguf(path, cfg, random_state_dict(cfg, seed), vocab, weight_type, layout)
+    return write_gguf(path, cfg, random_state_dict(cfg, seed), vocab, weight_type, layout, shards)
 
 
 def demo_model_path() -> str:

@@ -209,8 +209,14 @@ class Mutator:
                 value = self.rng.choice([math.nan, math.inf, -1.0, 1e30])
         else:
             value = self.rng.choice([2**32 - 1, 2**31, 10**9, 0xDEADBEEF])
-            if f.key.endswith(("expert_group_count", "expert_group_used_count", "expert_used_count")):
-                value = self.rng.choice([3, 5, 16, 17, 10**6])  # do not divide / exceed the experts
+            # the demo has 16 experts in 4 groups, 2 used, 4 experts per token: values that do not divide
+            # the experts, exceed what there is, or leave fewer experts in the groups used than top-k
+            if f.key.endswith("expert_group_count"):
+                value = self.rng.choice([3, 5, 16, 17, 32, 10**6])
+            elif f.key.endswith("expert_group_used_count"):
+                value = self.rng.choice([5, 16, 10**6])
+            elif f.key.endswith("expert_used_count"):
+                value = self.rng.choice([17, 10**6])
         kind = f.kind if f.kind in (T.FLOAT32, T.FLOAT64) else T.UINT32
         if kind == T.FLOAT32 and math.isfinite(value) and abs(value) > 3.4e38:
             kind = T.FLOAT64

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|v3-2gpu|v3-4gpu]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -17,6 +17,11 @@ if [[ $what == tests || $what == all || $what == tests+profile ]]; then
   python3 -m pytest -q tests/test_norm_rope_kernels.py 2>&1 | tail -3 | tee "$out/norm_rope_tests.log"
   python3 -m pytest -q -m gpu tests/test_moe_kernels.py tests/test_router_kernel.py 2>&1 | tail -3 | tee "$out/moe_tests.log"
   python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/gpu_tests.log"
+fi
+if [[ $what == load ]]; then  # a 16.8 GB V2-Lite Q8_0 file in ik's layout: load time, then mlapipe bench -m
+  f=/tmp/v2lite-q8_0-ik.gguf
+  python3 tests/gpu_load_bench.py --out $f --keep 2>&1 | tee "$out/load_bench.log"
+  python3 tests/gpu_load_bench.py --out $f --reuse --dequantize --bench 2>&1 | tee -a "$out/load_bench.log"
 fi
 if [[ $what == single || $what == all || $what == benches ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 | tee "$out/bench_single.log"

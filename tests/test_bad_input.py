@@ -12,7 +12,6 @@ from mlapipe.runtime import Engine, ModelFileError, PromptError
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.gguf_writer import write_gguf
 from mlapipe.runtime.tiny_models import build_vocab, random_state_dict, tiny_config, write_tiny_model
-from tests.gguf_edit import rewrite_gguf
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +81,6 @@ def test_wrong_tensor_shape(parts, tmp_path):
         "'blk.0.attn_kv_a_mqa.weight' has shape [40, 64]",
         "expected [48, 64]",
     )
-
-
-def test_unsupported_quant_type(good_file, tmp_path):
-    """The embedding rewritten as IQ4_NL (a type we do not read) in an otherwise valid file."""
-    rows = GGUFModel(good_file).config.vocab_size
-    raw = np.random.default_rng(0).integers(0, 255, (rows, 36), dtype=np.uint8)  # 64 values = 2 blocks
-    path = rewrite_gguf(
-        good_file, str(tmp_path / "iq4.gguf"), {"token_embd.weight": (raw, gguf.GGMLQuantizationType.IQ4_NL)}
-    )
-    _expect(path, "'token_embd.weight' has unsupported quant type IQ4_NL")
 
 
 def test_prompt_longer_than_context(good_file):

@@ -439,11 +439,11 @@ def test_inspect_plans_named_devices_and_refuses_with_the_numbers():
 
 
 def test_quantized_experts_add_the_dequantize_scratch_only_where_prefill_takes_it():
-    """kernels/quant/fused_moe.py decodes a layer's experts to bf16 once a micro-batch brings 256 rows per
-    expert: V2-Lite at ubatch 8192 (768 rows per expert), not at 2048 (192)."""
+    """kernels/quant/fused_moe.py decodes a layer's experts to bf16 once a micro-batch brings 64 rows per
+    expert (the smallest per-type threshold): V2-Lite at ubatch 2048 (192 rows per expert), not at 512 (48)."""
     cfg = v2_lite_config()
     experts_bf16 = 64 * 3 * 1408 * 2048 * 2  # below the 4 GiB bound
-    for ubatch, extra in ((2048, 0), (8192, experts_bf16)):
+    for ubatch, extra in ((512, 0), (2048, experts_bf16)):
         plans = [
             plan_pipeline(cfg, [MIB] * 27, 0, 0, 2, num_kv_tokens=4096, ubatch=ubatch, quantized_experts=q)
             for q in (False, True)

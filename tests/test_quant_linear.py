@@ -15,11 +15,13 @@ import pytest  # noqa: E402
 from mlapipe.kernels import reference  # noqa: E402
 from mlapipe.kernels.quant.dispatch import dequantize, kernel_type, kernel_types  # noqa: E402
 from mlapipe.kernels.quant.linear import (  # noqa: E402
+    PROGRAMS_PER_SM,
     SPLIT_MAX_TOKENS,
     LinearPlan,
     linear_plan,
     linear_split,
     linear_tiled,
+    linear_tiled_scratch,
     plan_linear,
     quant_linear,
 )
@@ -88,20 +90,36 @@ def test_both_launches_over_several_chunks(qtype):
     assert_within_rounding(linear_split(x, w, plan), x, w)
     assert_within_rounding(linear_tiled(x, w, plan), x, w)
     x = torch.randn(SPLIT_MAX_TOKENS + 3, w.shape[1], device=DEVICE)
-    assert_within_rounding(quant_linear(x, w), x, w)
+    assert_within_rounding(quant_linear(x, w), x, w)  # past the split launch: tiled over the scratch
+
+
+def test_tiled_scratch_in_slices_gives_the_same_bits():
+    """Metamorphic: rows dequantized 128 at a time (3 slices of 300) == all at once; both == the tiled
+    launch decoding in its loop (the same plan and values; the interpreter's dot is exact fp32)."""
+    w = weight(8, 300, 5)
+    x = torch.randn(5, w.shape[1], device=DEVICE)
+    plan = LinearPlan(32, 64, 3)
+    sliced = linear_tiled_scratch(x, w, plan, scratch_mib=128 * w.shape[1] * 4 / (1 << 20))
+    assert torch.equal(sliced, linear_tiled_scratch(x, w, plan, scratch_mib=1024))
+    assert torch.equal(sliced, linear_tiled(x, w, plan))
+    assert_within_rounding(sliced, x, w)
 
 
 def test_plan_is_fixed_by_the_weight_shape():
-    """Chunks cover K in BLOCK_K steps; enough chunks to give each of 132 SMs two programs where K allows."""
+    """Chunks cover K in BLOCK_K steps; enough chunks to give each of 132 SMs PROGRAMS_PER_SM programs
+    where K allows."""
+    target = PROGRAMS_PER_SM * 132
     for N, K in [(7168, 16384), (3072, 2048), (129280, 7168), (2048, 1408), (64, 32)]:
         plan = plan_linear(N, K, 32, 132)
         assert plan.chunk_k % plan.block_k == 0 and K % plan.block_k == 0
         assert (plan.num_chunks - 1) * plan.chunk_k < K <= plan.num_chunks * plan.chunk_k
         column_blocks = -(-N // 64)
-        if K // plan.block_k >= 4 * 264:
-            assert column_blocks * plan.num_chunks >= 264 or plan.num_chunks == 1 and column_blocks >= 264
-    assert plan_linear(7168, 16384, 32, 132).num_chunks == 3  # V3 o_proj: 112 column blocks
-    assert plan_linear(129280, 7168, 32, 132).num_chunks == 1  # the output head fills the GPU alone
+        if K // plan.block_k >= 4 * target:
+            assert (
+                column_blocks * plan.num_chunks >= target or plan.num_chunks == 1 and column_blocks >= target
+            )
+    assert plan_linear(7168, 16384, 32, 132).num_chunks == 19  # V3 o_proj: 112 column blocks
+    assert plan_linear(129280, 7168, 32, 132).num_chunks == 2  # the head: 2020 column blocks, 15 a SM
     assert plan_linear(2048, 2048, 256, 132).chunk_k % 256 == 0  # K-quant chunks start on super-blocks
 
 
@@ -148,3 +166,4 @@ def test_gpu_bf16_accuracy_determinism_invariance(qtype, N, K):
     assert torch.equal(quant_linear(x, w)[5:6], alone), "a token alone differs from it among 511 others"
     assert torch.equal(linear_split(x[:40], w, plan)[5:6], alone), "split launch differs at 40 rows"
     assert torch.equal(linear_tiled(x[:100], w, plan)[5:6], alone), "tiled launch differs"
+    assert torch.equal(linear_tiled_scratch(x[:100], w, plan, 64)[5:6], alone), "scratch slices differ"

@@ -16,7 +16,13 @@ import pytest  # noqa: E402
 from mlapipe.kernels import reference  # noqa: E402
 from mlapipe.kernels.fused_moe import fused_moe  # noqa: E402
 from mlapipe.kernels.quant.dispatch import dequantize, kernel_type  # noqa: E402
-from mlapipe.kernels.quant.fused_moe import PATH_ENV, experts_per_group, quant_fused_moe  # noqa: E402
+from mlapipe.kernels.quant.fused_moe import (  # noqa: E402
+    PATH_ENV,
+    SPLIT_ENV,
+    experts_per_group,
+    moe_plan,
+    quant_fused_moe,
+)
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,8 +92,8 @@ MOE_CASES = [
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("T, dtype, path", MOE_CASES)
 def test_moe_matches_reference(qtype, T, dtype, path):
-    if path == "scratch" and dtype == torch.float16 and qtype != Q8_0:
-        pytest.skip("one K-quant scratch case is enough (their interpreted dequantize is slow)")
+    if path == "scratch" and qtype != Q8_0:
+        pytest.skip("the scratch path is the type's dequantize (tested there) + Q8_0's case: slow here")
     E, K = 5, 2  # prime expert count
     H, inter = dims(qtype, qtype)
     gate_up, down = experts(qtype, qtype, E, H, inter)
@@ -119,6 +125,22 @@ def test_moe_gate_up_and_down_of_different_types():
     assert_close_to_reference(
         quant_fused_moe(hidden, gate_up, down, weights, ids), hidden, gate_up, down, weights, ids
     )
+
+
+def test_split_chunks_give_the_walked_chunks_bits():
+    """H = 2048 makes two chunks of GEMM 1 in the interpreter's plan: chunks as programs of their own
+    (partials, then the combine kernels) == chunks walked inside each program, and both == reference."""
+    E, H, inter = 3, 2048, 32
+    gate_up, down = experts(Q8_0, Q8_0, E, H, inter)
+    weights, ids = routing(3, 2, E)
+    hidden = torch.randn(3, H, device=DEVICE)
+    assert moe_plan(gate_up, down, 6, hidden.device).gate_up.num_chunks == 2
+    with _env(SPLIT_ENV, "1"):
+        split = quant_fused_moe(hidden, gate_up, down, weights, ids)
+    with _env(SPLIT_ENV, "0"):
+        walked = quant_fused_moe(hidden, gate_up, down, weights, ids)
+    assert torch.equal(split, walked)
+    assert_close_to_reference(split, hidden, gate_up, down, weights, ids)
 
 
 def test_bounded_scratch_gives_the_same_bits():
@@ -194,6 +216,9 @@ def test_gpu_moe_bf16_accuracy_determinism_invariance(qtype):
     for T in (512, 4096):  # 512: the fused path's prefill tiles; 4096: the bf16 scratch path
         batch = quant_fused_moe(hidden[:T], gate_up, down, weights[:T], ids[:T])
         assert torch.equal(batch[7:8], alone), f"a token alone differs from it among {T - 1} others"
+    with _env(SPLIT_ENV, "0"):
+        walked = quant_fused_moe(hidden[:16], gate_up, down, weights[:16], ids[:16])
+    assert torch.equal(walked, first), "chunks walked in each program differ from the split launch"
     for path in ("fused", "scratch"):
         with _env(PATH_ENV, path):
             out = quant_fused_moe(hidden[:600], gate_up, down, weights[:600], ids[:600])

@@ -446,3 +446,16 @@ def _refused(url: str) -> bool:
     except httpx.ConnectError:
         return True
     return False
+
+
+def test_bench_serve_reports_what_it_measured(served, capsys):
+    from mlapipe.runtime import bench_serve
+
+    argv = ["--url", served.url, "--api-key", KEY, "--clients", "2", "--duration", "1", "--max-tokens", "8"]
+    assert bench_serve.main(argv) == 0
+    out = capsys.readouterr().out
+    requests = int(next(line for line in out.splitlines() if line.startswith("requests")).split()[1])
+    assert requests >= 2 and "(0 errors)" in out
+    assert f"output tokens  {requests * 8:7d}" in out  # ignore_eos: every request made max_tokens
+    for row in ("TTFT", "inter-chunk", "TPOT"):
+        assert row in out and "nan" not in out.split(row)[1].split("\n")[0]

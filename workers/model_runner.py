@@ -8,7 +8,6 @@ last stage turns hidden states into sampled tokens (or scores, or logits when as
 from __future__ import annotations
 
 import os
-import warnings
 import zlib
 
 import torch
@@ -49,11 +48,7 @@ def load_shard_weights(
     if isinstance(model, RandomModel):
         weights = {name: random_weight(model, name, forms[name], device, dtype) for name in names}
     else:
-        weights = {}
-        for name in names:
-            weights[name] = read_weight(model, name, forms[name], device, dtype)
-            if name.endswith(".ffn_norm") and model.on_layer_read is not None:  # the last of a layer
-                model.on_layer_read(int(name.split(".")[1]))
+        weights = {name: read_weight(model, name, forms[name], device, dtype) for name in names}
     for layer in range(first_layer, end_layer):
         weights |= mla_up_projections(model.config, weights, f"layers.{layer}.")
     return weights
@@ -73,27 +68,11 @@ def shard_tensor_names(model, first_layer: int, end_layer: int) -> list[str]:
 
 
 def read_weight(model: GGUFModel, name: str, form: str, device, dtype: torch.dtype):
+    """One tensor from the file to the device: its block bytes (QuantTensor), or decoded there."""
     info = model.tensors[name]
     if form != "quant":
-        values = torch.from_numpy(model.read(name))
-        return values.to(device=device, dtype=torch.float32 if form == "fp32" else dtype)
-    raw = read_blocks(model, name)
-    with warnings.catch_warnings():  # a read-only memory map: copied to the device, never written
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(raw)
-    data = data.to(device) if torch.device(device).type != "cpu" else data.clone()
-    return QuantTensor(data, int(info.qtype), tuple(info.shape))
-
-
-def read_blocks(model: GGUFModel, name: str):
-    """The tensor's block bytes as uint8 (*lead, rows, row_bytes), memory-mapped from the file."""
-    info = model.tensors[name]
-    reader = getattr(model, "read_blocks", None)
-    if reader is not None:
-        return reader(name)[0]
-    # TODO(stand-in) until GGUFModel.read_blocks lands: the reader's own memory map
-    tensor = model._reader.tensors[model._tensor_positions[info.gguf_name]]
-    return tensor.data.reshape(*info.shape[:-1], -1)
+        return model.load(name, device, torch.float32 if form == "fp32" else dtype)
+    return QuantTensor(model.load_blocks(name, device), int(info.qtype), tuple(info.shape))
 
 
 def random_weight(model: RandomModel, name: str, form: str, device, dtype: torch.dtype):

@@ -61,6 +61,7 @@ def pct(value: float, ceiling: float) -> str:
 
 def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], copy_gbs: float) -> list[list]:
     rows = []
+    totals = {T: [0, 0.0, 0.0] for T in tokens}  # bytes, ms, bf16 ms over all projections
     for name, N, K in DENSE[model]:
         wtype = fitting_type(qtype, K)
         w = random_quant((N, K), wtype, K**-0.5, f"{model}.{name}")
@@ -72,6 +73,9 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
             ms = median_ms(functools.partial(quant_linear, x[:T], w), graph=True)
             bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16), graph=True)
             gbs = w.nbytes / ms / 1e6
+            totals[T][0] += w.nbytes
+            totals[T][1] += ms
+            totals[T][2] += bf16_ms
             rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
                          f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
@@ -82,6 +86,10 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
                          f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         del w, w_bf16
+    for T, (nbytes, ms, bf16_ms) in totals.items():
+        gbs = nbytes / ms / 1e6
+        rows.append([model, kernel_type(qtype).name, "all (sum)", "", "", T, f"{ms:.4f}", f"{gbs:.0f}",
+                     pct(gbs, copy_gbs), f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", ""])  # fmt: skip
     return rows
 
 
@@ -152,15 +160,25 @@ def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tfl
 
 
 # split-launch tiles (block_m,block_n,warps,stages) tried by --sweep on one dense shape and T
-SWEEP_SPLIT = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3", "16,32,2,3"]
-SWEEP_MOE = ["16,32,4,3", "16,64,4,3", "16,128,4,3", "16,64,8,3", "16,64,4,1", "16,128,8,3"]
+SWEEP_SPLIT = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
+SWEEP_MOE = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
 
 
 def sweep(qtype: int) -> list[list]:
     """Decode-size tiles of the split linear (V3 o_proj, T=1) and the fused MoE (V3, T=1): time and bits."""
     from mlapipe.kernels.quant.fused_moe import CONFIG_ENV
+    from mlapipe.kernels.quant.linear import PROGRAMS_ENV
 
     rows = []
+    for name, N, K in (("o", 7168, 16384), ("q", 3072, 2048)):  # V3 o_proj, V2-Lite q_proj
+        w = random_quant((N, K), qtype, K**-0.5, f"sweep.{name}")
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for per_sm in ("2", "4", "8", "16"):
+            run = functools.partial(quant_linear, x, w)
+            ms = _with_env(PROGRAMS_ENV, per_sm, functools.partial(median_ms, run, graph=True))
+            rows.append([f"linear {name} {N}x{K}, programs/SM", kernel_type(qtype).name, per_sm, f"{ms:.4f}",
+                         f"{w.nbytes / ms / 1e6:.0f}", ""])  # fmt: skip
+            print(rows[-1], flush=True)
     w = random_quant((7168, 16384), qtype, 16384**-0.5, "sweep.o")
     x = torch.randn(1, 16384, device="cuda", dtype=torch.bfloat16)
     first = None
@@ -200,7 +218,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--moe-prefill", default="128,512,2048,8192")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--no-moe", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="first time decode tiles on V3 shapes")
+    parser.add_argument("--sweep", default="", help="types whose decode tiles to time first on V3 shapes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     copy_gbs, mm_tflops = copy_bandwidth_gbs(), matmul_tflops()
@@ -208,7 +226,7 @@ def main(argv: list[str]) -> None:
     print(f"{device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
     types = [TYPE_CODES[t] for t in args.types.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    sweep_rows = [row for t in types for row in sweep(t)] if args.sweep else []
+    sweep_rows = [row for t in args.sweep.split(",") if t for row in sweep(TYPE_CODES[t])]
     dense_rows, moe_rows = [], []
     for model in args.models.split(","):
         for qtype in types:

@@ -6,21 +6,25 @@ Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_
 w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
 (stable by expert, tile-padded; tile_expert -1 = skip).
 
-1. `_gate_up_kernel`: program (tile, column block): BLOCK_N intermediate columns x BLOCK_M sorted rows.
+1. `_gate_up_kernel`: program (tile, column block[, chunk]): BLOCK_N intermediate columns x BLOCK_M rows.
    Per BLOCK_K step it decodes the expert's gate and up rows (BLOCK_N, BLOCK_K) and multiplies them by the
    rows' hidden states transposed (BLOCK_K, BLOCK_M): the weight tile is the dot's first operand, so on
    Hopper wgmma reads it from the registers the decoder left it in, and the 64-row minimum of wgmma
    falls on weight columns, not on the handful of token rows of a decode step. Two fp32 accumulators
-   over all of H in increasing k; silu(gate) * up goes to act (P, I) at the sorted position.
+   over H (chunk order above); silu(gate) * up goes to act (P, I) at the sorted position.
 2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
    routing weight in fp32, to slot_out (R, H) at row r.
 3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32.
 
-Determinism and batch invariance as in the bf16 kernel: no atomics, no split over a reduction dim; each
-output element is one program's chain of tl.dot steps from a zero accumulator in increasing k, on
-decoded values rounded to the activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32
-with IEEE products for fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows
-per expert, never from T; that no tile choice changes the bits is checked on an H200 (GPU tests).
+Reduction order: the dense linear's fixed K chunks (linear.plan_linear, sized for a one-token step's
+DECODE_TILES row tiles; never from T): each chunk a chain of tl.dot steps from a zero accumulator in
+increasing k, the chunks added in order to a zero total. Up to SPLIT_MAX_ROWS rows the chunks are
+programs of their own (grid axis 1) writing fp32 partials, summed in order by `_gate_up_combine_kernel`
+(then silu(gate) * up) and `_down_combine_kernel` (then the routing weight); past it each program walks
+its chunks. Same sums, same bits, and no atomics anywhere. Values: decoded tiles rounded to the
+activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32 with IEEE products for
+fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows per expert, never from
+T; that no tile choice changes the bits is checked on an H200 (GPU tests).
 
 Scratch path (prefill-sized, from SCRATCH_MIN_ROWS_PER_EXPERT rows per expert): the experts are
 dequantized to the activations' dtype in groups of at most scratch_mib (the amb-like bound) and the same
@@ -51,15 +55,45 @@ from mlapipe.kernels.quant.dispatch import (
     kernel_type,
     table_of,
 )
-from mlapipe.kernels.quant.linear import decoded_dot, reduction_block_k
+from mlapipe.kernels.quant.linear import LinearPlan, decoded_dot, plan_linear
+from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 
-# Rows per expert (T*K/E) from which dequantizing to the bf16 scratch beats decoding in the GEMMs
-# (measured on an H200: kernels/NOTES-quant.md).
-SCRATCH_MIN_ROWS_PER_EXPERT = 256
+# Rows per expert (T*K/E) from which dequantizing to the scratch beats decoding in the GEMMs, per gate|up
+# type name (measured on an H200, V3 shapes: kernels/NOTES-quant.md); the decoders of 32-value blocks
+# are the cheapest.
+SCRATCH_MIN_ROWS_PER_EXPERT = {"Q8_0": 128, "Q4_0": 128}
+SCRATCH_MIN_ROWS_DEFAULT = 64
+DECODE_TILES = 8  # row tiles of a one-token decode step (its experts), for the chunk plans
+SPLIT_MAX_ROWS = 128  # up to here (T*K rows) the chunks run as programs of their own
+SPLIT_ENV = "MLAPIPE_QUANT_MOE_SPLIT"  # "1" / "0" pins it (tests: the two launch shapes agree)
 DEFAULT_SCRATCH_MIB = 4096
 PATH_ENV = "MLAPIPE_QUANT_MOE_PATH"  # "fused" or "scratch" pins the path (tests, benches)
 CONFIG_ENV = "MLAPIPE_QUANT_MOE_CONFIG"  # "block_m,block_n,warps,stages" pins the fused path's tiles
+
+
+@triton.jit
+def _gate_up_chunk(
+    acc_gate, acc_up, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start, k_end,
+    DECODE: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+):  # fmt: skip
+    """Both accumulators over hidden [k_start, k_end): linear.decoded_dot's loop with two weight tiles."""
+    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
+    for k0 in range(k_start, k_end, STEP):
+        w_step = w_expert + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
+        for sub in tl.static_range(STEP // BLOCK_K):
+            at = tl.load(at_ptrs + (k0 + sub * BLOCK_K), mask=row_ok[None, :], other=0.0).to(COMPUTE)
+            gate = DECODE(w_step, cols_read, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
+            up = DECODE(w_step, cols_read + inter_size, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr)
+            up = up.to(COMPUTE)
+            if IEEE:
+                acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
+                acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
+            else:
+                acc_gate = tl.dot(gate, at, acc_gate)
+                acc_up = tl.dot(up, at, acc_up)
+    return acc_gate, acc_up
 
 
 @triton.jit
@@ -67,7 +101,8 @@ def _gate_up_kernel(
     hidden_ptr,  # (T, H)
     w_ptr,  # (E, 2I, row_bytes) uint8 blocks
     table_ptr,
-    act_ptr,  # (P, I) out
+    act_ptr,  # (P, I) out, unless SPLIT
+    partial_ptr,  # (2, num_chunks, P, I) fp32 out when SPLIT: gate then up, one slab per chunk
     sorted_row_ids_ptr,  # (P,) int32
     tile_expert_ptr,  # (max_tiles,) int32
     num_rows,
@@ -79,9 +114,12 @@ def _gate_up_kernel(
     stride_w_e,  # bytes per expert
     row_bytes,
     stride_act_p,
+    chunk_k,
+    num_chunks,
     DECODE: tl.constexpr,
     COMPUTE: tl.constexpr,
     IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,  # grid axis 1 is the chunk: write its partials; else walk the chunks here
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -104,27 +142,61 @@ def _gate_up_kernel(
     at_ptrs = (
         hidden_ptr + tokens[None, :] * stride_hidden_t + tl.arange(0, BLOCK_K)[:, None]
     )  # (BLOCK_K, BLOCK_M)
-    acc_gate = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    # One step: STEP values from a pointer at the step's first block (as linear.decoded_dot, two tiles).
-    STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
-    for k0 in range(0, hidden_size, STEP):
-        w_step = w_expert + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
-        for sub in tl.static_range(STEP // BLOCK_K):
-            at = tl.load(at_ptrs + (k0 + sub * BLOCK_K), mask=row_ok[None, :], other=0.0).to(COMPUTE)
-            gate = DECODE(w_step, cols_read, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
-            up = DECODE(w_step, cols_read + inter_size, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(
-                COMPUTE
-            )
-            if IEEE:
-                acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
-                acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
-            else:
-                acc_gate = tl.dot(gate, at, acc_gate)
-                acc_up = tl.dot(up, at, acc_up)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # (BLOCK_N, BLOCK_M)
-    act_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + cols[:, None]
-    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[:, None])
+    zeros = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if SPLIT:
+        chunk = tl.program_id(1)
+        k_start = chunk * chunk_k
+        acc_gate, acc_up = _gate_up_chunk(
+            zeros, zeros, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start,
+            tl.minimum(k_start + chunk_k, hidden_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+        )  # fmt: skip
+        slab = num_tiles * BLOCK_M * inter_size
+        offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * inter_size + cols[:, None]
+        tl.store(partial_ptr + offsets, acc_gate, mask=col_ok[:, None])
+        tl.store(partial_ptr + num_chunks * slab + offsets, acc_up, mask=col_ok[:, None])
+    else:
+        total_gate = zeros
+        total_up = zeros
+        for chunk in range(num_chunks):  # in order, each from zero: the split launch's sum
+            k_start = chunk * chunk_k
+            acc_gate, acc_up = _gate_up_chunk(
+                zeros, zeros, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start,
+                tl.minimum(k_start + chunk_k, hidden_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS,
+                BLOCK_BYTES,
+            )  # fmt: skip
+            total_gate += acc_gate
+            total_up += acc_up
+        act = total_gate * tl.sigmoid(total_gate) * total_up  # (BLOCK_N, BLOCK_M)
+        act_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + cols[:, None]
+        tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _gate_up_combine_kernel(
+    partial_ptr,  # (2, num_chunks, P, I) fp32
+    tile_expert_ptr,
+    act_ptr,  # (P, I) out
+    inter_size,
+    num_chunks,
+    num_positions,
+    BLOCK_M: tl.constexpr,  # the GEMMs' row tile
+    BLOCK_I: tl.constexpr,
+):
+    """act = silu(g) * u with g, u = 0 + chunk 0 + chunk 1 + ... (the non-split launch's sums)."""
+    position = tl.program_id(0)
+    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
+        return
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = cols < inter_size
+    slab = num_positions * inter_size
+    offsets = position.to(tl.int64) * inter_size + cols
+    gate = tl.zeros((BLOCK_I,), tl.float32)
+    up = tl.zeros((BLOCK_I,), tl.float32)
+    for chunk in range(num_chunks):
+        gate += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
+        up += tl.load(partial_ptr + (num_chunks + chunk) * slab + offsets, mask=mask, other=0.0)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,7 +204,8 @@ def _down_kernel(
     act_ptr,  # (P, I)
     w_ptr,  # (E, H, row_bytes) uint8 blocks
     table_ptr,
-    slot_out_ptr,  # (R, H) out
+    slot_out_ptr,  # (R, H) out, unless SPLIT
+    partial_ptr,  # (num_chunks, P, H) fp32 out when SPLIT
     sorted_row_ids_ptr,  # (P,) int32
     tile_expert_ptr,  # (max_tiles,) int32
     topk_weights_ptr,  # (R,) fp32
@@ -144,9 +217,12 @@ def _down_kernel(
     stride_w_e,
     row_bytes,
     stride_slot_r,
+    chunk_k,
+    num_chunks,
     DECODE: tl.constexpr,
     COMPUTE: tl.constexpr,
     IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,37 +242,69 @@ def _down_kernel(
     cols_read = tl.minimum(cols, hidden_size - 1)
     w_expert = w_ptr + expert.to(tl.int64) * stride_w_e
     at_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + tl.arange(0, BLOCK_K)[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    acc = decoded_dot(
-        acc, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, positions >= 0, 0, inter_size,
-        DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
-    )  # fmt: skip
-    routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
-    out = acc * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
-    out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
-    tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    zeros = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    every = positions >= 0
+    if SPLIT:
+        chunk = tl.program_id(1)
+        k_start = chunk * chunk_k
+        acc = decoded_dot(
+            zeros, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, every, k_start,
+            tl.minimum(k_start + chunk_k, inter_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+        )  # fmt: skip
+        slab = num_tiles * BLOCK_M * hidden_size
+        offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * hidden_size + cols[:, None]
+        tl.store(partial_ptr + offsets, acc, mask=col_ok[:, None])
+    else:
+        total = zeros
+        for chunk in range(num_chunks):
+            k_start = chunk * chunk_k
+            acc = decoded_dot(
+                zeros, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, every, k_start,
+                tl.minimum(k_start + chunk_k, inter_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS,
+                BLOCK_BYTES,
+            )  # fmt: skip
+            total += acc
+        routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
+        out = total * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
+        out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
+        tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
-def decode_bf16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    """The scratch's decoder: bf16 rows (row_bytes = 2 * cols) read as bf16 (wide loads) -> fp32."""
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.bfloat16))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
-
-
-@triton.jit
-def decode_fp16_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float16))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :]).to(tl.float32)
-
-
-@triton.jit
-def decode_fp32_scratch(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    row_start = (w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.float32))
-    return tl.load(row_start + k0 + tl.arange(0, BLOCK_K)[None, :])
-
-
-_SCRATCH_DECODERS = {torch.float16: decode_fp16_scratch, torch.float32: decode_fp32_scratch}
+def _down_combine_kernel(
+    partial_ptr,  # (num_chunks, P, H) fp32
+    sorted_row_ids_ptr,
+    tile_expert_ptr,
+    topk_weights_ptr,
+    slot_out_ptr,  # (R, H) out
+    num_rows,
+    hidden_size,
+    num_chunks,
+    num_positions,
+    stride_slot_r,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """slot_out[row] = (0 + chunk 0 + chunk 1 + ...) * routing weight, for the real row at each position."""
+    position = tl.program_id(0)
+    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
+        return
+    row = tl.load(sorted_row_ids_ptr + position)
+    if row >= num_rows:
+        return
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden_size
+    slab = num_positions * hidden_size
+    offsets = position.to(tl.int64) * hidden_size + cols
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    for chunk in range(num_chunks):
+        total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
+    out = total * tl.load(topk_weights_ptr + row)
+    tl.store(
+        slot_out_ptr + row.to(tl.int64) * stride_slot_r + cols,
+        out.to(slot_out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -213,10 +321,10 @@ def _fused_tiles(num_rows: int, num_experts: int, device: torch.device) -> tuple
         return 16, 64, 4, 1
     rows_per_expert = num_rows / num_experts
     if rows_per_expert >= 96:
-        return 128, 128, 8, 3
+        return 128, 64, 8, 2  # 128 x 128 at 3 stages wants 360 KB of shared memory for K-quants
     if rows_per_expert > 16:
-        return 64, 64, 4, 3
-    return 16, 64, 4, 3
+        return 64, 64, 4, 1
+    return 16, 64, 4, 1  # stages 1: measured fastest at decode sizes (kernels/NOTES-quant.md)
 
 
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids) -> None:
@@ -252,26 +360,83 @@ class ExpertBlocks:
         return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.block_bytes)
 
 
-def _run_gemms(hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles):
+@dataclass(frozen=True)
+class MoePlan:
+    """The fixed reduction order of both GEMMs (linear.LinearPlan each: BLOCK_K, chunks), from the expert
+    shape, the types' blocks and the SM count, never from T; and whether this call splits the chunks
+    over programs (decode-sized) or walks them inside each program (the same sums)."""
+
+    gate_up: LinearPlan
+    down: LinearPlan
+    split: bool
+
+
+def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device: torch.device) -> MoePlan:
+    E, two_inter, H = w_gate_up.shape
+    inter = two_inter // 2
+    largest_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
+    sms = 2 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
+    # a one-token decode step fills about DECODE_TILES row tiles (its experts); chunks make up the rest
+    gate_up = plan_linear(DECODE_TILES * inter, H, kernel_type(w_gate_up.qtype).block_elems, sms, largest_k)
+    down = plan_linear(DECODE_TILES * H, inter, kernel_type(w_down.qtype).block_elems, sms, largest_k)
+    pinned = os.environ.get(SPLIT_ENV)
+    split = num_rows <= SPLIT_MAX_ROWS if pinned is None else pinned == "1"
+    split = split and max(gate_up.num_chunks, down.num_chunks) > 1
+    return MoePlan(gate_up, down, split)
+
+
+def _run_gemms(
+    hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles, plan
+):
     """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped)."""
     H, inter, K = hidden.shape[1], act.shape[1], layout.num_rows // hidden.shape[0]
     block_m, block_n, warps, stages = tiles
     compute = compute_dtype(hidden.dtype)
-    common = dict(COMPUTE=compute, IEEE=compute == tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8)
-    launch = dict(num_warps=warps, num_stages=stages)
-    largest_k = 256 if _interpreted(hidden.device) else 64  # the interpreter pays per call, not per value
-    _gate_up_kernel[(layout.max_tiles * triton.cdiv(inter, block_n),)](
-        hidden, gate_up.data, gate_up.table, act, layout.sorted_row_ids, layout.tile_expert, layout.num_rows,
-        K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0), gate_up.data.shape[-1],
-        act.stride(0), DECODE=gate_up.decoder, BLOCK_K=reduction_block_k(H, largest_k),
-        BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes, **common, **launch,
+    common = dict(
+        COMPUTE=compute, IEEE=compute == tl.float32, SPLIT=plan.split, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP_M=8, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    _down_kernel[(layout.max_tiles * triton.cdiv(H, block_n),)](
-        act, down.data, down.table, slot_out, layout.sorted_row_ids, layout.tile_expert, topk_weights,
+    positions = layout.max_tiles * block_m
+    one = plan.gate_up
+    chunks = one.num_chunks if plan.split else 1
+    partial = act
+    if plan.split:
+        partial = torch.empty(2, one.num_chunks, positions, inter, dtype=torch.float32, device=hidden.device)
+    _gate_up_kernel[(layout.max_tiles * triton.cdiv(inter, block_n), chunks)](
+        hidden, gate_up.data, gate_up.table, act, partial, layout.sorted_row_ids, layout.tile_expert,
+        layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0),
+        gate_up.data.shape[-1], act.stride(0), one.chunk_k, one.num_chunks, DECODE=gate_up.decoder,
+        BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes, **common,
+    )  # fmt: skip
+    if plan.split:
+        block_i = min(1024, triton.next_power_of_2(inter))
+        _gate_up_combine_kernel[(positions, triton.cdiv(inter, block_i))](
+            partial,
+            layout.tile_expert,
+            act,
+            inter,
+            one.num_chunks,
+            positions,
+            BLOCK_M=block_m,
+            BLOCK_I=block_i,
+        )
+    two = plan.down
+    chunks = two.num_chunks if plan.split else 1
+    partial = slot_out
+    if plan.split:
+        partial = torch.empty(two.num_chunks, positions, H, dtype=torch.float32, device=hidden.device)
+    _down_kernel[(layout.max_tiles * triton.cdiv(H, block_n), chunks)](
+        act, down.data, down.table, slot_out, partial, layout.sorted_row_ids, layout.tile_expert, topk_weights,
         layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
-        slot_out.stride(0), DECODE=down.decoder, BLOCK_K=reduction_block_k(inter, largest_k),
-        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, **common, **launch,
+        slot_out.stride(0), two.chunk_k, two.num_chunks, DECODE=down.decoder, BLOCK_K=two.block_k,
+        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, **common,
     )  # fmt: skip
+    if plan.split:
+        block_h = min(1024, triton.next_power_of_2(H))
+        _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
+            partial, layout.sorted_row_ids, layout.tile_expert, topk_weights, slot_out, layout.num_rows, H,
+            two.num_chunks, positions, slot_out.stride(0), BLOCK_M=block_m, BLOCK_H=block_h,
+        )  # fmt: skip
 
 
 def experts_per_group(E: int, H: int, inter: int, scratch_mib: float, element_size: int = 2) -> int:
@@ -284,11 +449,10 @@ def _scratch_blocks(w: QuantTensor, first: int, last: int, dtype: torch.dtype) -
     """Experts [first, last) of w dequantized to dtype, as rows the scratch decoder reads."""
     values = dequantize_on_device(w[first:last], dtype)
     data = values.view(torch.uint8).reshape(last - first, values.shape[1], -1)
-    decoder = decode_bf16_scratch if dtype == torch.bfloat16 else _SCRATCH_DECODERS[dtype]
-    return ExpertBlocks(data, decoder, data, 1, values.element_size())
+    return ExpertBlocks(data, SCRATCH_DECODERS[dtype], data, 1, values.element_size())
 
 
-def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out, tiles, scratch_mib) -> None:
+def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out, tiles, plan, scratch_mib):
     """The same GEMMs over experts dequantized group by group (at most scratch_mib of bf16 at a time)."""
     E, two_inter, H = w_gate_up.shape
     group = experts_per_group(E, H, two_inter // 2, scratch_mib, hidden.element_size())
@@ -299,16 +463,17 @@ def _run_scratch(hidden, w_gate_up, w_down, layout, topk_weights, act, slot_out,
         group_layout = replace(layout, tile_expert=torch.where(in_group, owner - first, -1).to(torch.int32))
         gate_up = _scratch_blocks(w_gate_up, first, last, hidden.dtype)
         down = _scratch_blocks(w_down, first, last, hidden.dtype)
-        _run_gemms(hidden, gate_up, down, group_layout, topk_weights, act, slot_out, tiles)
+        _run_gemms(hidden, gate_up, down, group_layout, topk_weights, act, slot_out, tiles, plan)
 
 
-def choose_path(num_rows: int, num_experts: int) -> str:
+def choose_path(num_rows: int, num_experts: int, qtype: int) -> str:
     """'fused' (decode in the GEMMs) or 'scratch' (dequantize first), by rows per expert."""
     pinned = os.environ.get(PATH_ENV)
     if pinned:
         assert pinned in ("fused", "scratch"), f"{PATH_ENV} must be 'fused' or 'scratch', got {pinned!r}"
         return pinned
-    return "scratch" if num_rows / num_experts >= SCRATCH_MIN_ROWS_PER_EXPERT else "fused"
+    threshold = SCRATCH_MIN_ROWS_PER_EXPERT.get(kernel_type(qtype).name, SCRATCH_MIN_ROWS_DEFAULT)
+    return "scratch" if num_rows / num_experts >= threshold else "fused"
 
 
 def quant_fused_moe(
@@ -332,12 +497,12 @@ def quant_fused_moe(
     act = torch.empty(layout.max_tiles * tiles[0], two_inter // 2, dtype=hidden.dtype, device=hidden.device)
     slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.float().contiguous()
-    if choose_path(T * K, E) == "scratch":
-        _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, scratch_mib)
+    plan = moe_plan(w_gate_up, w_down, T * K, hidden.device)
+    if choose_path(T * K, E, w_gate_up.qtype) == "scratch":
+        _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, plan, scratch_mib)
     else:
-        _run_gemms(
-            hidden, ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down), layout, weights, act, slot_out, tiles
-        )
+        gate_up, down = ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down)
+        _run_gemms(hidden, gate_up, down, layout, weights, act, slot_out, tiles, plan)
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

@@ -13,11 +13,16 @@ to a zero fp32 total. Two launch shapes compute exactly that:
 - split (decode-sized T): grid (column blocks, chunks), BLOCK_M 16..64 rows a program, so every SM streams
   weights even when N alone gives few column blocks. Each program writes its chunk's partial (chunks, T, N)
   fp32; `_sum_chunks_kernel` adds them in chunk order. One chunk: the program writes 0 + acc itself.
-- tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64/128; each program walks the
-  chunks in order, restarting a zero accumulator per chunk and adding it to its total.
-Both give the same bits for a row whatever T is or where the row sits in the batch, as long as the
-matrix instructions accumulate a chunk the same way for every row tile (checked on an H200 by the GPU
-tests: mma.sync at 16 rows and wgmma at 64/128 rows; kernels/NOTES-quant.md). No atomics anywhere.
+- tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64; each program walks the
+  chunks in order, restarting a zero accumulator per chunk and adding it to its total. `quant_linear`
+  runs it over a scratch: rows of w dequantized to x's dtype (at most DEFAULT_SCRATCH_MIB at a time) and
+  read by a plain-float decoder (kernels/quant/scratch.py), so each weight is decoded once, not once per
+  row tile; the values are the same rounded numbers, so the bits are too.
+The weight tile is the dot's first operand (out^T = W x^T): wgmma reads it from registers and its 64-row
+minimum falls on weight rows; the tokens are the dot's N (16 at decode). All launches give the same bits
+for a row whatever T is or where the row sits in the batch, as long as the matrix instructions
+accumulate a chunk the same way for every tile shape (checked on an H200 by the GPU tests:
+kernels/NOTES-quant.md). No atomics anywhere.
 """
 
 from __future__ import annotations
@@ -29,10 +34,20 @@ import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels.quant.dispatch import MIN_TILE_K, compute_dtype, kernel_type, table_of
+from mlapipe.kernels.quant.dispatch import (
+    MIN_TILE_K,
+    compute_dtype,
+    dequantize_on_device,
+    kernel_type,
+    table_of,
+)
+from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 
-SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it row tiles alone fill the GPU
+SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it the tiled one over a dequantized scratch
+DEFAULT_SCRATCH_MIB = 1024  # bound on the scratch of the tiled launch (rows dequantized at a time)
+PROGRAMS_PER_SM = 16  # split launch target: warps in flight to hide the decode latency (swept 2-16)
+PROGRAMS_ENV = "MLAPIPE_QUANT_PROGRAMS_PER_SM"  # overrides it (sweeps; changes the chunks, so the bits)
 # "block_m,block_n,warps,stages" pins a launch's tiles (benches, sweeps); the bits do not depend on them
 SPLIT_CONFIG_ENV = "MLAPIPE_QUANT_SPLIT_CONFIG"
 TILED_CONFIG_ENV = "MLAPIPE_QUANT_TILED_CONFIG"
@@ -58,15 +73,17 @@ def reduction_block_k(K: int, largest: int = 64) -> int:
     return block_k
 
 
-def plan_linear(N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64) -> LinearPlan:
-    """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach two programs a
-    SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
+def plan_linear(
+    N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64, per_sm: int = PROGRAMS_PER_SM
+) -> LinearPlan:
+    """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach PROGRAMS_PER_SM
+    programs a SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
     max(BLOCK_K, the type's block) values, so chunks start on block boundaries."""
     block_k = reduction_block_k(K, largest_block_k)
     step = max(block_k, block_elems)
     steps = K // step
     column_blocks = triton.cdiv(N, 64)
-    wanted = max(1, min(triton.cdiv(2 * num_sms, column_blocks), steps // 4))
+    wanted = max(1, min(triton.cdiv(per_sm * num_sms, column_blocks), steps // 4))
     chunk_k = triton.cdiv(steps, wanted) * step
     return LinearPlan(block_k, chunk_k, triton.cdiv(K, chunk_k))
 
@@ -163,12 +180,13 @@ def _linear_tiled_kernel(
     x_ptr,  # (T, K)
     w_ptr,  # (N, row_bytes) uint8 blocks
     table_ptr,
-    out_ptr,  # (T, N)
+    out_ptr,  # (T, N) columns of an output with row stride stride_out
     num_tokens,
     N,
     K,
     row_bytes,
     stride_x,
+    stride_out,
     chunk_k,
     num_chunks,
     DECODE: tl.constexpr,
@@ -199,7 +217,7 @@ def _linear_tiled_kernel(
             DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
         )  # fmt: skip
         total += acc
-    offsets = tokens[None, :].to(tl.int64) * N + rows[:, None]
+    offsets = tokens[None, :].to(tl.int64) * stride_out + rows[:, None]
     tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & token_ok[None, :])
 
 
@@ -228,7 +246,7 @@ def _split_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
         return pinned
     if _interpreted(device):
         return 16, 64, 4, 1
-    return max(16, min(64, triton.next_power_of_2(num_tokens))), 64, 4, 3
+    return max(16, min(64, triton.next_power_of_2(num_tokens))), 64, 4, 1  # stages 1: measured fastest
 
 
 def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -243,7 +261,8 @@ def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
 def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
     largest_block_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
-    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k)
+    per_sm = int(os.environ.get(PROGRAMS_ENV, PROGRAMS_PER_SM))
+    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k, per_sm)
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
@@ -282,22 +301,47 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     return out
 
 
+def _launch_tiled(x, data, decoder, table, block_elems, block_bytes, out, plan: LinearPlan) -> None:
+    """Tiled launch of rows data (N, row_bytes) into out (T, N), a view with any row stride."""
+    T, K = x.shape
+    N = data.shape[0]
+    block_m, block_n, warps, stages = _tiled_tiles(T, x.device)
+    compute = compute_dtype(x.dtype)
+    _linear_tiled_kernel[(triton.cdiv(T, block_m) * triton.cdiv(N, block_n),)](
+        x, data, table, out, T, N, K, data.shape[-1], x.stride(0), out.stride(0), plan.chunk_k,
+        plan.num_chunks, DECODE=decoder, COMPUTE=compute, IEEE=compute == tl.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=block_elems,
+        BLOCK_BYTES=block_bytes, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
 def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
-    """The tiled launch (any T; chosen for prefill-sized batches)."""
+    """The tiled launch decoding the blocks in the loop (any T)."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        kind = kernel_type(w.qtype)
+        table = table_of(w.qtype, x.device)
+        _launch_tiled(x, w.data, kind.decoder, table, kind.block_elems, kind.block_bytes, out, plan)
+    return out
+
+
+def linear_tiled_scratch(
+    x: torch.Tensor, w: QuantTensor, plan: LinearPlan, scratch_mib: float = DEFAULT_SCRATCH_MIB
+) -> torch.Tensor:
+    """The tiled launch over w dequantized to x's dtype, scratch_mib of rows at a time (prefill-sized T:
+    each weight is decoded once instead of once per row tile). Same plan, same values: the same bits."""
     T, K = x.shape
     N = w.shape[0]
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
-    block_m, block_n, warps, stages = _tiled_tiles(T, x.device)
-    compute = compute_dtype(x.dtype)
-    _linear_tiled_kernel[(triton.cdiv(T, block_m) * triton.cdiv(N, block_n),)](
-        x, w.data, table, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k, plan.num_chunks,
-        DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
-        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    rows_per_slice = max(128, int(scratch_mib * (1 << 20)) // (K * x.element_size()) // 128 * 128)
+    for first in range(0, N, rows_per_slice):
+        last = min(N, first + rows_per_slice)
+        values = dequantize_on_device(QuantTensor(w.data[first:last], w.qtype, (last - first, K)), x.dtype)
+        data = values.view(torch.uint8)
+        decoder = SCRATCH_DECODERS[x.dtype]
+        _launch_tiled(x, data, decoder, data, 1, x.element_size(), out[:, first:last], plan)
     return out
 
 
@@ -310,4 +354,4 @@ def quant_linear(
     plan = linear_plan(w, x.device)
     if x.shape[0] <= SPLIT_MAX_TOKENS:
         return linear_split(x, w, plan)
-    return linear_tiled(x, w, plan)
+    return linear_tiled_scratch(x, w, plan)
