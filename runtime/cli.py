@@ -579,7 +579,7 @@ def cmd_batch(args) -> int:
     return 0
 
 
-def _set_serving_threads(threads: int | None) -> None:
+def _set_serving_threads(threads: int | None) -> int:
     """On CPU the engine's matmuls run on OpenMP threads whose barriers spin: a thread that shares its
     core with the HTTP event loop stalls every step (bench_serve on a busy 2-core machine: 20 tokens/s
     with both cores for torch, 160-390 with one). Default: leave the event loop a core."""
@@ -589,6 +589,7 @@ def _set_serving_threads(threads: int | None) -> None:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     torch.set_num_threads(threads or max(1, cores - 1))
+    return torch.get_num_threads()  # what the engine's CPU stages use too (Engine's cpu_threads)
 
 
 def cmd_serve(args) -> int:
@@ -603,8 +604,11 @@ def cmd_serve(args) -> int:
     path = demo_model_path() if args.demo else args.model
     name = args.served_model_name or ("demo" if args.demo else pathlib.Path(path).stem)
     options = engine_options(args)  # unknown options fail here, before the server starts
-    _set_serving_threads(args.threads)
-    loop = EngineLoop(functools.partial(Engine, path, progress=False, **options), max_queue=args.max_queue)
+    threads = _set_serving_threads(args.threads)
+    loop = EngineLoop(
+        functools.partial(Engine, path, progress=False, cpu_threads=threads, **options),
+        max_queue=args.max_queue,
+    )
     loop.on_ready.append(lambda: print(f"mlapipe: {name} loaded, serving", file=sys.stderr, flush=True))
 
     def listening(url: str) -> None:

@@ -211,6 +211,7 @@ class Engine:
                 fixed_blocks,
                 block_size,
                 tls,
+                _stage_progress(loading, self.config.num_layers, pipeline),
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -228,7 +229,6 @@ class Engine:
                 **runner_options,
             )
         self.blocks = BlockManager(self.executor.num_kv_blocks, block_size)
-        loading.update(loading.total - loading.n)  # pipeline stages read their layers out of sight
         loading.close()
         self.scheduler = Scheduler(
             self.blocks,
@@ -265,6 +265,7 @@ class Engine:
         num_kv_blocks,
         block_size,
         tls,
+        on_stage_loaded,
     ):
         from mlapipe.runtime.pipeline import RayPipeline, StageSpec
 
@@ -292,6 +293,7 @@ class Engine:
             runner_options=options,
             transport_tls=tls,
             cpu_threads=self.cpu_threads,
+            on_stage_loaded=on_stage_loaded,
         )
 
     # requests -----------------------------------------------------------------------------------
@@ -566,7 +568,7 @@ def _raise_if_failed(request: Request) -> None:
 def _loading_bar(model, enabled: bool | None):
     """A bar over the bytes the model's tensors take in the file, with the rate (GB/s), advanced as
     this process loads each tensor (the in-process executor); pipeline stages load theirs in their
-    actors, so there it fills when they are ready."""
+    actors, and it advances by a stage's share (its layers' part of the bytes) as each stage is ready."""
     from tqdm import tqdm
 
     bar = tqdm(
@@ -582,6 +584,20 @@ def _loading_bar(model, enabled: bool | None):
     if hasattr(model, "on_bytes_read"):
         model.on_bytes_read = bar.update
     return bar
+
+
+def _stage_progress(bar, num_layers: int, num_stages: int):
+    """on_stage_loaded for a pipeline: each stage ready adds its layers' share of the bytes; the last
+    one fills the bar."""
+    ready = []
+
+    def on_stage_loaded(stage) -> None:
+        ready.append(stage)
+        share = round(bar.total * (stage.end_layer - stage.first_layer) / num_layers)
+        bar.update(bar.total - bar.n if len(ready) == num_stages else min(share, bar.total - bar.n))
+        bar.refresh()  # a stage's whole share at once: show it even if the last refresh was recent
+
+    return on_stage_loaded
 
 
 def _default_device() -> str:

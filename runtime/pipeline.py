@@ -61,6 +61,7 @@ class RayPipeline:
         runner_options: dict | None = None,
         transport_tls=None,  # workers.transport.tls.TlsFiles: mutual TLS on the gRPC links
         cpu_threads: int = 1,  # torch threads of each CPU stage
+        on_stage_loaded=None,  # callable(StageSpec) as each stage has read its layers (a loading bar)
     ):
         from mlapipe.workers.stage import StageWorker
         from mlapipe.workers.transport.auth import LinkSecret
@@ -102,12 +103,11 @@ class RayPipeline:
                 num_kv_blocks = check_plan(self.devices) or num_kv_blocks
             self.num_kv_blocks = num_kv_blocks
             options = runner_options or {}
-            self._get(
-                [
-                    a.load_layers.remote(model_path, s.first_layer, s.end_layer, amb_mib=s.amb_mib, **options)
-                    for a, s in zip(self.actors, stages)
-                ]
-            )
+            loads = {
+                a.load_layers.remote(model_path, s.first_layer, s.end_layer, amb_mib=s.amb_mib, **options): s
+                for a, s in zip(self.actors, stages)
+            }
+            self._wait_each(list(loads), lambda ref: on_stage_loaded and on_stage_loaded(loads[ref]))
             self._get(
                 [a.allocate_kv_cache.remote(num_kv_blocks, block_size, max_seq_len) for a in self.actors]
             )
@@ -118,6 +118,16 @@ class RayPipeline:
 
     def _get(self, refs, timeout: float | None = None):
         return ray.get(refs, timeout=timeout or max(self.deadline_s, 300.0))
+
+    def _wait_each(self, refs, on_ready) -> None:
+        """Like _get, calling on_ready(ref) as each finishes (a stage's error raises here)."""
+        deadline = time.monotonic() + max(self.deadline_s, 300.0)
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(f"{len(refs)} stage(s) did not finish loading in time")
+            ray.get(ready[0])
+            on_ready(ready[0])
 
     def _connect(self, transport: str) -> None:
         from mlapipe.workers.transport.auth import bind_address

@@ -9,6 +9,8 @@ through it), and by a small reaper process (runtime/ray_reaper.py) on the ones i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -31,7 +33,8 @@ def ensure_ray(address: str | None) -> None:
     if address:
         check_reachable(address)
     kwargs = {"address": address} if address else {}
-    ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+    with _startup_notices_at_debug():
+        ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     if not address:
         _start_reaper()
 
@@ -40,6 +43,22 @@ def cluster_address(address: str | None) -> str | None:
     """The cluster to join: `address`, else RAY_ADDRESS; None (or "local") for a local one."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     return None if address == "local" else address
+
+
+@contextlib.contextmanager
+def _startup_notices_at_debug():
+    """Ray's start-up notices (the token-authentication one, ...) are warnings on its `ray.*` loggers;
+    printed, they land in the middle of the loading bar and the generated text. While ray.init runs
+    they are dropped unless mlapipe logs at DEBUG (--log-level DEBUG), and then they show. Ray's errors
+    always show."""
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    if not logging.getLogger("mlapipe").isEnabledFor(logging.DEBUG):
+        ray_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(level)
 
 
 def check_reachable(address: str) -> None:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
-# Run from the repository root on the device machine with .whl carried (see README, "GPU runs").
+# Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
 #   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|v3-2gpu|v3-4gpu|load]
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && mkdir -p /tmp/pyroot && ln -sfn "$PWD" /tmp/pyroot/mlapipe \
-  && export PYTHONPATH=/tmp/site:/tmp/pyroot || exit 1
+if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && mkdir -p /tmp/pyroot && ln -sfn "$PWD" /tmp/pyroot/mlapipe \
+    && export PYTHONPATH=/tmp/site:/tmp/pyroot || exit 1
+fi  # else: the environment as installed (pip install -e '.[dev]')
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 what=${1:-all}

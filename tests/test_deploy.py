@@ -189,18 +189,67 @@ def processes_naming(text: str) -> list[int]:
     return pids
 
 
-def wait_for_job_server(address: str, head: subprocess.Popen, deadline_s: float = 90) -> None:
+def job_api(address: str, path: str = "", timeout: float = 10):
+    """GET {address}/api/jobs/{path} as JSON (the Ray job server's REST API, what `ray job` calls)."""
     import urllib.request
 
+    with urllib.request.urlopen(f"{address}/api/jobs/{path}", timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_for_job_server(address: str, head: subprocess.Popen, deadline_s: float = 120) -> None:
+    """Until the job API itself answers (a list of jobs), not only the dashboard: on a loaded machine the
+    dashboard serves /api/version seconds before its job module and agent take submissions."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         assert head.poll() is None, "ray start --head exited"
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+            if isinstance(job_api(address, timeout=5), list):
                 return
-        except OSError:
-            time.sleep(0.5)
+        except (OSError, ValueError):  # refused, reset, closed without response, not JSON yet
+            pass
+        time.sleep(0.5)
     raise TimeoutError(f"no Ray job server at {address} within {deadline_s} s")
+
+
+def submit_job(address: str, job_dir: Path, entrypoint: str, env: dict, attempts: int = 5) -> str:
+    """`ray job submit --no-wait` under a fixed submission id. A submission whose connection broke
+    ("Remote end closed connection without response") is retried only if the server has no job of that
+    id, so the job never runs twice."""
+    submission_id = f"mlapipe-test-{os.getpid()}-{time.monotonic_ns()}"
+    command = ["ray", "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait"]
+    command += ["--working-dir", str(job_dir), "--", *shlex.split(entrypoint)]
+    for attempt in range(attempts):
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        if submitted.returncode == 0 or _job_status(address, submission_id) is not None:
+            return submission_id
+        time.sleep(2 * (attempt + 1))
+    raise AssertionError(
+        f"ray job submit failed {attempts} times: {submitted.stdout[-2000:]}{submitted.stderr[-2000:]}"
+    )
+
+
+def _job_status(address: str, submission_id: str) -> str | None:
+    try:
+        return job_api(address, submission_id)["status"]
+    except (OSError, ValueError, KeyError):  # 404 (no such job) is an HTTPError, an OSError
+        return None
+
+
+def wait_for_job(address: str, submission_id: str, deadline_s: float = 300) -> tuple[str, str]:
+    """(final status, logs); a poll that fails to connect is retried until the deadline."""
+    deadline = time.monotonic() + deadline_s
+    status = None
+    while time.monotonic() < deadline:
+        status = _job_status(address, submission_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1)
+    try:
+        logs = job_api(address, f"{submission_id}/logs")["logs"]
+    except (OSError, ValueError, KeyError) as e:
+        logs = f"(logs not readable: {e})"
+    return status or "UNKNOWN", logs
 
 
 @pytest.mark.slow
@@ -230,11 +279,8 @@ def test_ray_job_submit_runs_mlapipe_batch(tmp_path):
         entrypoint = (
             f"mlapipe batch --input prompts.jsonl --output {output} -m tiny.gguf --pipeline 2 --no-progress"
         )
-        submitted = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(job_dir), "--", *shlex.split(entrypoint)],
-            env=env, capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        status, logs = wait_for_job(address, submit_job(address, job_dir, entrypoint, env))
+        assert status == "SUCCEEDED", logs[-3000:]
     finally:
         stop_head(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -102,11 +102,16 @@ def test_scored_tokens_are_the_second_half_of_each_chunks_logits(demo):
     )
 
 
-def test_pipeline_1_and_2_give_the_same_bits(ray_local, demo):
+def test_pipeline_1_and_2_give_the_same_bits(ray_local, demo, capsys):
     path, _, _, result = demo
     for stages in (1, 2):
-        with Engine(path, n_ctx=N_CTX, pipeline=stages, use_ray=True) as engine:
+        with Engine(path, n_ctx=N_CTX, pipeline=stages, use_ray=True, progress=True) as engine:
+            first_stage = engine.plan.stages[0]
             assert perplexity(engine, TEXT, N_CTX, N_CHUNKS) == result, stages
+        bar = capsys.readouterr().err  # the loading bar moves by each stage's share as it is ready
+        assert "loading weights" in bar and "100%" in bar, bar
+        if stages == 2:
+            assert f"{100 * first_stage.end_layer / 4:3.0f}%" in bar, bar
 
 
 def _cli(*args, cache):
@@ -130,6 +135,16 @@ def test_cli_prints_running_values_and_final_estimate(demo):
         f"Final estimate: PPL = {result.ppl:.4f} +/- {result.uncertainty:.5f}",
     ]
     assert re.search(rf"{N_CHUNKS} chunks of {N_CTX} tokens, {result.num_scored} scored", done.stderr)
+    # the same bits through two Ray stages, and none of Ray's start-up notices on the terminal
+    piped = _cli(
+        "--demo", "-f", str(text), "-c", str(N_CTX), "--chunks", str(N_CHUNKS), "--pipeline", "2", cache=cache
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == done.stdout
+    assert [line.split(":")[0] for line in piped.stderr.splitlines()] == [
+        "perplexity",
+        f"[{N_CHUNKS} chunks of {N_CTX} tokens, {result.num_scored} scored]",
+    ], piped.stderr
 
 
 @pytest.mark.parametrize(
