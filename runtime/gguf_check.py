@@ -288,6 +288,18 @@ class _Header:
             )
 
 
+def _arch_keys_gguf_defines(arch: str) -> frozenset[str]:
+    """Every `{arch}.*` key name in gguf-py's constants (gguf.Keys), formatted for `arch`."""
+    from gguf import Keys
+
+    names = set()
+    for group in vars(Keys).values():
+        for value in vars(group).values() if isinstance(group, type) else ():
+            if isinstance(value, str) and value.startswith("{arch}.") and value.count("{") == 1:
+                names.add(value.format(arch=arch))
+    return frozenset(names)
+
+
 def _check_metadata(metadata: dict[str, Any]) -> None:
     from mlapipe.runtime import gguf_keys
 
@@ -301,12 +313,17 @@ def _check_metadata(metadata: dict[str, Any]) -> None:
                 f"metadata key {strangers[0]!r} is in no namespace a GGUF writer uses "
                 f"({', '.join(KNOWN_NAMESPACES)} and {gguf_keys.ARCH}): a damaged key name?"
             )
-        unknown = sorted(k for k in metadata if k.startswith(prefix) and k not in gguf_keys.KEY_TABLE)
+        # Keys gguf-py defines for any architecture are names a converter can write: those we do not
+        # read are ignored, as llama.cpp ignores them. A name gguf-py does not define either is damaged or
+        # misspelt, and would otherwise leave the real key at its default.
+        known = _arch_keys_gguf_defines(gguf_keys.ARCH)
+        unknown = sorted(
+            k for k in metadata if k.startswith(prefix) and k not in gguf_keys.KEY_TABLE and k not in known
+        )
         if unknown:
             raise _Problem(
-                f"unknown metadata key {unknown[0]!r}: not a {gguf_keys.ARCH} key llama.cpp or mlapipe "
-                f"knows (see runtime/gguf_keys.py); a damaged or misspelt name would otherwise leave the "
-                "real key at its default"
+                f"unknown metadata key {unknown[0]!r}: not a key gguf's writer defines nor one mlapipe "
+                "reads (runtime/gguf_keys.py): a damaged or misspelt name?"
             )
     try:
         gguf_keys.check_all(metadata)

@@ -112,6 +112,8 @@ def test_ik_llama_cpp_only_type_is_named(parts, tmp_path, code, name):
         ("deepseek2.attention.kv_lora_rank", None, "missing metadata key 'deepseek2.attention.kv_lora_rank'"),
         ("deepseek2.attention.head_count_kv", (2, V.UINT32), "head_count_kv = 2"),
         ("deepseek2.rope.scaling.type", ("linear", V.STRING), "linear (factor 8) is not supported"),
+        # a damaged key name: neither gguf's writer nor mlapipe knows it
+        ("deepseek2.expert_weights_nerm", (True, V.BOOL), "unknown metadata key 'deepseek2.expert_weights_nerm'"),
     ],
 )
 def test_bad_metadata_names_the_key_and_file(parts, tmp_path, key, change, fragment):
@@ -141,6 +143,17 @@ def test_metadata_variants_llama_cpp_accepts(parts, tmp_path):
     cfg = GGUFModel(path).config
     assert cfg == base
     assert (cfg.gating, cfg.num_expert_groups, cfg.rope_scaling_factor) == ("softmax", 1, 8.0)
+
+
+def test_keys_gguf_defines_that_deepseek2_does_not_use_are_ignored(parts, tmp_path):
+    """Converters write keys of gguf's key list that llama.cpp's deepseek2 never reads: files load."""
+    source = write_gguf(tmp_path / "good.gguf", *parts)
+    extra = {
+        "deepseek2.rope.scaling.finetuned": (False, V.BOOL),
+        "deepseek2.nextn_predict_layers": (0, V.UINT32),
+    }
+    path = _edit_metadata(source, str(tmp_path / "extra.gguf"), extra)
+    assert GGUFModel(path).config == GGUFModel(source).config
 
 
 def _with_array(source: str, target: str, key: str, values: list[int]) -> str:
