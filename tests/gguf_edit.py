@@ -6,11 +6,20 @@ import gguf
 import numpy as np
 
 
-def rewrite_gguf(source: str, target: str, replace: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]):
+def rewrite_gguf(
+    source: str,
+    target: str,
+    replace: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]],
+    shards: int = 1,
+):
     """Copies every key and tensor of `source` to `target`, except tensors named in `replace`, which are
-    written as the given raw bytes (rows, bytes per row) of the given type."""
+    written as the given raw bytes (rows, bytes per row) of the given type. With shards > 1, gguf-split's
+    shards TARGET-00001-of-0000N.gguf ... (gguf-py's splitting writer); returns the first one's path."""
     reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(target, str(reader.fields["general.architecture"].contents()))
+    per_shard = -(-len(reader.tensors) // shards) if shards > 1 else 0
+    writer = gguf.GGUFWriter(
+        target, str(reader.fields["general.architecture"].contents()), split_max_tensors=per_shard
+    )
     for field in reader.fields.values():
         if field.name.startswith(("GGUF.", "general.architecture")):
             continue
@@ -28,4 +37,8 @@ def rewrite_gguf(source: str, target: str, replace: dict[str, tuple[np.ndarray, 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return target
+    if shards == 1:
+        return target
+    from mlapipe.runtime.gguf_shards import shard_path
+
+    return shard_path(target[: -len(".gguf")], 0, shards)

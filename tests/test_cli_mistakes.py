@@ -137,7 +137,23 @@ def test_each_mistake_is_one_line_exit_2_within_15_s(files):
 
 def test_sigterm_stops_batch_like_ctrl_c(files, tmp_path):
     output = tmp_path / "out.jsonl"
-    argv = ["batch", "--input", files["input"], "--output", str(output), "-m", files["model"], "-n", "40"]
+    source = tmp_path / "in.jsonl"  # lengths that finish in different steps, the first one soon
+    source.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": [5, 6, 7 + i], "max_tokens": 1 + 60 * i}) + "\n" for i in range(6)
+        )
+    )
+    argv = [
+        "batch",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "-m",
+        files["model"],
+        "--decode-steps",
+        "1",
+    ]
     # slow steps, so that the signal lands mid-run however fast the machine is
     code = (
         "import sys, time, mlapipe.runtime.engine as e; step = e.Engine.step; "

@@ -190,8 +190,9 @@ def test_recipe_model_two_cpu_stages_match_one(ray_local, one_stage):
 
 
 def test_a_file_written_in_the_recipe_loads_like_the_random_recipe_model(tmp_path):
-    """Our writer's V3-tiny-shaped file (real tensor names) with every tensor in the recipe's type loads
-    with the random-weight path's types and per-layer device bytes, and runs."""
+    """Our writer's V3-tiny-shaped file (real tensor names, split in 3 shards as gguf-split writes them)
+    with every tensor in the recipe's type loads with the random-weight path's types and per-layer device
+    bytes, and runs."""
     from mlapipe.kernels.quant.random_blocks import random_quant_tensor
     from mlapipe.runtime.gguf_model import our_name
     from mlapipe.runtime.planner import layer_weight_bytes
@@ -223,7 +224,9 @@ def test_a_file_written_in_the_recipe_loads_like_the_random_recipe_model(tmp_pat
         if info.qtype != Q.F32:
             blocks = random_quant_tensor(info.shape, int(info.qtype), info.shape[-1] ** -0.5, t.name)
             replace[t.name] = (blocks.data.numpy(), info.qtype)
-    path = rewrite_gguf(base, str(tmp_path / "ud_q2_k_xl.gguf"), replace)
+    path = rewrite_gguf(base, str(tmp_path / "ud_q2_k_xl.gguf"), replace, shards=3)
+    assert path.endswith("ud_q2_k_xl-00001-of-00003.gguf")
+    assert len(list(tmp_path.glob("ud_q2_k_xl-0000?-of-00003.gguf"))) == 3
     model = GGUFModel(path)
     assert {n: (t.qtype, t.num_bytes) for n, t in model.tensors.items()} == {
         n: (t.qtype, t.num_bytes) for n, t in random_model.tensors.items()
