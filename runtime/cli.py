@@ -347,7 +347,7 @@ def cmd_generate(args) -> int:
 
     path = demo_model_path() if args.demo else args.model
     SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checked now
-    prompt, n_ctx, room = _prompt_room(path, args)  # before any weight is read: the file's header only
+    prompt, prompt_input, n_ctx, room = _prompt_room(path, args)  # the file's header only, no weights
     with Engine(path, **engine_options(args)) as engine:
         params = SamplingParams(
             max_tokens=args.max_tokens or max(1, min(64, room)),
@@ -360,7 +360,7 @@ def cmd_generate(args) -> int:
         print(printable(prompt), end="", flush=True)
         count, reason, first, last = 0, None, None, None
         started = time.perf_counter()
-        for event in engine.stream(prompt, params):
+        for event in engine.stream(prompt_input, params):
             last = time.perf_counter()
             first = first or last
             print(printable(event.text), end="", flush=True)
@@ -372,17 +372,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _prompt_room(path: str, args) -> tuple[str, int, int]:
-    """(the prompt as run, n_ctx, tokens that can follow it), from the file's metadata and tokenizer;
-    refuses an -n that cannot fit, saying why, before the engine loads the model."""
+def _prompt_room(path: str, args) -> tuple[str, str | list[int], int, int]:
+    """(the prompt's text, what the engine runs: that text or, with --chat, the template's token ids,
+    n_ctx, tokens that can follow it), from the file's metadata and tokenizer; refuses an -n that cannot
+    fit, saying why, before the engine loads the model."""
     from mlapipe.runtime.engine import DEFAULT_N_CTX, open_tokenizer
     from mlapipe.runtime.gguf_model import GGUFModel
 
     model = GGUFModel(path)
     tokenizer = open_tokenizer(model)
-    prompt = args.prompt
-    if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    prompt = prompt_input = args.prompt
+    if args.chat:  # the template writes BOS itself: its ids are run as given, with no second BOS
+        messages = [{"role": "user", "content": prompt}]
+        prompt, prompt_input = tokenizer.apply_chat_template(messages), tokenizer.encode_chat(messages)
     maximum = model.config.context_length
     if args.ctx_size is not None and args.ctx_size > maximum:
         raise ValueError(
@@ -390,14 +392,14 @@ def _prompt_room(path: str, args) -> tuple[str, int, int]:
             f"({model.path}: context_length)"
         )
     n_ctx = args.ctx_size or min(DEFAULT_N_CTX, maximum)
-    room = n_ctx - len(tokenizer.encode(prompt))
+    room = n_ctx - len(prompt_input if args.chat else tokenizer.encode(prompt))
     if args.max_tokens is not None and args.max_tokens > room:
         raise ValueError(
             f"-n {args.max_tokens} does not fit: the prompt takes {n_ctx - room} of the {n_ctx}-token "
             f"context, so at most {max(room, 0)} tokens can follow (lower -n, or raise -c up to the "
             f"model's {maximum})"
         )
-    return prompt, n_ctx, room
+    return prompt, prompt_input, n_ctx, room
 
 
 def cmd_perplexity(args) -> int:

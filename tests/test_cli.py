@@ -145,3 +145,15 @@ def test_inspect_prints_config_types_params_and_kv_bytes(cache):
     assert "F32" in out and "parameters:" in out
     # 4 layers x (32 + 16) latent numbers x 2 bytes
     assert "latent KV per token (bf16/f16): 384 bytes" in out
+
+
+def test_chat_prompt_runs_the_template_with_one_bos(cache):
+    _mlapipe("generate", "--demo", "-p", "x", "-n", "1", cache=cache)  # builds the demo model once
+    tokenizer = _demo_tokenizer(cache)
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = tokenizer.encode_chat(messages)
+    assert ids.count(tokenizer.bos_token_id) == 1  # the template writes BOS; nothing adds a second
+    done = _mlapipe("generate", "--demo", "--chat", "-p", "Hi there", "-n", "2", cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(tokenizer.apply_chat_template(messages))
+    assert f"prompt {len(ids)} tokens" in done.stderr, done.stderr
