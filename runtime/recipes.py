@@ -92,35 +92,28 @@ DENSE_FFN = r"ffn_(gate|up|down)\."
 ATTN_PROJ = r"attn_(q|q_a|q_b|kv_a_mqa|output)\."
 ATTN_UP = r"attn_(kv_b|k_b|v_b)\."  # the MLA up-projections (absorbed W_UK / W_UV)
 
+# Everything but the routed experts, shared by unsloth-style UD mixes.
+_UD_NON_ROUTED = (
+    Rule(SHARED, "Q6_K"),
+    Rule(DENSE_FFN, "Q6_K"),
+    Rule(ATTN_UP, "Q8_0"),
+    Rule(ATTN_PROJ, "Q4_K"),
+    Rule(r"^token_embd\.", "Q4_K"),
+    Rule(r"^output\.", "Q6_K"),
+)
+
 RECIPES = {
     r.name.upper(): r
     for r in (
         Recipe(
             "UD-Q2_K_XL",
-            (
-                Rule(ROUTED_GATE_UP, "Q2_K"),
-                Rule(ROUTED_DOWN, "Q3_K"),
-                Rule(SHARED, "Q6_K"),
-                Rule(DENSE_FFN, "Q6_K"),
-                Rule(ATTN_UP, "Q8_0"),
-                Rule(ATTN_PROJ, "Q4_K"),
-                Rule(r"^token_embd\.", "Q4_K"),
-                Rule(r"^output\.", "Q6_K"),
-            ),
+            (Rule(ROUTED_GATE_UP, "Q2_K"), Rule(ROUTED_DOWN, "Q3_K"), *_UD_NON_ROUTED),
             "like unsloth's DeepSeek-R1 UD-Q2_K_XL: routed gate/up Q2_K, down Q3_K, shared and dense FFN "
             "Q6_K, attention Q4_K, attn_k_b/v_b Q8_0, embedding Q4_K, output Q6_K",
         ),
         Recipe(
             "UD-IQ2_XXS",
-            (
-                Rule(r"ffn_(gate|up|down)_exps\.", "IQ2_XXS"),
-                Rule(SHARED, "Q6_K"),
-                Rule(DENSE_FFN, "Q6_K"),
-                Rule(ATTN_UP, "Q8_0"),
-                Rule(ATTN_PROJ, "Q4_K"),
-                Rule(r"^token_embd\.", "Q4_K"),
-                Rule(r"^output\.", "Q6_K"),
-            ),
+            (Rule(r"ffn_(gate|up|down)_exps\.", "IQ2_XXS"), *_UD_NON_ROUTED),
             "routed experts IQ2_XXS, the rest as UD-Q2_K_XL",
         ),
         Recipe(
