@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import signal
 import sys
 import time
 
-from mlapipe.runtime import bench
+from mlapipe.runtime import arg_types, bench
 from mlapipe.runtime.shapes import SHAPES
 
 
@@ -22,13 +20,13 @@ def _add_generate(sub) -> None:
     src.add_argument(
         "--demo", action="store_true", help="a tiny random DeepSeek-V3-style model, built on first use"
     )
-    p.add_argument("-p", "--prompt", required=True, type=_utf8_text)
+    p.add_argument("-p", "--prompt", required=True, type=arg_types.utf8_text)
     p.add_argument(
-        "-n", "--max-tokens", type=_int_at_least(1), default=None, help="tokens to generate (default 64)"
+        "-n", "--max-tokens", type=arg_types.int_at_least(1), default=None, help="tokens to generate (default 64)"
     )
-    p.add_argument("--temp", type=_finite_float, default=0.0)
-    p.add_argument("--top-k", type=_int_at_least(0), default=0)
-    p.add_argument("--top-p", type=_finite_float, default=1.0)
+    p.add_argument("--temp", type=arg_types.finite_float, default=0.0)
+    p.add_argument("--top-k", type=arg_types.int_at_least(0), default=0)
+    p.add_argument("--top-p", type=arg_types.finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_engine_options(p)
@@ -40,14 +38,14 @@ def _add_inspect(sub) -> None:
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
     src.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape (random weights)")
-    p.add_argument("--layers", type=_int_at_least(1), default=None, help="layers of the named shape")
+    p.add_argument("--layers", type=arg_types.int_at_least(1), default=None, help="layers of the named shape")
     p.add_argument("--wtype", default=None, help="weight type or recipe of the named shape (default BF16)")
     p.add_argument(
-        "--pipeline", type=_int_at_least(1), default=None, help="also print the memory plan of N stages"
+        "--pipeline", type=arg_types.int_at_least(1), default=None, help="also print the memory plan of N stages"
     )
     p.add_argument(
         "--device-memory",
-        type=parse_bytes,
+        type=arg_types.parse_bytes,
         default=None,
         help="plan for devices of this size (e.g. 139GiB), sizing the KV cache from memory",
     )
@@ -58,33 +56,33 @@ def _add_inspect(sub) -> None:
         help="fraction of each device's memory for weights, compute and KV cache (default 0.9)",
     )
     p.add_argument(
-        "--amb", type=_amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
+        "--amb", type=arg_types.amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=_int_at_least(1), default=512, help="tokens per micro-batch")
-    p.add_argument("-c", "--ctx-size", type=_int_at_least(2), default=None, help="context length (n_ctx)")
-    p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
+    p.add_argument("--ubatch", type=arg_types.int_at_least(1), default=512, help="tokens per micro-batch")
+    p.add_argument("-c", "--ctx-size", type=arg_types.int_at_least(2), default=None, help="context length (n_ctx)")
+    p.add_argument("--split", type=arg_types.float_list, default=None, help="layer proportions per stage, e.g. 3,1")
 
 
 def _add_batch(sub) -> None:
     p = sub.add_parser("batch", help="run prompts from a JSONL file, writing each result as it finishes")
     p.add_argument(
-        "--input", required=True, type=_existing_file, help='JSONL: {"id", "prompt": text or token ids, ...}'
+        "--input", required=True, type=arg_types.existing_file, help='JSONL: {"id", "prompt": text or token ids, ...}'
     )
     p.add_argument(
         "--output",
         required=True,
-        type=_output_file,
+        type=arg_types.output_file,
         help="JSONL results; re-running skips ids already in it",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
     p.add_argument(
-        "-n", "--max-tokens", type=_int_at_least(1), default=64, help="default max tokens per request"
+        "-n", "--max-tokens", type=arg_types.int_at_least(1), default=64, help="default max tokens per request"
     )
-    p.add_argument("--temp", type=_finite_float, default=0.0, help="default temperature")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0)
-    p.add_argument("--top-p", type=_finite_float, default=1.0)
+    p.add_argument("--temp", type=arg_types.finite_float, default=0.0, help="default temperature")
+    p.add_argument("--top-k", type=arg_types.int_at_least(0), default=0)
+    p.add_argument("--top-p", type=arg_types.finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_engine_options(p)
@@ -137,10 +135,10 @@ def _add_perplexity(sub) -> None:
     src.add_argument("-m", "--model", help="GGUF file")
     src.add_argument("--demo", action="store_true", help="the tiny random demo model")
     p.add_argument(
-        "-f", "--file", required=True, type=_existing_file, help="text file (e.g. wikitext-2's wiki.test.raw)"
+        "-f", "--file", required=True, type=arg_types.existing_file, help="text file (e.g. wikitext-2's wiki.test.raw)"
     )
     p.add_argument(
-        "--chunks", type=_int_at_least(1), default=None, help="evaluate at most N chunks (default: all)"
+        "--chunks", type=arg_types.int_at_least(1), default=None, help="evaluate at most N chunks (default: all)"
     )
     _add_engine_options(p)
     p.set_defaults(ctx_size=512)  # -c: the chunk length, and the engine's n_ctx
@@ -148,19 +146,19 @@ def _add_perplexity(sub) -> None:
 
 def _add_engine_options(p) -> None:
     """Options passed to Engine only when given, so the engine's own defaults apply otherwise."""
-    p.add_argument("--pipeline", type=_int_at_least(1), default=None, help="pipeline stages")
+    p.add_argument("--pipeline", type=arg_types.int_at_least(1), default=None, help="pipeline stages")
     p.add_argument(
-        "--amb", type=_amb_values, default=None, help="attention max batch in MiB, or one per stage"
+        "--amb", type=arg_types.amb_values, default=None, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=_int_at_least(1), default=None, help="tokens per micro-batch")
+    p.add_argument("--ubatch", type=arg_types.int_at_least(1), default=None, help="tokens per micro-batch")
     p.add_argument(
         "-c",
         "--ctx-size",
-        type=_int_at_least(2),
+        type=arg_types.int_at_least(2),
         default=None,
         help="context length (n_ctx; default 4096 or the model's maximum if smaller)",
     )
-    p.add_argument("--split", type=_float_list, default=None, help="layer proportions per stage, e.g. 3,1")
+    p.add_argument("--split", type=arg_types.float_list, default=None, help="layer proportions per stage, e.g. 3,1")
     p.add_argument(
         "--transport",
         default=None,
@@ -169,7 +167,7 @@ def _add_engine_options(p) -> None:
     )
     p.add_argument(
         "--decode-steps",
-        type=_int_at_least(1),
+        type=arg_types.int_at_least(1),
         default=None,
         help="decode tokens per driver round trip (default 16; 1 streams every token as it comes)",
     )
@@ -178,7 +176,7 @@ def _add_engine_options(p) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=_port,
+        type=arg_types.port,
         default=None,
         help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --metrics-host)",
     )
@@ -208,97 +206,6 @@ def add_memory_options(p) -> None:
     p.add_argument(
         "--dequantize", action="store_true", help="decode every weight at load instead of keeping GGUF blocks"
     )
-
-
-def parse_bytes(text: str) -> int:
-    """'139GiB', '141GB', '80G', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 139GiB or 141GB, got {text!r}")
-    number, unit, binary = match.groups()
-    power = " KMGT".index(unit.upper() or " ")
-    base = 1024 if binary or not unit else 1000
-    return int(float(number) * base**power) if unit else int(float(number))
-
-
-# argument types: each refuses what the engine cannot use, so argparse names the flag ------------------
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _port(text: str) -> int:
-    value = _int_at_least(0)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535 (0: any free one), got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [_finite_float(part) for part in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
-def _amb_values(text: str) -> float | list[float]:
-    try:
-        values = [_finite_float(part) for part in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected MiB values separated by commas, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"attention max batch is MiB >= 0 (0: unlimited), got {text!r}")
-    return values[0] if len(values) == 1 else values
-
-
-def _utf8_text(text: str) -> str:
-    # Python decodes argv with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise argparse.ArgumentTypeError(
-            f"not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at position {e.start})"
-        ) from None
-    return text
-
-
-def _existing_file(path: str) -> str:
-    if not os.path.isfile(path):
-        raise argparse.ArgumentTypeError(f"{path}: no such file")
-    return path
-
-
-def _output_file(path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"{path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"{path}: not writable")
-    return path
 
 
 class _OneLineParser(argparse.ArgumentParser):

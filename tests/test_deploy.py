@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlapipe.runtime import cli
+from mlapipe.runtime import arg_types, cli
 from mlapipe.runtime.tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def parse_mlapipe_command(command: str):
     # Its paths name files on the cluster, not on this machine: check the arguments, not the files.
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
-            if action.type in (cli._existing_file, cli._output_file):
+            if action.type in (arg_types.existing_file, arg_types.output_file):
                 action.type = str
     return parser.parse_args(argv[1:])
 
