@@ -54,8 +54,8 @@ def main() -> None:
         print_kernels_per_step(prof, done)
 
 
-def print_kernels_per_step(prof, steps: int) -> None:
-    """Every GPU kernel of the profiled steps: launches per step and time per step, largest first."""
+def print_kernels_per_step(prof, steps: int, unit: str = "step") -> None:
+    """Every GPU kernel of the profiled steps (or prompts: `unit`): launches and time per unit, largest first."""
     rows = []
     for event in prof.key_averages():
         gpu_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
@@ -64,8 +64,8 @@ def print_kernels_per_step(prof, steps: int) -> None:
     rows.sort(reverse=True)
     total_us = sum(r[0] for r in rows)
     launches = sum(r[1] for r in rows)
-    print(f"GPU time per step {total_us / 1e3:.2f} ms over {launches:.0f} kernels")
-    print(f"{'us/step':>9} {'n/step':>7} {'us/call':>8}  kernel")
+    print(f"GPU time per {unit} {total_us / 1e3:.2f} ms over {launches:.0f} kernels")
+    print(f"{'us/' + unit:>9} {'n/' + unit:>7} {'us/call':>8}  kernel")
     for us, n, name in rows:
         print(f"{us:9.1f} {n:7.1f} {us / n:8.2f}  {name[:110]}")
 

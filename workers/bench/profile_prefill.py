@@ -56,7 +56,7 @@ def main() -> None:
             f"{args.prompts} prompts of {args.tokens} tokens, one at a time: {elapsed / args.prompts * 1e3:.2f} ms "
             f"wall per prompt ({args.tokens * args.prompts / elapsed:,.0f} t/s, profiler on)"
         )
-        print_kernels_per_step(prof, args.prompts)  # "per step" = per prompt here
+        print_kernels_per_step(prof, args.prompts, unit="prompt")
         print_host_ops(prof, args.prompts)
         python_profile(engine, prompt, params, args.prompts)
 
