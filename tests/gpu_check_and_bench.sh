@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -58,6 +58,18 @@ if [[ $what == quant ]]; then
     python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_decode_$wtype.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$wtype.log" | grep -A 14 "decode steps of"
   done
+fi
+if [[ $what == planes-kernels ]]; then  # Q8_0 planes (kernels/quant/planes.py): bits, then file vs planes kernels
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_planes.py tests/test_quant_linear.py \
+    tests/test_quant_moe.py -k "planes or Q8_0" 2>&1 | tail -4 | tee "$out/planes_tests.log"
+  timeout 330 python3 -m mlapipe.kernels.bench quant --types q8_0 --models v2-lite,v3 --moe-prefill 2048,8192 \
+    > "$out/bench_planes_kernels.log" 2>&1; grep -v "^\['" "$out/bench_planes_kernels.log" | tail -60
+fi
+if [[ $what == planes-model ]]; then  # end to end V2-Lite: bf16, Q8_0 planes (default), Q8_0 in the file's layout
+  bench -p 2048 -n 128 --wtype bf16,q8_0 | tee "$out/bench_planes_model.log"
+  MLAPIPE_QUANT_LAYOUT=file bench -p 2048 -n 128 --wtype q8_0 | tee "$out/bench_file_model.log"
+  python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_planes.log" 2>&1
+  grep -v -i "token authentication" "$out/profile_decode_planes.log" | grep -A 14 "decode steps of"
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -18,6 +18,7 @@ import torch
 
 from mlapipe.kernels.amb import plan_prefill_head_steps, plan_reference_head_steps
 from mlapipe.kernels.host import upload
+from mlapipe.kernels.quant import planes
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.workers import ops, stacking
 
@@ -89,15 +90,17 @@ class MLAAttention:
         # Weights of two quant types cannot stack: then they stay two linears.
         first_q = weights.get("attn.wq", weights.get("attn.wq_a"))
         self.q_rows = first_q.shape[0]
-        self.w_q_latent = stacking.cat_rows([first_q, weights["attn.wkv_a"]])
-        self.w_q_and_latent = (first_q, weights["attn.wkv_a"]) if self.w_q_latent is None else None
+        self.w_q_latent = planes.for_gemm(stacking.cat_rows([first_q, weights["attn.wkv_a"]]))
+        self.w_q_and_latent = None
+        if self.w_q_latent is None:
+            self.w_q_and_latent = tuple(planes.for_gemm(w) for w in (first_q, weights["attn.wkv_a"]))
         self.has_q_lora = "attn.wq_a" in weights
         self.q_norm = weights.get("attn.q_norm")
-        self.wq_b = weights.get("attn.wq_b")
+        self.wq_b = planes.for_gemm(weights.get("attn.wq_b"))
         self.kv_norm = weights["attn.kv_norm"]
         self.w_uk = weights["attn.w_uk"]  # (H, N, C)
         self.w_uv = weights["attn.w_uv"]  # (H, V, C)
-        self.wo = weights["attn.wo"]
+        self.wo = planes.for_gemm(weights["attn.wo"])
         self.amb_steps_taken = 0  # head steps of the decompressed path, reported by stage stats
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:

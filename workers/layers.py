@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mlapipe.kernels import reference
+from mlapipe.kernels.quant import planes
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.workers import ops, stacking
@@ -66,6 +67,8 @@ class MoEBlock:
                 self.w_gate_up, self.w_down, self.shared_in_stack = gate_up, down_all, True
             else:
                 self.shared_mlp = SwiGLU(shared_gate, shared_up, shared_down)
+        # Q8_0 stacks as planes on a GPU (kernels/quant/planes.py), once every stack is built
+        self.w_gate_up, self.w_down = planes.for_gemm(self.w_gate_up), planes.for_gemm(self.w_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, E = self.cfg, self.num_experts
@@ -115,9 +118,9 @@ class SwiGLU:
 
     def __init__(self, gate, up, down):
         self.inter = gate.shape[0]
-        self.gate_up = stacking.cat_rows([gate, up])
-        self.gate, self.up = (None, None) if self.gate_up is not None else (gate, up)
-        self.down = down
+        self.gate_up = planes.for_gemm(stacking.cat_rows([gate, up]))
+        self.gate, self.up = (None, None) if self.gate_up is not None else map(planes.for_gemm, (gate, up))
+        self.down = planes.for_gemm(down)
         self.plain = all(isinstance(w, torch.Tensor) for w in (gate, up, down))
         if self.plain:  # keep today's three matmuls (and their bits) for plain weights
             self.gate, self.up, self.gate_up = gate, up, None
@@ -170,7 +173,7 @@ class ModelShard:
         self.first_layer, self.end_layer = first_layer, end_layer
         self.embed = weights.get("embed")
         self.norm = weights.get("norm")
-        self.head = weights.get("head")
+        self.head = planes.for_gemm(weights.get("head"))
         self.layers = []
         for i in range(first_layer, end_layer):
             # Taken out of `weights`, so a layer's loaded tensors are freed once the layer has built its

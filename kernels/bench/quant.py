@@ -4,6 +4,8 @@ On random valid blocks made on the GPU (kernels/quant/random_blocks.py), for eac
 - dense linear (kernels/quant/linear.py) on the model's projection shapes at decode sizes (T = 1, 16):
   GB/s over the quantized bytes against the copy rate measured here; at T = 2048 against cuBLAS on the
   bf16-dequantized weight;
+- Q8_0 in both device layouts (--layouts): the file's blocks and the loader's planes
+  (kernels/quant/planes.py), so the table shows what the repacking buys, measured in the same run;
 - fused MoE (kernels/quant/fused_moe.py) at T = 1, 16 (GB/s over the hit experts' quantized bytes) and
   at prefill sizes against today's bf16 kernel on the dequantized experts, both quantized paths timed
   (decode in the GEMMs, bf16 scratch) to place the crossover.
@@ -24,6 +26,7 @@ from mlapipe.kernels import reference
 from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
 from mlapipe.kernels.bench.moe import MODELS, route
 from mlapipe.kernels.fused_moe import fused_moe
+from mlapipe.kernels.quant import planes
 from mlapipe.kernels.quant.dispatch import dequantize_on_device, kernel_type
 from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
 from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
@@ -41,8 +44,10 @@ DENSE = {
 }  # fmt: skip
 
 
-def random_quant(shape, qtype: int, std: float, name: str):
-    return random_quant_tensor(tuple(shape), qtype, std, name, device="cuda")
+def random_quant(shape, qtype: int, std: float, name: str, layout: str = "file"):
+    """Random valid blocks on the GPU, kept in the file's layout or repacked as the loader does."""
+    w = random_quant_tensor(tuple(shape), qtype, std, name, device="cuda")
+    return planes.pack_in_place(w) if layout == "planes" and planes.packable(w) else w
 
 
 def fitting_type(qtype: int, cols: int) -> int:
@@ -59,12 +64,14 @@ def pct(value: float, ceiling: float) -> str:
     return f"{100 * value / ceiling:.0f}%"
 
 
-def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], copy_gbs: float) -> list[list]:
+def bench_dense(
+    model: str, qtype: int, tokens: list[int], prefill: list[int], copy_gbs: float, layout: str = "file"
+) -> list[list]:
     rows = []
     totals = {T: [0, 0.0, 0.0] for T in tokens}  # bytes, ms, bf16 ms over all projections
     for name, N, K in DENSE[model]:
         wtype = fitting_type(qtype, K)
-        w = random_quant((N, K), wtype, K**-0.5, f"{model}.{name}")
+        w = random_quant((N, K), wtype, K**-0.5, f"{model}.{name}", layout)
         w_bf16 = dequantize_on_device(w, torch.bfloat16)
         x = torch.randn(max(tokens + prefill), K, device="cuda", dtype=torch.bfloat16)
         check = relative_error(quant_linear(x[:3], w), reference.quant_linear(x[:3], w))
@@ -76,19 +83,19 @@ def bench_dense(model: str, qtype: int, tokens: list[int], prefill: list[int], c
             totals[T][0] += w.nbytes
             totals[T][1] += ms
             totals[T][2] += bf16_ms
-            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
+            rows.append([model, kernel_type(w.qtype).name, name, N, K, T, f"{ms:.4f}", f"{gbs:.0f}", pct(gbs, copy_gbs),
                          f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         for T in prefill:
             ms = median_ms(functools.partial(quant_linear, x[:T], w))
             bf16_ms = median_ms(functools.partial(F.linear, x[:T], w_bf16))
-            rows.append([model, kernel_type(wtype).name, name, N, K, T, f"{ms:.4f}", "", "", f"{bf16_ms:.4f}",
+            rows.append([model, kernel_type(w.qtype).name, name, N, K, T, f"{ms:.4f}", "", "", f"{bf16_ms:.4f}",
                          f"{bf16_ms / ms:.2f}", f"{check:.1e}"])  # fmt: skip
             print(rows[-1], flush=True)
         del w, w_bf16
     for T, (nbytes, ms, bf16_ms) in totals.items():
         gbs = nbytes / ms / 1e6
-        rows.append([model, kernel_type(qtype).name, "all (sum)", "", "", T, f"{ms:.4f}", f"{gbs:.0f}",
+        rows.append([model, kernel_type(qtype).name + (f" {layout}" if qtype == Q8_0 else ""), "all (sum)", "", "", T, f"{ms:.4f}", f"{gbs:.0f}",
                      pct(gbs, copy_gbs), f"{bf16_ms:.4f}", f"{bf16_ms / ms:.2f}", ""])  # fmt: skip
     return rows
 
@@ -106,17 +113,19 @@ def _with_env(name: str, value: str | None, fn):
             os.environ[name] = old
 
 
-def bench_moe(model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tflops: float) -> list[list]:
+def bench_moe(
+    model: str, qtype: int, tokens: list[int], copy_gbs: float, mm_tflops: float, layout: str = "file"
+) -> list[list]:
     m = MODELS[model]
     E, H, inter = m["E"], m["H"], m["I"]
     down_type = fitting_type(qtype, inter)
-    gate_up = random_quant((E, 2 * inter, H), qtype, H**-0.5, f"{model}.gate_up")
-    down = random_quant((E, H, inter), down_type, inter**-0.5, f"{model}.down")
+    gate_up = random_quant((E, 2 * inter, H), qtype, H**-0.5, f"{model}.gate_up", layout)
+    down = random_quant((E, H, inter), down_type, inter**-0.5, f"{model}.down", layout)
     gate_up_bf16 = dequantize_on_device(gate_up, torch.bfloat16)
     down_bf16 = dequantize_on_device(down, torch.bfloat16)
     expert_bytes = (gate_up.nbytes + down.nbytes) / E
-    type_name = kernel_type(qtype).name + (
-        "" if down_type == qtype else f"+{kernel_type(down_type).name} down"
+    type_name = kernel_type(gate_up.qtype).name + (
+        "" if down_type == qtype else f"+{kernel_type(down.qtype).name} down"
     )
     if model == "v2-lite":  # the fp32 reference of V3's 256 experts needs 45 GB: checked on V2-Lite
         for T in (1, 37):
@@ -218,6 +227,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--moe-prefill", default="128,512,2048,8192")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--no-moe", action="store_true")
+    parser.add_argument("--layouts", default="file,planes", help="Q8_0's device layouts to time")
     parser.add_argument("--sweep", default="", help="types whose decode tiles to time first on V3 shapes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -230,12 +240,13 @@ def main(argv: list[str]) -> None:
     dense_rows, moe_rows = [], []
     for model in args.models.split(","):
         for qtype in types:
-            if not args.no_dense:
-                prefill = [int(t) for t in args.dense_prefill.split(",") if t]
-                dense_rows += bench_dense(model, qtype, tokens, prefill, copy_gbs)
-            if not args.no_moe:
-                moe_tokens = tokens + [int(t) for t in args.moe_prefill.split(",") if t]
-                moe_rows += bench_moe(model, qtype, moe_tokens, copy_gbs, mm_tflops)
+            for layout in args.layouts.split(",") if qtype == Q8_0 else ["file"]:
+                if not args.no_dense:
+                    prefill = [int(t) for t in args.dense_prefill.split(",") if t]
+                    dense_rows += bench_dense(model, qtype, tokens, prefill, copy_gbs, layout)
+                if not args.no_moe:
+                    moe_tokens = tokens + [int(t) for t in args.moe_prefill.split(",") if t]
+                    moe_rows += bench_moe(model, qtype, moe_tokens, copy_gbs, mm_tflops, layout)
 
     print(
         f"\ncopy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s on {device}, measured in this run;"

@@ -88,6 +88,29 @@ def decode_q8_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
 
 
 @triton.jit
+def decode_q8_0_planes(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # Q8_0 repacked by the loader (kernels/quant/planes.py): groups of 16 rows, each
+    # [16 rows x K int8 qs][K/32 blocks x 16 rows x fp16 d]; both planes advance 1 byte per value.
+    # The quants load as 16-byte runs; each int8 becomes its fp32 value without an I2F: the byte with
+    # its sign bit flipped (q + 128) is the mantissa of 2^23 + q + 128, minus 2^23 + 128 leaves q exactly.
+    R: tl.constexpr = rows.shape[0]
+    NB: tl.constexpr = BLOCK_K // 32
+    cols = (row_bytes // 17) * 16
+    r = rows.to(tl.int64)
+    group = (r // 16) * (16 * row_bytes)
+    lane = r % 16
+    k = k0 + tl.arange(0, BLOCK_K)
+    q = tl.load(w_ptr + (group + lane * cols)[:, None] + k[None, :]).to(tl.uint32)
+    q = ((q ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    b = k0 // 32 + tl.arange(0, NB)
+    d_ptrs = (w_ptr + (group + 16 * cols + 2 * lane)[:, None] + 32 * b[None, :]).to(
+        tl.pointer_type(tl.float16)
+    )
+    d = tl.load(d_ptrs).to(tl.float32)
+    return _flat(tl.reshape(q, (R, NB, 32)) * d[:, :, None], R, BLOCK_K)
+
+
+@triton.jit
 def _nibble32(w_ptr, base, qs_offset, j):
     """Value j of a 32-value run of nibbles: bytes 0..15 low nibbles, then the same bytes' high ones."""
     byte = _byte(w_ptr, base[:, :, None] + qs_offset + (j % 16)[None, None, :])

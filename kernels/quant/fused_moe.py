@@ -62,7 +62,7 @@ from mlapipe.kernels.quant.tensor import QuantTensor
 # Rows per expert (T*K/E) from which dequantizing to the scratch beats decoding in the GEMMs, per gate|up
 # type name (measured on an H200, V3 shapes: kernels/NOTES-quant.md); the decoders of 32-value blocks
 # are the cheapest.
-SCRATCH_MIN_ROWS_PER_EXPERT = {"Q8_0": 128, "Q4_0": 128}
+SCRATCH_MIN_ROWS_PER_EXPERT = {"Q8_0": 128, "Q8_0_PLANES": 128, "Q4_0": 128}
 SCRATCH_MIN_ROWS_DEFAULT = 64
 DECODE_TILES = 8  # row tiles of a one-token decode step (its experts), for the chunk plans
 SPLIT_MAX_ROWS = 128  # up to here (T*K rows) the chunks run as programs of their own
@@ -352,12 +352,12 @@ class ExpertBlocks:
     decoder: object  # @triton.jit tile decoder
     table: torch.Tensor
     block_elems: int
-    block_bytes: int
+    block_bytes: int  # bytes the row pointer moves per block (QuantType.step_bytes)
 
     @classmethod
     def of(cls, w: QuantTensor) -> ExpertBlocks:
         kind = kernel_type(w.qtype)
-        return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.block_bytes)
+        return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.step_bytes)
 
 
 @dataclass(frozen=True)

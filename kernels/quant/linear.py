@@ -137,7 +137,7 @@ def _linear_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
-    BLOCK_BYTES: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,  # bytes the row pointer moves per block (QuantType.step_bytes)
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -293,7 +293,7 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
         x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
-        BLOCK_BYTES=kind.block_bytes, num_warps=warps, num_stages=stages,
+        BLOCK_BYTES=kind.step_bytes, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         block = 1024
@@ -321,7 +321,7 @@ def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     if x.shape[0]:
         kind = kernel_type(w.qtype)
         table = table_of(w.qtype, x.device)
-        _launch_tiled(x, w.data, kind.decoder, table, kind.block_elems, kind.block_bytes, out, plan)
+        _launch_tiled(x, w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, out, plan)
     return out
 
 

@@ -13,13 +13,18 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from mlapipe.kernels.quant import tables
-from mlapipe.kernels.quant.types import quant_type
+from mlapipe.kernels.quant.types import Q8_0_PLANES, quant_type
 
 QK_K = 256
 
 
 def dequantize_rows(data: torch.Tensor, qtype: int) -> torch.Tensor:
-    """uint8 (..., row_bytes) rows of `qtype` blocks -> fp32 (..., cols)."""
+    """uint8 (..., row_bytes) rows of `qtype` blocks -> fp32 (..., cols). Q8_0 planes (whole groups of
+    16 rows, kernels/quant/planes.py) are unpacked to their Q8_0 blocks first."""
+    if qtype == Q8_0_PLANES:
+        from mlapipe.kernels.quant.planes import unpack_rows
+
+        data, qtype = unpack_rows(data), int(Q.Q8_0)
     row = quant_type(qtype)
     assert data.dtype == torch.uint8, f"quantized rows are uint8, got {data.dtype}"
     assert data.shape[-1] % row.block_bytes == 0, (

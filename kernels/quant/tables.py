@@ -20,6 +20,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
+from mlapipe.kernels.quant.types import REPACKED_TYPES
+
 # type -> (gguf class that holds the grid, whether its ksigns follow the grid)
 _GRIDS = {
     Q.IQ2_XXS: ("IQ2_XXS", True),
@@ -61,6 +63,8 @@ def kvalues_mxfp4() -> np.ndarray:
 
 def host_table(qtype: int) -> torch.Tensor:
     """The flat int16 table of `qtype` (layouts in the module docstring), on the CPU."""
+    if int(qtype) in REPACKED_TYPES:  # the loader's repacked layouts read no table
+        return torch.zeros(1, dtype=torch.int16)
     qtype = Q(int(qtype))
     if qtype in _KVALUES:
         parts = [kvalues()]

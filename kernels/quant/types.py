@@ -30,6 +30,13 @@ class QuantType:
     fp16_fields: tuple[int, ...]
     has_table: bool  # reads a lookup table (IQ grids, signs, non-linear values): see tables.py
     has_kernel: bool = True  # a Triton decoder exists
+    # bytes the GEMMs move their row pointer per block_elems values: block_bytes where the blocks are
+    # stored whole (every ggml type); block_elems for a layout repacked into planes (kernels/quant/planes.py)
+    pointer_step: int = 0
+
+    @property
+    def step_bytes(self) -> int:
+        return self.pointer_step or self.block_bytes
 
     @property
     def decoder(self):
@@ -84,9 +91,19 @@ QUANT_TYPES: dict[int, QuantType] = {
 }
 
 
+# Layouts the loader repacks ggml blocks into on the device (lossless, the same bytes; not file types,
+# so codes outside ggml's range): kernels/quant/planes.py. Q8_0_PLANES: groups of 16 rows, quants then
+# scales, so the GEMMs read 16-byte-aligned runs of int8 (kernels/NOTES-quant.md, v4).
+Q8_0_PLANES = 4096 + int(GGMLQuantizationType.Q8_0)
+REPACKED_TYPES: dict[int, QuantType] = {
+    Q8_0_PLANES: QuantType(Q8_0_PLANES, "Q8_0_PLANES", 32, 34, (), False, pointer_step=32),
+}
+
+
 def quant_type(qtype: int) -> QuantType:
-    """The table row of a ggml type code; a one-line error for a type we cannot decode."""
-    row = QUANT_TYPES.get(int(qtype))
+    """The table row of a ggml type code (or a repacked layout); a one-line error for a type we cannot
+    decode."""
+    row = QUANT_TYPES.get(int(qtype)) or REPACKED_TYPES.get(int(qtype))
     if row is None:
         try:
             name = GGMLQuantizationType(int(qtype)).name
@@ -99,7 +116,7 @@ def quant_type(qtype: int) -> QuantType:
 
 def has_kernel(qtype: int) -> bool:
     """Whether the type has a Triton decoder (otherwise the loader keeps the tensor in bf16)."""
-    row = QUANT_TYPES.get(int(qtype))
+    row = QUANT_TYPES.get(int(qtype)) or REPACKED_TYPES.get(int(qtype))
     return row is not None and row.has_kernel
 
 
