@@ -27,7 +27,7 @@ from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, mat
 from mlapipe.kernels.bench.moe import MODELS, route
 from mlapipe.kernels.fused_moe import fused_moe
 from mlapipe.kernels.quant import planes
-from mlapipe.kernels.quant.dispatch import dequantize_on_device, kernel_type
+from mlapipe.kernels.quant.dispatch import BLOCK_K_ENV, PREFETCH_ENV, dequantize_on_device, kernel_type
 from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
 from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor
@@ -169,50 +169,65 @@ def bench_moe(
 
 
 # split-launch tiles (block_m,block_n,warps,stages) tried by --sweep on one dense shape and T
-SWEEP_SPLIT = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
-SWEEP_MOE = ["16,64,4,1", "16,64,4,2", "16,128,8,1"]
+SWEEP_SPLIT = ["16,64,4,1", "16,64,4,2", "16,64,4,3", "16,128,4,1", "16,128,8,2"]
+PREFETCH = ("1", "0")  # split decoders loading a step ahead, or run whole
+SWEEP_MOE = ["16,64,4,1", "16,64,4,2", "16,64,4,3", "16,128,4,1"]
 
 
-def sweep(qtype: int) -> list[list]:
+def sweep(qtype: int, layout: str = "file") -> list[list]:
     """Decode-size tiles of the split linear (V3 o_proj, T=1) and the fused MoE (V3, T=1): time and bits."""
     from mlapipe.kernels.quant.fused_moe import CONFIG_ENV
     from mlapipe.kernels.quant.linear import PROGRAMS_ENV
 
     rows = []
     for name, N, K in (("o", 7168, 16384), ("q", 3072, 2048)):  # V3 o_proj, V2-Lite q_proj
-        w = random_quant((N, K), qtype, K**-0.5, f"sweep.{name}")
+        w = random_quant((N, K), qtype, K**-0.5, f"sweep.{name}", layout)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        for per_sm in ("2", "4", "8", "16"):
+        for per_sm in ("4", "8", "16", "32"):
             run = functools.partial(quant_linear, x, w)
             ms = _with_env(PROGRAMS_ENV, per_sm, functools.partial(median_ms, run, graph=True))
-            rows.append([f"linear {name} {N}x{K}, programs/SM", kernel_type(qtype).name, per_sm, f"{ms:.4f}",
+            rows.append([f"linear {name} {N}x{K}, programs/SM", kernel_type(w.qtype).name, per_sm, f"{ms:.4f}",
                          f"{w.nbytes / ms / 1e6:.0f}", ""])  # fmt: skip
             print(rows[-1], flush=True)
-    w = random_quant((7168, 16384), qtype, 16384**-0.5, "sweep.o")
+    w = random_quant((7168, 16384), qtype, 16384**-0.5, "sweep.o", layout)
     x = torch.randn(1, 16384, device="cuda", dtype=torch.bfloat16)
+    for block_k in ("64", "128"):  # the reduction step: bytes a program loads per step
+        run = functools.partial(_with_env, BLOCK_K_ENV, block_k, functools.partial(quant_linear, x, w))
+        ms = median_ms(run, graph=True)
+        rows.append([f"linear o 7168x16384, BLOCK_K {block_k}", kernel_type(w.qtype).name, "", f"{ms:.4f}",
+                     f"{w.nbytes / ms / 1e6:.0f}", torch.equal(run(), quant_linear(x, w))])  # fmt: skip
+        print(rows[-1], flush=True)
     first = None
-    for tiles in SWEEP_SPLIT:
-        run = functools.partial(quant_linear, x, w)
+    for prefetch, tiles in [(p, t) for p in PREFETCH for t in SWEEP_SPLIT]:
+        run = functools.partial(_with_env, PREFETCH_ENV, prefetch, functools.partial(quant_linear, x, w))
         out = _with_env(SPLIT_CONFIG_ENV, tiles, run)
         first = out if first is None else first
         ms = _with_env(SPLIT_CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
-        rows.append(["linear o 7168x16384", kernel_type(qtype).name, tiles, f"{ms:.4f}",
+        rows.append([f"linear o 7168x16384, prefetch {prefetch}", kernel_type(w.qtype).name, tiles, f"{ms:.4f}",
                      f"{w.nbytes / ms / 1e6:.0f}", torch.equal(out, first)])  # fmt: skip
         print(rows[-1], flush=True)
     del w
     m = MODELS["v3"]
-    gate_up = random_quant((m["E"], 2 * m["I"], m["H"]), qtype, m["H"] ** -0.5, "sweep.gate_up")
-    down = random_quant((m["E"], m["H"], m["I"]), qtype, m["I"] ** -0.5, "sweep.down")
+    gate_up = random_quant((m["E"], 2 * m["I"], m["H"]), qtype, m["H"] ** -0.5, "sweep.gate_up", layout)
+    down = random_quant((m["E"], m["H"], m["I"]), qtype, m["I"] ** -0.5, "sweep.down", layout)
     hidden = torch.randn(1, m["H"], device="cuda", dtype=torch.bfloat16)
     weights, ids = route(m, 1)
     hit_bytes = ids.unique().numel() * (gate_up.nbytes + down.nbytes) / m["E"]
+    for block_k in ("64", "128"):
+        moe = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
+        run = functools.partial(_with_env, BLOCK_K_ENV, block_k, moe)
+        ms = median_ms(run, graph=True)
+        rows.append([f"moe v3 T=1, BLOCK_K {block_k}", kernel_type(gate_up.qtype).name, "", f"{ms:.4f}",
+                     f"{hit_bytes / ms / 1e6:.0f}", torch.equal(run(), moe())])  # fmt: skip
+        print(rows[-1], flush=True)
     first = None
-    for tiles in SWEEP_MOE:
-        run = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
+    for prefetch, tiles in [(p, t) for p in PREFETCH for t in SWEEP_MOE]:
+        moe = functools.partial(quant_fused_moe, hidden, gate_up, down, weights, ids)
+        run = functools.partial(_with_env, PREFETCH_ENV, prefetch, moe)
         out = _with_env(CONFIG_ENV, tiles, run)
         first = out if first is None else first
         ms = _with_env(CONFIG_ENV, tiles, functools.partial(median_ms, run, graph=True))
-        rows.append(["moe v3 T=1", kernel_type(qtype).name, tiles, f"{ms:.4f}", f"{hit_bytes / ms / 1e6:.0f}",
+        rows.append([f"moe v3 T=1, prefetch {prefetch}", kernel_type(gate_up.qtype).name, tiles, f"{ms:.4f}", f"{hit_bytes / ms / 1e6:.0f}",
                      torch.equal(out, first)])  # fmt: skip
         print(rows[-1], flush=True)
     return rows
@@ -236,7 +251,10 @@ def main(argv: list[str]) -> None:
     print(f"{device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
     types = [TYPE_CODES[t] for t in args.types.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    sweep_rows = [row for t in args.sweep.split(",") if t for row in sweep(TYPE_CODES[t])]
+    layouts = args.layouts.split(",")
+    sweep_rows = [
+        row for t in args.sweep.split(",") if t for lay in layouts for row in sweep(TYPE_CODES[t], lay)
+    ]
     dense_rows, moe_rows = [], []
     for model in args.models.split(","):
         for qtype in types:

@@ -22,6 +22,8 @@ loads throughout: blocks sit at any byte offset (34-byte Q8_0, 210-byte Q6_K). O
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -87,27 +89,83 @@ def decode_q8_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
     return _flat(q.to(tl.float32) * d[:, :, None], R, BLOCK_K)
 
 
+# The compiled kernels convert int8 quants a 32-bit word (four quants) at a time in PTX: one xor a word,
+# one prmt and one sub a value; the interpreter runs no PTX, so it takes the same arithmetic in Triton ops.
+COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
-def decode_q8_0_planes(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
-    # Q8_0 repacked by the loader (kernels/quant/planes.py): groups of 16 rows, each
-    # [16 rows x K int8 qs][K/32 blocks x 16 rows x fp16 d]; both planes advance 1 byte per value.
-    # The quants load as 16-byte runs; each int8 becomes its fp32 value without an I2F: the byte with
-    # its sign bit flipped (q + 128) is the mantissa of 2^23 + q + 128, minus 2^23 + 128 leaves q exactly.
-    R: tl.constexpr = rows.shape[0]
+def _q8_word_to_fp32(words):
+    """int32 words, each four int8 quants (little-endian) -> their four fp32 values, exactly, without an
+    I2F: a byte with its sign bit flipped (q + 128), as the low mantissa bits of 2^23, is 2^23 + q + 128;
+    minus 2^23 + 128 leaves q. Returns the values of bytes 0, 1, 2, 3, each shaped like `words`."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x4B000000, 0x7650;
+            prmt.b32 $1, t, 0x4B000000, 0x7651;
+            prmt.b32 $2, t, 0x4B000000, 0x7652;
+            prmt.b32 $3, t, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            "=r,=r,=r,=r,r",
+            [words],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        flipped = words.to(tl.uint32, bitcast=True) ^ 0x80808080
+        b0 = ((flipped & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        b1 = (((flipped >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        b2 = (((flipped >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        b3 = ((flipped >> 24) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        return b0, b1, b2, b3
+
+
+@triton.jit
+def fetch_q8_0_planes(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of decode_q8_0_planes: the quants as int32 words [R, BLOCK_K / 4] (four a word, kept
+    packed while they wait in registers), the fp16 scales [R, BLOCK_K / 32].
+    Q8_0 repacked by the loader (kernels/quant/planes.py): groups of 16 rows, each
+    [16 rows x K int8 qs][K/32 blocks x 16 rows x fp16 d]; both planes advance 1 byte per value, and a
+    row's quants are 16-byte aligned runs."""
     NB: tl.constexpr = BLOCK_K // 32
     cols = (row_bytes // 17) * 16
     r = rows.to(tl.int64)
     group = (r // 16) * (16 * row_bytes)
     lane = r % 16
-    k = k0 + tl.arange(0, BLOCK_K)
-    q = tl.load(w_ptr + (group + lane * cols)[:, None] + k[None, :]).to(tl.uint32)
-    q = ((q ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    # cast the row starts, then add word indices: the pointer analysis sees runs of contiguous words
+    q_rows = (w_ptr + (group + lane * cols)).to(tl.pointer_type(tl.int32))
+    q_ptrs = q_rows[:, None] + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
     b = k0 // 32 + tl.arange(0, NB)
     d_ptrs = (w_ptr + (group + 16 * cols + 2 * lane)[:, None] + 32 * b[None, :]).to(
         tl.pointer_type(tl.float16)
     )
-    d = tl.load(d_ptrs).to(tl.float32)
-    return _flat(tl.reshape(q, (R, NB, 32)) * d[:, :, None], R, BLOCK_K)
+    return tl.load(q_ptrs), tl.load(d_ptrs)
+
+
+@triton.jit
+def convert_q8_0_planes(q, d):
+    """fetch_q8_0_planes's words and scales -> fp32 [R, BLOCK_K]: x = qs * d, in registers."""
+    R: tl.constexpr = q.shape[0]
+    BLOCK_K: tl.constexpr = q.shape[1] * 4
+    v0, v1, v2, v3 = _q8_word_to_fp32(q)
+    # value 4w + j is byte j of word w: [R, W, a, b] with j = 2a + b
+    values = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (R, BLOCK_K // 32, 32))
+    return _flat(values * d.to(tl.float32)[:, :, None], R, BLOCK_K)
+
+
+@triton.jit
+def decode_q8_0_planes(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr, table_ptr):
+    # split in two so the GEMMs can load a step ahead of converting (linear.prefetched_dot)
+    q, d = fetch_q8_0_planes(w_ptr, rows, row_bytes, k0, BLOCK_K)
+    return convert_q8_0_planes(q, d)
 
 
 @triton.jit

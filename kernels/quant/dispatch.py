@@ -3,6 +3,8 @@ and the dtype their tl.dot runs in."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton.language as tl
 
@@ -11,6 +13,9 @@ from mlapipe.kernels.quant import tables
 from mlapipe.kernels.quant.types import QUANT_TYPES, QuantType, quant_type
 
 MIN_TILE_K = 32  # the decoders' smallest BLOCK_K; the GEMMs' reduction dim is a multiple of it
+GPU_BLOCK_K = 64  # the GEMMs' widest reduction step on a GPU (the interpreter takes 256: it pays per call)
+BLOCK_K_ENV = "MLAPIPE_QUANT_BLOCK_K"  # overrides it (sweeps; a different step can change the bits)
+PREFETCH_ENV = "MLAPIPE_QUANT_PREFETCH"  # "0": split decoders run whole, no step-ahead loads (sweeps)
 
 
 def kernel_type(qtype: int) -> QuantType:
@@ -19,6 +24,18 @@ def kernel_type(qtype: int) -> QuantType:
     if not row.has_kernel:
         raise ValueError(f"quant type {row.name} has no Triton decoder for the quantized GEMMs")
     return row
+
+
+def largest_block_k(interpreted: bool) -> int:
+    return 256 if interpreted else int(os.environ.get(BLOCK_K_ENV, GPU_BLOCK_K))
+
+
+def split_decoder(kind: QuantType):
+    """(fetch, convert) of a decoder split into loads and register math, for the GEMMs to load a step
+    ahead (linear.prefetched_dot); (None, None) for the others."""
+    if os.environ.get(PREFETCH_ENV) == "0":
+        return None, None
+    return kind.fetch, kind.convert
 
 
 def kernel_types() -> list[int]:

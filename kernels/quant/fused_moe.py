@@ -53,9 +53,11 @@ from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
     dequantize_on_device,
     kernel_type,
+    largest_block_k,
+    split_decoder,
     table_of,
 )
-from mlapipe.kernels.quant.linear import LinearPlan, decoded_dot, plan_linear
+from mlapipe.kernels.quant.linear import LinearPlan, _dot, decoded_dot, plan_linear
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 
@@ -76,9 +78,26 @@ CONFIG_ENV = "MLAPIPE_QUANT_MOE_CONFIG"  # "block_m,block_n,warps,stages" pins t
 def _gate_up_chunk(
     acc_gate, acc_up, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start, k_end,
     DECODE: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr, FETCH: tl.constexpr, CONVERT: tl.constexpr,
 ):  # fmt: skip
-    """Both accumulators over hidden [k_start, k_end): linear.decoded_dot's loop with two weight tiles."""
+    """Both accumulators over hidden [k_start, k_end): linear.decoded_dot's loop with two weight tiles (and
+    linear.prefetched_dot's, loading a step ahead, for a split decoder)."""
+    if FETCH is not None:
+        gate_q, gate_d = FETCH(
+            w_expert + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, cols_read, row_bytes, 0, BLOCK_K
+        )
+        up_q, up_d = FETCH(
+            w_expert + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, cols_read + inter_size, row_bytes, 0, BLOCK_K
+        )
+        for k0 in range(k_start, k_end, BLOCK_K):
+            at = tl.load(at_ptrs + k0, mask=row_ok[None, :], other=0.0).to(COMPUTE)
+            w_ahead = w_expert + (tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // BLOCK_ELEMS) * BLOCK_BYTES
+            gate_q_next, gate_d_next = FETCH(w_ahead, cols_read, row_bytes, 0, BLOCK_K)
+            up_q_next, up_d_next = FETCH(w_ahead, cols_read + inter_size, row_bytes, 0, BLOCK_K)
+            acc_gate = _dot(CONVERT(gate_q, gate_d).to(COMPUTE), at, acc_gate, IEEE)
+            acc_up = _dot(CONVERT(up_q, up_d).to(COMPUTE), at, acc_up, IEEE)
+            gate_q, gate_d, up_q, up_d = gate_q_next, gate_d_next, up_q_next, up_d_next
+        return acc_gate, acc_up
     STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
     for k0 in range(k_start, k_end, STEP):
         w_step = w_expert + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
@@ -87,12 +106,8 @@ def _gate_up_chunk(
             gate = DECODE(w_step, cols_read, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
             up = DECODE(w_step, cols_read + inter_size, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr)
             up = up.to(COMPUTE)
-            if IEEE:
-                acc_gate = tl.dot(gate, at, acc_gate, input_precision="ieee")
-                acc_up = tl.dot(up, at, acc_up, input_precision="ieee")
-            else:
-                acc_gate = tl.dot(gate, at, acc_gate)
-                acc_up = tl.dot(up, at, acc_up)
+            acc_gate = _dot(gate, at, acc_gate, IEEE)
+            acc_up = _dot(up, at, acc_up, IEEE)
     return acc_gate, acc_up
 
 
@@ -126,6 +141,8 @@ def _gate_up_kernel(
     BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
     BLOCK_BYTES: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FETCH: tl.constexpr = None,  # the decoder split into loads and register math (linear.prefetched_dot)
+    CONVERT: tl.constexpr = None,
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -149,6 +166,7 @@ def _gate_up_kernel(
         acc_gate, acc_up = _gate_up_chunk(
             zeros, zeros, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start,
             tl.minimum(k_start + chunk_k, hidden_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+            FETCH, CONVERT,
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * inter_size
         offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * inter_size + cols[:, None]
@@ -162,7 +180,7 @@ def _gate_up_kernel(
             acc_gate, acc_up = _gate_up_chunk(
                 zeros, zeros, w_expert, table_ptr, cols_read, inter_size, row_bytes, at_ptrs, row_ok, k_start,
                 tl.minimum(k_start + chunk_k, hidden_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS,
-                BLOCK_BYTES,
+                BLOCK_BYTES, FETCH, CONVERT,
             )  # fmt: skip
             total_gate += acc_gate
             total_up += acc_up
@@ -229,6 +247,8 @@ def _down_kernel(
     BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
     BLOCK_BYTES: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FETCH: tl.constexpr = None,  # the decoder split into loads and register math (linear.prefetched_dot)
+    CONVERT: tl.constexpr = None,
 ):
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -250,6 +270,7 @@ def _down_kernel(
         acc = decoded_dot(
             zeros, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, every, k_start,
             tl.minimum(k_start + chunk_k, inter_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+            FETCH, CONVERT,
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * hidden_size
         offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * hidden_size + cols[:, None]
@@ -261,7 +282,7 @@ def _down_kernel(
             acc = decoded_dot(
                 zeros, w_expert, table_ptr, cols_read, row_bytes, at_ptrs, every, k_start,
                 tl.minimum(k_start + chunk_k, inter_size), DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS,
-                BLOCK_BYTES,
+                BLOCK_BYTES, FETCH, CONVERT,
             )  # fmt: skip
             total += acc
         routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
@@ -353,11 +374,14 @@ class ExpertBlocks:
     table: torch.Tensor
     block_elems: int
     block_bytes: int  # bytes the row pointer moves per block (QuantType.step_bytes)
+    fetch: object = None  # the decoder's loads and register math, where it is split
+    convert: object = None
 
     @classmethod
     def of(cls, w: QuantTensor) -> ExpertBlocks:
         kind = kernel_type(w.qtype)
-        return cls(w.data, kind.decoder, table_of(w.qtype, w.device), kind.block_elems, kind.step_bytes)
+        table = table_of(w.qtype, w.device)
+        return cls(w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, *split_decoder(kind))
 
 
 @dataclass(frozen=True)
@@ -374,7 +398,7 @@ class MoePlan:
 def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device: torch.device) -> MoePlan:
     E, two_inter, H = w_gate_up.shape
     inter = two_inter // 2
-    largest_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
+    largest_k = largest_block_k(_interpreted(device))
     sms = 2 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
     # a one-token decode step fills about DECODE_TILES row tiles (its experts); chunks make up the rest
     gate_up = plan_linear(DECODE_TILES * inter, H, kernel_type(w_gate_up.qtype).block_elems, sms, largest_k)
@@ -406,7 +430,8 @@ def _run_gemms(
         hidden, gate_up.data, gate_up.table, act, partial, layout.sorted_row_ids, layout.tile_expert,
         layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0),
         gate_up.data.shape[-1], act.stride(0), one.chunk_k, one.num_chunks, DECODE=gate_up.decoder,
-        BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes, **common,
+        BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes,
+        FETCH=gate_up.fetch, CONVERT=gate_up.convert, **common,
     )  # fmt: skip
     if plan.split:
         block_i = min(1024, triton.next_power_of_2(inter))
@@ -429,7 +454,8 @@ def _run_gemms(
         act, down.data, down.table, slot_out, partial, layout.sorted_row_ids, layout.tile_expert, topk_weights,
         layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
         slot_out.stride(0), two.chunk_k, two.num_chunks, DECODE=down.decoder, BLOCK_K=two.block_k,
-        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, **common,
+        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down.fetch, CONVERT=down.convert,
+        **common,
     )  # fmt: skip
     if plan.split:
         block_h = min(1024, triton.next_power_of_2(H))

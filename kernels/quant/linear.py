@@ -39,6 +39,8 @@ from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
     dequantize_on_device,
     kernel_type,
+    largest_block_k,
+    split_decoder,
     table_of,
 )
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
@@ -89,10 +91,39 @@ def plan_linear(
 
 
 @triton.jit
+def _dot(w, xt, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(w, xt, acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def prefetched_dot(
+    acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH: tl.constexpr, CONVERT: tl.constexpr,
+    COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ELEMS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):  # fmt: skip
+    """decoded_dot's sum (the same dots in the same order) for a decoder split into FETCH (its loads:
+    w_ptr, rows, row_bytes, k0, BLOCK_K -> quants, scales) and CONVERT (its register math: quants, scales
+    -> fp32 values), BLOCK_K >= the type's block: each step's bytes are loaded one step ahead, before the current step is
+    converted, so a warp always has a step of loads in flight instead of waiting on each one. The last
+    step fetches its own bytes again (never converted): no load past k_end."""
+    tl.static_assert(BLOCK_K >= BLOCK_ELEMS)
+    q, d = FETCH(w_ptr + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, rows, row_bytes, 0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        xt = tl.load(xt_ptrs + k0, mask=token_ok[None, :], other=0.0).to(COMPUTE)
+        ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+        q_next, d_next = FETCH(w_ptr + (ahead // BLOCK_ELEMS) * BLOCK_BYTES, rows, row_bytes, 0, BLOCK_K)
+        acc = _dot(CONVERT(q, d).to(COMPUTE), xt, acc, IEEE)
+        q, d = q_next, d_next
+    return acc
+
+
+@triton.jit
 def decoded_dot(
     acc, w_ptr, table_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end,
     DECODE: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+    BLOCK_ELEMS: tl.constexpr, BLOCK_BYTES: tl.constexpr, FETCH: tl.constexpr = None, CONVERT: tl.constexpr = None,
 ):  # fmt: skip
     """acc (BLOCK_N, BLOCK_M) + decode(w[rows, k_start:k_end]) @ xt[k_start:k_end, :] in BLOCK_K steps,
     k increasing; xt_ptrs (BLOCK_K, BLOCK_M) point at k = 0 of each column of x transposed.
@@ -103,16 +134,18 @@ def decoded_dot(
     block) values from a pointer moved to the step's first block, and decodes its BLOCK_K tiles at
     constant offsets, so the decoder's per-value address arithmetic is the same every step (the
     compiler keeps it out of the loop) and only one scalar pointer moves."""
+    if FETCH is not None:
+        return prefetched_dot(
+            acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH, CONVERT, COMPUTE, IEEE,
+            BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+        )  # fmt: skip
     STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
     for k0 in range(k_start, k_end, STEP):
         w_step = w_ptr + (k0 // BLOCK_ELEMS) * BLOCK_BYTES
         for sub in tl.static_range(STEP // BLOCK_K):
             xt = tl.load(xt_ptrs + (k0 + sub * BLOCK_K), mask=token_ok[None, :], other=0.0).to(COMPUTE)
             w = DECODE(w_step, rows, row_bytes, sub * BLOCK_K, BLOCK_K, table_ptr).to(COMPUTE)
-            if IEEE:
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
+            acc = _dot(w, xt, acc, IEEE)
     return acc
 
 
@@ -138,6 +171,8 @@ def _linear_split_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_ELEMS: tl.constexpr,  # the type's values and bytes per block
     BLOCK_BYTES: tl.constexpr,  # bytes the row pointer moves per block (QuantType.step_bytes)
+    FETCH: tl.constexpr = None,  # the decoder's loads and register math, where it is split (prefetched_dot)
+    CONVERT: tl.constexpr = None,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -152,7 +187,7 @@ def _linear_split_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         acc = decoded_dot(
             acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
-            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES, FETCH, CONVERT,
         )  # fmt: skip
         mask = row_ok[:, None] & token_ok[None, :]
         if DIRECT:
@@ -197,6 +232,8 @@ def _linear_tiled_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_ELEMS: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
+    FETCH: tl.constexpr = None,
+    CONVERT: tl.constexpr = None,
 ):
     # Consecutive programs share a column block, so its weight bytes come from L2 for the row blocks.
     num_row_blocks = tl.cdiv(num_tokens, BLOCK_M)
@@ -214,7 +251,7 @@ def _linear_tiled_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         acc = decoded_dot(
             acc, w_ptr, table_ptr, rows_read, row_bytes, xt_ptrs, token_ok, k_start, k_end,
-            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+            DECODE, COMPUTE, IEEE, BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES, FETCH, CONVERT,
         )  # fmt: skip
         total += acc
     offsets = tokens[None, :].to(tl.int64) * stride_out + rows[:, None]
@@ -260,9 +297,9 @@ def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
 
 def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
-    largest_block_k = 256 if _interpreted(device) else 64  # the interpreter pays per call, not per value
+    widest = largest_block_k(_interpreted(device))
     per_sm = int(os.environ.get(PROGRAMS_ENV, PROGRAMS_PER_SM))
-    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), largest_block_k, per_sm)
+    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), widest, per_sm)
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
@@ -277,6 +314,20 @@ def _check(x: torch.Tensor, w: QuantTensor) -> None:
         raise ValueError("quant_linear: x rows and w blocks must be contiguous")
 
 
+PREFETCH_BLOCK_K = 128  # a split decoder's step in the split launch, where the plan's chunks allow it
+
+
+def split_block_k(plan: LinearPlan, K: int, prefetched: bool) -> int:
+    """BLOCK_K of the split launch: the plan's, or PREFETCH_BLOCK_K for a decoder that loads a step ahead
+    when every chunk is whole steps of it. A wider step puts twice the bytes in flight per load and
+    changes no bits: one tl.dot over 128 values is the same chain of k16 MMAs as two over 64 (checked on
+    an H200: tests/test_quant_planes.py compares with the file layout's bits)."""
+    wide = PREFETCH_BLOCK_K
+    if prefetched and plan.block_k < wide and plan.chunk_k % wide == 0 and K % wide == 0:
+        return wide
+    return plan.block_k
+
+
 def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
     """The split launch (any T; chosen for decode-sized batches)."""
     T, K = x.shape
@@ -285,6 +336,7 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     if T == 0:
         return out
     kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
+    fetch, convert = split_decoder(kind)
     block_m, block_n, warps, stages = _split_tiles(T, x.device)
     compute = compute_dtype(x.dtype)
     direct = plan.num_chunks == 1
@@ -292,8 +344,8 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
         x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=kind.block_elems,
-        BLOCK_BYTES=kind.step_bytes, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=split_block_k(plan, K, fetch is not None),
+        BLOCK_ELEMS=kind.block_elems, BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         block = 1024
@@ -301,7 +353,9 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     return out
 
 
-def _launch_tiled(x, data, decoder, table, block_elems, block_bytes, out, plan: LinearPlan) -> None:
+def _launch_tiled(
+    x, data, decoder, table, block_elems, block_bytes, out, plan: LinearPlan, fetch=None, convert=None
+) -> None:
     """Tiled launch of rows data (N, row_bytes) into out (T, N), a view with any row stride."""
     T, K = x.shape
     N = data.shape[0]
@@ -311,7 +365,7 @@ def _launch_tiled(x, data, decoder, table, block_elems, block_bytes, out, plan: 
         x, data, table, out, T, N, K, data.shape[-1], x.stride(0), out.stride(0), plan.chunk_k,
         plan.num_chunks, DECODE=decoder, COMPUTE=compute, IEEE=compute == tl.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=block_elems,
-        BLOCK_BYTES=block_bytes, num_warps=warps, num_stages=stages,
+        BLOCK_BYTES=block_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -321,7 +375,18 @@ def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     if x.shape[0]:
         kind = kernel_type(w.qtype)
         table = table_of(w.qtype, x.device)
-        _launch_tiled(x, w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, out, plan)
+        _launch_tiled(
+            x,
+            w.data,
+            kind.decoder,
+            table,
+            kind.block_elems,
+            kind.step_bytes,
+            out,
+            plan,
+            kind.fetch,
+            kind.convert,
+        )
     return out
 
 

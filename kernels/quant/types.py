@@ -45,6 +45,18 @@ class QuantType:
         return getattr(module, f"decode_{self.name.lower()}")
 
     @property
+    def fetch(self):
+        """For a decoder split into loads and register math (fetch_<name>, convert_<name>), the loads;
+        else None. The GEMMs then load each step's bytes a step ahead (linear.prefetched_dot)."""
+        module = importlib.import_module("mlapipe.kernels.quant.decoders")
+        return getattr(module, f"fetch_{self.name.lower()}", None)
+
+    @property
+    def convert(self):
+        module = importlib.import_module("mlapipe.kernels.quant.decoders")
+        return getattr(module, f"convert_{self.name.lower()}", None)
+
+    @property
     def reference(self):
         """The torch decoder: uint8 (nblocks, block_bytes) -> fp32 (nblocks, block_elems)."""
         module = importlib.import_module("mlapipe.kernels.quant.reference")
