@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mlapipe.kernels.quant.tensor import QuantTensor
+from mlapipe.kernels.quant.types import Q8_0_PLANES
 from mlapipe.runtime import Engine, SamplingParams
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
@@ -144,6 +145,9 @@ def test_quantized_kernels_on_a_gpu_match_bf16_dequantized_on_load(request, file
         )
         out.append(torch.from_numpy(runner.finish(batch, runner.forward(batch)).logits["r"]))
         assert bool(_quant_tensors(runner)) != dequantize
+        if file_type == "q8_0_file" and not dequantize:  # the GEMM weights as planes, the embedding as read
+            kinds = _quant_tensors(runner)
+            assert kinds.pop("embed") == Q.Q8_0 and set(kinds.values()) == {Q8_0_PLANES}, kinds
     kept, decoded = out
     assert float((kept - decoded).abs().max() / decoded.abs().max()) <= 3e-2
 
