@@ -24,6 +24,8 @@ import textwrap  # noqa: E402
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from mlapipe.kernels.quant import random_blocks, reference, tables  # noqa: E402
 from mlapipe.kernels.quant.dequantize import (  # noqa: E402
@@ -38,6 +40,7 @@ from mlapipe.kernels.quant.types import QUANT_TYPES, has_kernel, nbytes, quant_t
 # MXFP4's huge e8m0 scales overflow fp32 (inf, in gguf too), huge fp16 scales overflow fp16 outputs
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TYPES = list(QUANT_TYPES.values())
 TYPE_IDS = [t.name for t in TYPES]
 PLAIN_COLS = 37  # plain float types: an odd row length, so the decoders' tail mask is exercised
@@ -177,6 +180,44 @@ def test_dequantize_expert_stack_and_output_dtype(dtype):
         and torch.equal(got, dequantize_reference(w, dtype))
     )
     assert torch.equal(dequantize(w[1], dtype), want[1].to(dtype))
+
+
+# ---- split decoders (fetch + convert, what the GEMMs call a step ahead) --------------------------
+
+
+@triton.jit
+def _split_decode_kernel(w_ptr, out_ptr, n_rows, cols, row_bytes, FETCH: tl.constexpr, CONVERT: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k0 = tl.program_id(1) * BLOCK_K
+    quants, scales = FETCH(w_ptr, tl.minimum(rows, n_rows - 1), row_bytes, k0, BLOCK_K)
+    values = CONVERT(quants, scales, k0)
+    k = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows.to(tl.int64)[:, None] * cols + k[None, :]
+    tl.store(out_ptr + offsets, values, mask=(rows < n_rows)[:, None])
+
+
+def split_decode(w: QuantTensor) -> torch.Tensor:
+    """All of w's values through its type's fetch + convert, tile by tile, fp32."""
+    kind = quant_type(w.qtype)
+    n_rows, cols = w.data.numel() // w.data.shape[-1], w.shape[-1]
+    block_k = kind.fetch_block_k or 64
+    out = torch.empty(n_rows, cols, dtype=torch.float32, device=w.device)
+    grid = (triton.cdiv(n_rows, 16), cols // block_k)
+    _split_decode_kernel[grid](
+        w.data, out, n_rows, cols, w.data.shape[-1], kind.fetch, kind.convert, BLOCK_R=16, BLOCK_K=block_k
+    )
+    return out.reshape(w.shape)
+
+
+SPLIT_TYPES = [t for t in TYPES if t.fetch is not None]
+
+
+@pytest.mark.parametrize("row", SPLIT_TYPES, ids=[t.name for t in SPLIT_TYPES])
+def test_split_decoder_equals_gguf(row):
+    """Every 64-value tile of every sub-block position (4 per Q4_K block), rows past one 16-row tile."""
+    raw = adversarial_rows(row.code, 20, 3, np.random.default_rng(row.code + 300))
+    assert_bits_equal(split_decode(quant_tensor(raw, row.code, DEVICE)), gguf_values(raw, row.code))
 
 
 # ---- embedding gather ----------------------------------------------------------------------------

@@ -26,14 +26,21 @@ def kernel_type(qtype: int) -> QuantType:
     return row
 
 
-def largest_block_k(interpreted: bool) -> int:
-    return 256 if interpreted else int(os.environ.get(BLOCK_K_ENV, GPU_BLOCK_K))
+def largest_block_k(interpreted: bool, *kinds: QuantType) -> int:
+    """The widest BLOCK_K a GEMM over weights of `kinds` may plan: no wider than a split decoder takes."""
+    widest = 256 if interpreted else int(os.environ.get(BLOCK_K_ENV, GPU_BLOCK_K))
+    for kind in kinds:
+        if split_decoder(kind)[0] is not None and kind.fetch_block_k:
+            widest = min(widest, kind.fetch_block_k)
+    return widest
 
 
-def split_decoder(kind: QuantType):
+def split_decoder(kind: QuantType, block_k: int | None = None):
     """(fetch, convert) of a decoder split into loads and register math, for the GEMMs to load a step
-    ahead (linear.prefetched_dot); (None, None) for the others."""
-    if os.environ.get(PREFETCH_ENV) == "0":
+    ahead (linear.prefetched_dot), when it takes tiles of block_k values; (None, None) otherwise."""
+    if os.environ.get(PREFETCH_ENV) == "0" or kind.fetch is None:
+        return None, None
+    if block_k is not None and kind.fetch_block_k not in (0, block_k):
         return None, None
     return kind.fetch, kind.convert
 

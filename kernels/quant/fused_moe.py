@@ -60,6 +60,7 @@ from mlapipe.kernels.quant.dispatch import (
 from mlapipe.kernels.quant.linear import LinearPlan, _dot, decoded_dot, plan_linear
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
+from mlapipe.kernels.quant.types import QuantType
 
 # Rows per expert (T*K/E) from which dequantizing to the scratch beats decoding in the GEMMs, per gate|up
 # type name (measured on an H200, V3 shapes: kernels/NOTES-quant.md); the decoders of 32-value blocks
@@ -83,19 +84,15 @@ def _gate_up_chunk(
     """Both accumulators over hidden [k_start, k_end): linear.decoded_dot's loop with two weight tiles (and
     linear.prefetched_dot's, loading a step ahead, for a split decoder)."""
     if FETCH is not None:
-        gate_q, gate_d = FETCH(
-            w_expert + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, cols_read, row_bytes, 0, BLOCK_K
-        )
-        up_q, up_d = FETCH(
-            w_expert + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, cols_read + inter_size, row_bytes, 0, BLOCK_K
-        )
+        gate_q, gate_d = FETCH(w_expert, cols_read, row_bytes, k_start, BLOCK_K)
+        up_q, up_d = FETCH(w_expert, cols_read + inter_size, row_bytes, k_start, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             at = tl.load(at_ptrs + k0, mask=row_ok[None, :], other=0.0).to(COMPUTE)
-            w_ahead = w_expert + (tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // BLOCK_ELEMS) * BLOCK_BYTES
-            gate_q_next, gate_d_next = FETCH(w_ahead, cols_read, row_bytes, 0, BLOCK_K)
-            up_q_next, up_d_next = FETCH(w_ahead, cols_read + inter_size, row_bytes, 0, BLOCK_K)
-            acc_gate = _dot(CONVERT(gate_q, gate_d).to(COMPUTE), at, acc_gate, IEEE)
-            acc_up = _dot(CONVERT(up_q, up_d).to(COMPUTE), at, acc_up, IEEE)
+            ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            gate_q_next, gate_d_next = FETCH(w_expert, cols_read, row_bytes, ahead, BLOCK_K)
+            up_q_next, up_d_next = FETCH(w_expert, cols_read + inter_size, row_bytes, ahead, BLOCK_K)
+            acc_gate = _dot(CONVERT(gate_q, gate_d, k0).to(COMPUTE), at, acc_gate, IEEE)
+            acc_up = _dot(CONVERT(up_q, up_d, k0).to(COMPUTE), at, acc_up, IEEE)
             gate_q, gate_d, up_q, up_d = gate_q_next, gate_d_next, up_q_next, up_d_next
         return acc_gate, acc_up
     STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
@@ -374,14 +371,17 @@ class ExpertBlocks:
     table: torch.Tensor
     block_elems: int
     block_bytes: int  # bytes the row pointer moves per block (QuantType.step_bytes)
-    fetch: object = None  # the decoder's loads and register math, where it is split
-    convert: object = None
+    kind: QuantType | None = None  # the type's row (None: a dequantized scratch), for its split decoder
 
     @classmethod
     def of(cls, w: QuantTensor) -> ExpertBlocks:
         kind = kernel_type(w.qtype)
         table = table_of(w.qtype, w.device)
-        return cls(w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, *split_decoder(kind))
+        return cls(w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, kind)
+
+    def split(self, block_k: int):
+        """(fetch, convert) where the decoder is split and takes block_k tiles (dispatch.split_decoder)."""
+        return (None, None) if self.kind is None else split_decoder(self.kind, block_k)
 
 
 @dataclass(frozen=True)
@@ -398,7 +398,7 @@ class MoePlan:
 def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device: torch.device) -> MoePlan:
     E, two_inter, H = w_gate_up.shape
     inter = two_inter // 2
-    largest_k = largest_block_k(_interpreted(device))
+    largest_k = largest_block_k(_interpreted(device), kernel_type(w_gate_up.qtype), kernel_type(w_down.qtype))
     sms = 2 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
     # a one-token decode step fills about DECODE_TILES row tiles (its experts); chunks make up the rest
     gate_up = plan_linear(DECODE_TILES * inter, H, kernel_type(w_gate_up.qtype).block_elems, sms, largest_k)
@@ -422,6 +422,7 @@ def _run_gemms(
     )  # fmt: skip
     positions = layout.max_tiles * block_m
     one = plan.gate_up
+    gate_up_split, down_split = gate_up.split(one.block_k), down.split(plan.down.block_k)
     chunks = one.num_chunks if plan.split else 1
     partial = act
     if plan.split:
@@ -431,7 +432,7 @@ def _run_gemms(
         layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0),
         gate_up.data.shape[-1], act.stride(0), one.chunk_k, one.num_chunks, DECODE=gate_up.decoder,
         BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes,
-        FETCH=gate_up.fetch, CONVERT=gate_up.convert, **common,
+        FETCH=gate_up_split[0], CONVERT=gate_up_split[1], **common,
     )  # fmt: skip
     if plan.split:
         block_i = min(1024, triton.next_power_of_2(inter))
@@ -454,7 +455,7 @@ def _run_gemms(
         act, down.data, down.table, slot_out, partial, layout.sorted_row_ids, layout.tile_expert, topk_weights,
         layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
         slot_out.stride(0), two.chunk_k, two.num_chunks, DECODE=down.decoder, BLOCK_K=two.block_k,
-        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down.fetch, CONVERT=down.convert,
+        BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down_split[0], CONVERT=down_split[1],
         **common,
     )  # fmt: skip
     if plan.split:

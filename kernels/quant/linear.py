@@ -100,21 +100,18 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 @triton.jit
 def prefetched_dot(
     acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH: tl.constexpr, CONVERT: tl.constexpr,
-    COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ELEMS: tl.constexpr,
-    BLOCK_BYTES: tl.constexpr,
+    COMPUTE: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """decoded_dot's sum (the same dots in the same order) for a decoder split into FETCH (its loads:
-    w_ptr, rows, row_bytes, k0, BLOCK_K -> quants, scales) and CONVERT (its register math: quants, scales
-    -> fp32 values), BLOCK_K >= the type's block: each step's bytes are loaded one step ahead, before the current step is
-    converted, so a warp always has a step of loads in flight instead of waiting on each one. The last
-    step fetches its own bytes again (never converted): no load past k_end."""
-    tl.static_assert(BLOCK_K >= BLOCK_ELEMS)
-    q, d = FETCH(w_ptr + (k_start // BLOCK_ELEMS) * BLOCK_BYTES, rows, row_bytes, 0, BLOCK_K)
+    w_ptr, rows, row_bytes, k0, BLOCK_K -> quants, scales; k0 absolute) and CONVERT (its register math:
+    quants, scales, k0 -> fp32 (len(rows), BLOCK_K)): each step's bytes are loaded one step ahead, before the
+    current step is converted, so a warp always has a step of loads in flight instead of waiting on each
+    one. The last step fetches its own bytes again (never converted): no load past k_end."""
+    q, d = FETCH(w_ptr, rows, row_bytes, k_start, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         xt = tl.load(xt_ptrs + k0, mask=token_ok[None, :], other=0.0).to(COMPUTE)
-        ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-        q_next, d_next = FETCH(w_ptr + (ahead // BLOCK_ELEMS) * BLOCK_BYTES, rows, row_bytes, 0, BLOCK_K)
-        acc = _dot(CONVERT(q, d).to(COMPUTE), xt, acc, IEEE)
+        q_next, d_next = FETCH(w_ptr, rows, row_bytes, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), BLOCK_K)
+        acc = _dot(CONVERT(q, d, k0).to(COMPUTE), xt, acc, IEEE)
         q, d = q_next, d_next
     return acc
 
@@ -136,8 +133,7 @@ def decoded_dot(
     compiler keeps it out of the loop) and only one scalar pointer moves."""
     if FETCH is not None:
         return prefetched_dot(
-            acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH, CONVERT, COMPUTE, IEEE,
-            BLOCK_K, BLOCK_ELEMS, BLOCK_BYTES,
+            acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH, CONVERT, COMPUTE, IEEE, BLOCK_K
         )  # fmt: skip
     STEP: tl.constexpr = BLOCK_K if BLOCK_K > BLOCK_ELEMS else BLOCK_ELEMS
     for k0 in range(k_start, k_end, STEP):
@@ -297,7 +293,7 @@ def _tiled_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, 
 
 def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
-    widest = largest_block_k(_interpreted(device))
+    widest = largest_block_k(_interpreted(device), kernel_type(w.qtype))
     per_sm = int(os.environ.get(PROGRAMS_ENV, PROGRAMS_PER_SM))
     return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), widest, per_sm)
 
@@ -336,7 +332,7 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     if T == 0:
         return out
     kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
-    fetch, convert = split_decoder(kind)
+    fetch, convert = split_decoder(kind, plan.block_k)
     block_m, block_n, warps, stages = _split_tiles(T, x.device)
     compute = compute_dtype(x.dtype)
     direct = plan.num_chunks == 1
@@ -344,7 +340,7 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
         x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=split_block_k(plan, K, fetch is not None),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=split_block_k(plan, K, fetch is not None and not kind.fetch_block_k),
         BLOCK_ELEMS=kind.block_elems, BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
@@ -384,8 +380,7 @@ def linear_tiled(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
             kind.step_bytes,
             out,
             plan,
-            kind.fetch,
-            kind.convert,
+            *split_decoder(kind, plan.block_k),
         )
     return out
 

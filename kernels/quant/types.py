@@ -33,6 +33,8 @@ class QuantType:
     # bytes the GEMMs move their row pointer per block_elems values: block_bytes where the blocks are
     # stored whole (every ggml type); block_elems for a layout repacked into planes (kernels/quant/planes.py)
     pointer_step: int = 0
+    # the one BLOCK_K its split decoder (fetch_<name> / convert_<name>) takes; 0: any the GEMMs pick
+    fetch_block_k: int = 0
 
     @property
     def step_bytes(self) -> int:
@@ -63,10 +65,12 @@ class QuantType:
         return getattr(module, f"decode_{self.name.lower()}")
 
 
-def _row(name: str, fp16_fields: tuple[int, ...], has_table: bool = False) -> QuantType:
+def _row(
+    name: str, fp16_fields: tuple[int, ...], has_table: bool = False, fetch_block_k: int = 0
+) -> QuantType:
     code = GGMLQuantizationType[name]
     elems, nbytes = GGML_QUANT_SIZES[code]
-    return QuantType(int(code), name, elems, nbytes, fp16_fields, has_table)
+    return QuantType(int(code), name, elems, nbytes, fp16_fields, has_table, fetch_block_k=fetch_block_k)
 
 
 # In the order the kernels were written (most used by DeepSeek GGUFs first), then the rest gguf decodes.
@@ -74,7 +78,7 @@ QUANT_TYPES: dict[int, QuantType] = {
     row.code: row
     for row in (
         _row("Q8_0", (0,)),
-        _row("Q4_K", (0, 2)),
+        _row("Q4_K", (0, 2), fetch_block_k=64),
         _row("Q6_K", (208,)),
         _row("Q5_K", (0, 2)),
         _row("Q2_K", (80, 82)),
