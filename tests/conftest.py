@@ -1,9 +1,36 @@
+import importlib
 import os
+import pathlib
 import random
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _import_hub_kernels_first() -> None:
+    """transformers (>= 5.25) imports Hugging Face's `kernels` package when it is installed. `python -m
+    pytest` puts the working directory, this checkout's root, first on sys.path, where our own `kernels/`
+    folder (installed as mlapipe.kernels) would be found under that name instead. Importing HF's package
+    once with the root left out puts the right module in sys.modules; mlapipe never imports a top-level
+    `kernels`."""
+
+    def is_root(entry: str) -> bool:
+        return pathlib.Path(entry or ".").resolve() == ROOT
+
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in saved if not is_root(entry)]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: transformers does without it
+    finally:
+        sys.path[:] = saved
+
+
+_import_hub_kernels_first()
 
 
 def _cuda_count() -> int:
