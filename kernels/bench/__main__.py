@@ -6,6 +6,7 @@ SUITES = {
     "moe": "mlapipe.kernels.bench.moe",
     "quant": "mlapipe.kernels.bench.quant",
     "dequant": "mlapipe.kernels.bench.dequant",
+    "sass": "mlapipe.kernels.bench.sass",  # no GPU needed: compiles for sm_90
 }
 
 

@@ -42,20 +42,24 @@ class QuantType:
 
     @property
     def decoder(self):
-        """The Triton tile decoder (a triton.JITFunction): decoders.decode_<name>."""
+        """The Triton tile decoder (a triton.JITFunction): decode_<name> in decoders.py, or in
+        split_decoders.py for a layout the loader repacks."""
+        name = f"decode_{self.name.lower()}"
         module = importlib.import_module("mlapipe.kernels.quant.decoders")
-        return getattr(module, f"decode_{self.name.lower()}")
+        if not hasattr(module, name):
+            module = importlib.import_module("mlapipe.kernels.quant.split_decoders")
+        return getattr(module, name)
 
     @property
     def fetch(self):
         """For a decoder split into loads and register math (fetch_<name>, convert_<name>), the loads;
         else None. The GEMMs then load each step's bytes a step ahead (linear.prefetched_dot)."""
-        module = importlib.import_module("mlapipe.kernels.quant.decoders")
+        module = importlib.import_module("mlapipe.kernels.quant.split_decoders")
         return getattr(module, f"fetch_{self.name.lower()}", None)
 
     @property
     def convert(self):
-        module = importlib.import_module("mlapipe.kernels.quant.decoders")
+        module = importlib.import_module("mlapipe.kernels.quant.split_decoders")
         return getattr(module, f"convert_{self.name.lower()}", None)
 
     @property
