@@ -130,7 +130,8 @@ def decoded_dot(
     a single token costs a 16-column x tile, not a 64-row one. Each loop step covers STEP = max(BLOCK_K,
     block) values from a pointer moved to the step's first block, and decodes its BLOCK_K tiles at
     constant offsets, so the decoder's per-value address arithmetic is the same every step (the
-    compiler keeps it out of the loop) and only one scalar pointer moves."""
+    compiler keeps it out of the loop) and only one scalar pointer moves. A type with a split decoder
+    (FETCH / CONVERT, kernels/quant/split_decoders.py) takes prefetched_dot instead: the same sum."""
     if FETCH is not None:
         return prefetched_dot(
             acc, w_ptr, rows, row_bytes, xt_ptrs, token_ok, k_start, k_end, FETCH, CONVERT, COMPUTE, IEEE, BLOCK_K
