@@ -314,15 +314,14 @@ def _check(x: torch.Tensor, w: QuantTensor) -> None:
 PREFETCH_BLOCK_K = 128  # a split decoder's step in the split launch, where the plan's chunks allow it
 
 
-def split_block_k(plan: LinearPlan, K: int, prefetched: bool) -> int:
-    """BLOCK_K of the split launch: the plan's, or PREFETCH_BLOCK_K for a decoder that loads a step ahead
-    when every chunk is whole steps of it. A wider step puts twice the bytes in flight per load and
-    changes no bits: one tl.dot over 128 values is the same chain of k16 MMAs as two over 64 (checked on
-    an H200: tests/test_quant_planes.py compares with the file layout's bits)."""
+def split_block_k(plan: LinearPlan, K: int, kind) -> int:
+    """BLOCK_K of the split launch: the plan's, or PREFETCH_BLOCK_K where the type's split decoder takes
+    tiles that wide and every chunk is whole steps of it. A wider step puts twice the bytes in flight per
+    load and changes no bits: one tl.dot over 128 values is the same chain of k16 MMAs as two over 64
+    (checked on an H200: tests/test_quant_planes.py compares with the file layout's bits)."""
     wide = PREFETCH_BLOCK_K
-    if prefetched and plan.block_k < wide and plan.chunk_k % wide == 0 and K % wide == 0:
-        return wide
-    return plan.block_k
+    whole = plan.block_k < wide and plan.chunk_k % wide == 0 and K % wide == 0
+    return wide if whole and split_decoder(kind, wide)[0] is not None else plan.block_k
 
 
 def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
@@ -333,7 +332,8 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     if T == 0:
         return out
     kind, table = kernel_type(w.qtype), table_of(w.qtype, x.device)
-    fetch, convert = split_decoder(kind, plan.block_k)
+    block_k = split_block_k(plan, K, kind)
+    fetch, convert = split_decoder(kind, block_k)
     block_m, block_n, warps, stages = _split_tiles(T, x.device)
     compute = compute_dtype(x.dtype)
     direct = plan.num_chunks == 1
@@ -341,8 +341,8 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
         x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=split_block_k(plan, K, fetch is not None and not kind.fetch_block_k),
-        BLOCK_ELEMS=kind.block_elems, BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ELEMS=kind.block_elems,
+        BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         block = 1024
