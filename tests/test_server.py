@@ -441,9 +441,11 @@ def _healthy(url: str) -> bool:
 
 
 def _refused(url: str) -> bool:
+    """Whether a new connection goes unserved: refused, or (a probe that raced the listener's close,
+    seen on CI) accepted by the kernel and reset before any response."""
     try:
         httpx.get(f"{url}/health", timeout=1)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
     return False
 
