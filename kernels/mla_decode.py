@@ -227,6 +227,13 @@ def choose_num_splits(num_seqs: int, row_blocks: int, max_seq_len: int, num_sms:
     return max(1, min(wanted, math.ceil(max_seq_len / MIN_KEYS_PER_SPLIT), 64))
 
 
+def decode_splits(num_seqs: int, num_heads: int, max_query_len: int, max_seq_len: int, device) -> int:
+    """The split count mla_decode picks for these sizes (a CUDA-graph decode step keys its graph on it)."""
+    nominal_row_blocks = math.ceil(num_heads * max_query_len / 64)
+    sms = _multiprocessor_count(torch.device(device))
+    return choose_num_splits(num_seqs, nominal_row_blocks, max_seq_len, sms)
+
+
 def _is_dot_width(width: int) -> bool:
     return width >= 16 and width & (width - 1) == 0
 
@@ -280,10 +287,7 @@ def mla_decode(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     if num_kv_splits is None:
-        nominal_row_blocks = math.ceil(H * max_query_len / 64)
-        num_kv_splits = choose_num_splits(
-            num_seqs, nominal_row_blocks, max_seq_len, _multiprocessor_count(q.device)
-        )
+        num_kv_splits = decode_splits(num_seqs, H, max_query_len, max_seq_len, q.device)
 
     # fp32 partials even for one split: the autotune key includes argument dtypes, and one partial type
     # keeps one tuned config per head count; the merge of a single split is a cheap cast.

@@ -256,21 +256,28 @@ def _is_dot_width(width: int) -> bool:
 @dataclass
 class PrefillPlan:
     """What every layer's prefill launch needs from one micro-batch's sequences, made once per
-    micro-batch: host lists the scheduler already had, and the latent gather rows and kernel metadata
+    micro-batch: host values the scheduler already had, and the latent gather rows and kernel metadata
     uploaded once. With it a layer's launch never reads the GPU, so the host can queue all the layers
-    ahead of the GPU instead of waiting for it at each one."""
+    ahead of the GPU instead of waiting for it at each one (and a CUDA graph can capture the launch)."""
 
-    lengths: list[int]  # seq_lens
-    starts: list[int]  # query_start_loc
-    active: list[int]  # sequences with new tokens
-    latent_rows: torch.Tensor  # (sum of active lengths,) flat cache rows, sequence after sequence
-    meta: torch.Tensor  # (4, A) int32: query start, query length, kv length, kv start per active sequence
+    num_tokens: int  # T: rows of q
+    num_sequences: int  # entries of meta (sequences with new tokens; more where a graph pads)
+    max_query_len: int  # bounds the query blocks of the grid
+    latent_rows: torch.Tensor  # (L,) flat cache rows, sequence after sequence
+    meta: (
+        torch.Tensor
+    )  # (4, num_sequences) int32 (int64 from a graph): query start, query length, kv length, kv start
+    zero_unowned_rows: bool = False  # rows of q that no sequence owns (a graph's padding) get zeros
 
 
 def prefill_plan(block_table: torch.Tensor, lengths: list[int], starts: list[int], page: int) -> PrefillPlan:
+    if len(starts) != len(lengths) + 1:
+        raise ValueError("query_start_loc must have S + 1 entries and end at the number of tokens")
     device = block_table.device
     q_lens = [b - a for a, b in zip(starts, starts[1:])]
     active = [s for s, n in enumerate(q_lens) if n > 0]
+    if any(lengths[s] < q_lens[s] for s in active):
+        raise ValueError("a sequence has more new tokens than its length")
     active_lengths = [lengths[s] for s in active]
     kv_starts = [0]
     for n in active_lengths[:-1]:
@@ -283,9 +290,17 @@ def prefill_plan(block_table: torch.Tensor, lengths: list[int], starts: list[int
     )
     blocks = block_table[seq_of_row, position // page].long()
     meta = upload(
-        [[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts], torch.int32, device
+        [[starts[s] for s in active], [q_lens[s] for s in active], active_lengths, kv_starts],
+        torch.int32,
+        device,
     )
-    return PrefillPlan(lengths, starts, active, blocks * page + position % page, meta)
+    return PrefillPlan(
+        num_tokens=starts[-1],
+        num_sequences=len(active),
+        max_query_len=max(q_lens, default=0),
+        latent_rows=blocks * page + position % page,
+        meta=meta,
+    )
 
 
 def mla_prefill(
@@ -330,21 +345,18 @@ def mla_prefill(
 
     if plan is None:
         plan = prefill_plan(block_table, seq_lens.tolist(), query_start_loc.tolist(), kv_cache.shape[1])
-    lengths, starts, active = plan.lengths, plan.starts, plan.active
-    if len(starts) != len(lengths) + 1 or starts[-1] != T:
+    if plan.num_tokens != T:
         raise ValueError("query_start_loc must have S + 1 entries and end at the number of tokens")
-    q_lens = [b - a for a, b in zip(starts, starts[1:])]
-    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
+    make = torch.zeros if plan.zero_unowned_rows else torch.empty
+    out = make(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    if not active:
+    if plan.num_sequences == 0:
         return out, lse
-    if any(lengths[s] < q_lens[s] for s in active):
-        raise ValueError("a sequence has more new tokens than its length")
 
     latent = kv_cache.reshape(-1, kv_cache.shape[-1])[plan.latent_rows]  # (L, C + R)
     num_rows = latent.shape[0]
     meta = plan.meta
-    max_q_len = max(q_lens)
+    max_q_len = plan.max_query_len
 
     for h0, h1 in steps:
         step_heads = h1 - h0
@@ -362,7 +374,7 @@ def mla_prefill(
             )  # fmt: skip
 
         def attention_grid(meta_args, step_heads=step_heads):
-            return (len(active) * step_heads, triton.cdiv(max_q_len, meta_args["BLOCK_M"]))
+            return (plan.num_sequences * step_heads, triton.cdiv(max_q_len, meta_args["BLOCK_M"]))
 
         _prefill_attention_kernel[attention_grid](
             q, k_nope, values, latent, out, lse, meta[0], meta[1], meta[2], meta[3],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -48,6 +48,23 @@ if [[ $what == profile || $what == tests+profile ]]; then
     python -m mlapipe.workers.bench.profile_decode --seqs $seqs > "$out/profile_decode_$seqs.log" 2>&1
     grep -v -i "token authentication" "$out/profile_decode_$seqs.log" | grep -A 14 "decode steps of"
   done
+fi
+if [[ $what == prefill-graphs ]]; then  # issue 18: prefill micro-batches replayed from CUDA graphs
+  python3 -m pytest -q -m gpu tests/test_prefill_graphs.py 2>&1 | tail -5 | tee "$out/prefill_graph_tests.log"
+  python3 -m pytest -q tests/test_mla_kernels.py 2>&1 | tail -3 | tee -a "$out/prefill_graph_tests.log"
+  python3 -m pytest -q -m "gpu or multigpu" tests/test_gpu_model.py 2>&1 | tail -3 | tee -a "$out/prefill_graph_tests.log"
+  MLAPIPE_PREFILL_GRAPHS=0 bench -p 512,2048,8192 -n 128 -ub 2048 | tee "$out/bench_prefill_eager.log"
+  bench -p 512,2048,8192 -n 128 -ub 2048 | tee "$out/bench_prefill_graphs.log"
+  bench -p 0 -n 128 | tee "$out/bench_tg_small_context.log"  # tg128 at a small n_ctx, beside the 8k one above
+  python -m mlapipe.kernels.bench attention --prefill > "$out/attention_prefill.log" 2>&1
+  tail -16 "$out/attention_prefill.log"
+fi
+if [[ $what == prefill-profile ]]; then  # where a graphed prompt's GPU time goes; micro-batch sizes for pp8192
+  for tokens in 512 2048; do
+    python -m mlapipe.workers.bench.profile_prefill --tokens $tokens > "$out/profile_prefill_$tokens.log" 2>&1
+    grep -v -i "token authentication" "$out/profile_prefill_$tokens.log" | grep -B 3 -A 25 "GPU time per"
+  done
+  bench -p 8192 -n 0 -ub 2048,4096,8192 | tee "$out/bench_pp8192_ubatch.log"
 fi
 if [[ $what == quant ]]; then
   # kept-quantized model vs dequantized on the GPU, then V2-Lite random weights in bf16, Q8_0 and Q4_K in one

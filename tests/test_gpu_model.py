@@ -115,3 +115,31 @@ def test_cuda_graph_decode_matches_eager(model_path, monkeypatch):
         assert engine.executor.runner.decode_graphs is None
         eager = [r.token_ids for r in engine.generate(prompts, params)]
     assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_decode_graphs_take_the_split_count_of_the_context_not_of_the_capacity(model_path, monkeypatch):
+    """A cache that could hold 16k tokens per sequence: a step at 100 cached tokens replays a graph with
+    one split, one at 5,000 a graph with many; both track the eager step, which sizes splits exactly."""
+    from mlapipe.kernels.mla_decode import decode_splits
+
+    model = GGUFModel(model_path)
+    runners = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("MLAPIPE_CUDA_GRAPHS", graphs)
+        runners[graphs] = ModelRunner(model, 0, model.config.num_layers, device="cuda")
+        runners[graphs].allocate_kv_cache(num_blocks=300, block_size=64, max_seq_len=16384)
+        # the cached rows both runners read: the same random latents (the cache starts as NaN)
+        runners[graphs].kv_cache[:, :300].normal_(generator=torch.Generator("cuda").manual_seed(5))
+    graphed = runners["1"].decode_graphs
+    heads = model.config.num_heads
+    for depth, context in ((100, 256), (5000, 8192)):
+        table = list(range(2, 2 + -(-(depth + 1) // 64)))
+        batch = MicroBatch(0, [SequenceChunk("r", [11], depth, table, True)])
+        key, chosen = graphed.key_for(batch)
+        assert chosen == context and key == (1, decode_splits(1, heads, 1, context, "cuda"))
+        out = {name: runner.forward(batch).float() for name, runner in runners.items()}
+        torch.testing.assert_close(out["1"], out["0"], rtol=2e-2, atol=2e-2)
+    splits = sorted(s for _, s in graphed.graphs)
+    assert splits == [decode_splits(1, heads, 1, n, "cuda") for n in (256, 8192)]
+    assert splits[1] < decode_splits(1, heads, 1, 16384, "cuda")  # what the capacity would have taken

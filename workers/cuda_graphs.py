@@ -1,15 +1,20 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Decode steps replayed from CUDA graphs, one graph per (batch-size bucket, context split count).
 
 A decode micro-batch (one new token per sequence) launches a few hundred small kernels per step; their
 launch cost, not the GPU, bounds tokens per second. Captured once per bucket (1, 2, 4, ... sequences),
 a step becomes: copy this step's inputs into static buffers, replay, read the output rows.
 
+The decode kernel splits each context into a number of parts fixed at capture. Sized for the cache's
+capacity, short contexts paid for it (empty splits, a longer merge: tg128 287 t/s at n_ctx 8k against
+341 at a small n_ctx, issue 18). So each step's longest context, rounded up to a power of two, picks
+the split count, and the graph is keyed on it: a few graphs per batch size, each right for any length
+up to the capacity (a split's share of keys is computed from the real lengths in the kernel).
+
 Static inputs per bucket (views of buffers sized for the largest bucket):
   inputs (B,) token ids on the first stage, or (B, hidden) activations on later ones
   positions (B,), slot_mapping (B,), block_table (B, max_blocks), seq_lens (B,)
 Rows past the real batch are padding: a one-token sequence in a scratch block that no request owns,
-so they never touch real cache rows and their outputs are dropped. The decode kernel gets the cache's
-capacity as its max_seq_len hint, so its split count is fixed at capture and right for any length.
+so they never touch real cache rows and their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_batch, dtype=torch.int64, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, splits)
         self.pool = None
         self._capture_stream: torch.cuda.Stream | None = None  # one for all captures: one cuBLAS workspace
 
@@ -56,13 +61,24 @@ class DecodeGraphs:
         """token_ids: the first stage's input tokens as a device tensor (a decode round's feedback),
         instead of the chunks' own."""
         size = len(batch.chunks)
-        bucket = bucket_for(size)
+        key, context = self.key_for(batch)
+        bucket = key[0]
         self._fill(batch, hidden_in, bucket, token_ids)
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        graph, output = self.graphs[bucket]
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, context)
+        graph, output = self.graphs[key]
         graph.replay()
         return output[:size]
+
+    def key_for(self, batch: MicroBatch) -> tuple[tuple[int, int], int]:
+        """((bucket, split count), the context the split count was chosen for) of a decode batch."""
+        from mlapipe.kernels.mla_decode import MIN_KEYS_PER_SPLIT, decode_splits  # triton: GPU only
+
+        bucket = bucket_for(len(batch.chunks))
+        longest = max(c.seq_len for c in batch.chunks)
+        context = min(self.max_seq_len, max(MIN_KEYS_PER_SPLIT, 1 << (longest - 1).bit_length()))
+        splits = decode_splits(bucket, self.runner.cfg.num_heads, 1, context, self.runner.device)
+        return (bucket, splits), context
 
     def _fill(
         self, batch: MicroBatch, hidden_in: torch.Tensor | None, bucket: int, token_ids: torch.Tensor | None
@@ -105,7 +121,7 @@ class DecodeGraphs:
         else:
             self.hidden_in[:size].copy_(hidden_in)
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _forward(self, bucket: int, context: int) -> torch.Tensor:
         runner = self.runner
         cos, sin = rope_cos_sin(self.positions[:bucket], runner.inv_freq)
         group = SequenceGroup(
@@ -113,15 +129,15 @@ class DecodeGraphs:
             block_table=self.block_table[:bucket],
             seq_lens=self.seq_lens[:bucket],
             query_start_loc=self.query_start_loc[: bucket + 1],
-            max_seq_len=self.max_seq_len,
+            max_seq_len=context,  # the split count's hint; any length up to the capacity runs right
             max_new_tokens=1,
-            total_seq_len=bucket * self.max_seq_len,
+            total_seq_len=bucket * context,
         )
         meta = AttentionMetadata(self.positions[:bucket], self.slots[:bucket], cos, sin, group, None)
         inputs = self.token_ids[:bucket] if runner.shard.is_first else self.hidden_in[:bucket]
         return runner.shard.forward(inputs, meta, runner.kv_cache)
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream first: Triton compiles and autotunes there, never inside the capture.
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream()
@@ -129,11 +145,11 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(bucket)
+                self._forward(bucket, context)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self._forward(bucket)
+            output = self._forward(bucket, context)
         self.pool = graph.pool()
         return graph, output
 

@@ -26,6 +26,8 @@ from mlapipe.workers.attention import AttentionMetadata, build_group
 from mlapipe.workers.cuda_graphs import DecodeGraphs
 from mlapipe.workers.kv_cache import allocate_latent_cache, slot_mapping
 from mlapipe.workers.layers import ModelShard
+from mlapipe.workers.ops import uses_reference
+from mlapipe.workers.prefill_graphs import PrefillGraphs
 from mlapipe.workers.sampler import sample_token
 
 ATTENTION_MODES = ("auto", "absorbed", "naive")
@@ -139,6 +141,7 @@ class ModelRunner:
         cfg = self.cfg
         self.kv_cache: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.block_size = 0
         self.inv_freq = yarn_inv_freq(
             cfg.qk_rope_head_dim,
@@ -161,6 +164,14 @@ class ModelRunner:
         if use_graphs:
             max_blocks = -(-(max_seq_len or num_blocks * block_size) // block_size)
             self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
+            # MLAPIPE_PREFILL_GRAPHS=0 runs prefill eagerly (benches measure the two in one run)
+            if os.environ.get("MLAPIPE_PREFILL_GRAPHS", "1") != "0" and not uses_reference(self.device):
+                self.decode_graphs.pool = (
+                    torch.cuda.graph_pool_handle()
+                )  # one pool: one graph replays at a time
+                self.prefill_graphs = PrefillGraphs(
+                    self, scratch_block=num_blocks, pool=self.decode_graphs.pool
+                )
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def release(self) -> None:
@@ -169,11 +180,20 @@ class ModelRunner:
         if self.decode_graphs is not None:
             self.decode_graphs.release()
             self.decode_graphs = None
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.release()
+            self.prefill_graphs = None
         self.kv_cache = None
         self.shard = None
         self.inv_freq = None
 
     # per micro-batch ----------------------------------------------------------------------------
+    def takes_decompressed(self, num_new: int) -> bool:
+        """Whether a sequence with `num_new` new tokens takes the decompressed (prefill) attention path."""
+        if self.attention_mode == "auto":
+            return not uses_decode(num_new, self.decode_threshold)
+        return self.attention_mode == "naive"
+
     def build_metadata(self, batch: MicroBatch) -> AttentionMetadata:
         chunks = batch.chunks
         positions, slots, row_starts = [], [], []
@@ -183,10 +203,7 @@ class ModelRunner:
             slots.extend(slot_mapping(c.block_table, c.num_cached, c.num_new, self.block_size))
         absorbed, naive = [], []
         for i, c in enumerate(chunks):
-            takes_absorbed = self.attention_mode == "absorbed" or (
-                self.attention_mode == "auto" and uses_decode(c.num_new, self.decode_threshold)
-            )
-            (absorbed if takes_absorbed else naive).append(i)
+            (naive if self.takes_decompressed(c.num_new) else absorbed).append(i)
         args = (
             [c.num_new for c in chunks],
             [c.num_cached for c in chunks],
@@ -214,6 +231,8 @@ class ModelRunner:
         host); later stages take the previous stage's hidden states (T, hidden)."""
         if self.decode_graphs is not None and self.decode_graphs.accepts(batch):
             return self.decode_graphs.run(batch, hidden_in, token_ids)
+        if token_ids is None and self.prefill_graphs is not None and self.prefill_graphs.accepts(batch):
+            return self.prefill_graphs.run(batch, hidden_in)
         meta = self.build_metadata(batch)
         if not self.shard.is_first:
             inputs = hidden_in.to(self.device, self.dtype)

@@ -17,7 +17,6 @@ import torch
 
 from mlapipe.runtime.microbatch import MicroBatch, SequenceChunk
 from mlapipe.runtime.shapes import random_spec
-from mlapipe.workers.cuda_graphs import bucket_for
 from mlapipe.workers.model_runner import ModelRunner, open_model
 
 BLOCK = 64
@@ -45,7 +44,7 @@ def time_step(runner: ModelRunner, batch: MicroBatch, iters: int) -> float:
     for _ in range(3):  # capture + warm-up
         runner.forward(batch, hidden_in)
     torch.cuda.synchronize()
-    graph, _ = runner.decode_graphs.graphs[bucket_for(len(batch.chunks))]
+    graph, _ = runner.decode_graphs.graphs[runner.decode_graphs.key_for(batch)[0]]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
