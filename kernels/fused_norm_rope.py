@@ -24,6 +24,24 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_row_stride, width, eps, BLOCK: tl.
 
 
 @triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, x_row_stride, delta_row_stride, width, eps, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    # rounded to the stream's dtype first, as torch's add does; the norm reads the rounded sum
+    total = (x + delta).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * width + cols, total, mask=mask)
+    t = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(t * t, axis=0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, (t * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_pairs_kernel(
     x_ptr,
     cos_ptr,
@@ -31,6 +49,8 @@ def _rope_pairs_kernel(
     out_ptr,
     x_token_stride,
     x_head_stride,
+    out_token_stride,
+    out_head_stride,
     cos_stride,
     heads,
     half,
@@ -46,7 +66,7 @@ def _rope_pairs_kernel(
     odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + token * cos_stride + i, mask=i < half, other=0.0)[None, :]
     s = tl.load(sin_ptr + token * cos_stride + i, mask=i < half, other=0.0)[None, :]
-    dst = out_ptr + (token * heads + h[:, None]) * (2 * half) + 2 * i[None, :]
+    dst = out_ptr + token * out_token_stride + h[:, None] * out_head_stride + 2 * i[None, :]
     kind = out_ptr.dtype.element_ty
     tl.store(dst, (even * c - odd * s).to(kind), mask=mask)
     tl.store(dst + 1, (even * s + odd * c).to(kind), mask=mask)
@@ -93,6 +113,25 @@ def _write_latent_cache_kernel(
     tl.store(dst + width + 2 * i + 1, (even * s + odd * c).to(kind).to(cache_kind), mask=pair_mask)
 
 
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm in one pass: (x + delta, rms_norm(x + delta) * weight), both
+    contiguous in x.dtype; x, delta (T, W) with unit stride along W. Bit for bit the add then rms_norm."""
+    T, width = x.shape
+    if delta.shape != x.shape or delta.dtype != x.dtype or x.stride(-1) != 1 or delta.stride(-1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} and delta {tuple(delta.shape)} must match, unit last stride")
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if T:
+        block = triton.next_power_of_2(width)
+        _add_rms_norm_kernel[(T,)](
+            x, delta, weight, total, out, x.stride(0), delta.stride(0), width, eps,
+            BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        )  # fmt: skip
+    return total, out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., W) with unit stride along W (rows may be strided, e.g. a column slice), weight (W,):
     x / rms(x) * weight in fp32, returned contiguous in x.dtype."""
@@ -114,22 +153,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_pairs(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotates adjacent pairs (x[2i], x[2i+1]) by angle i. x (T, ..., R), the last dim of unit stride;
-    cos, sin (T, R/2) fp32. Returns a contiguous tensor of x's shape and dtype."""
+    cos, sin (T, R/2) fp32. Returns a contiguous tensor of x's shape and dtype, or writes `out` (x's
+    shape and dtype, unit stride along R, rows may be strided; `out` may be x itself: in place)."""
     T, R = x.shape[0], x.shape[-1]
     view = x if x.dim() == 3 else x.reshape(T, -1, R)
     if view.stride(-1) != 1:
         view = view.contiguous()
     heads, half = view.shape[1], R // 2
     cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    target = out if out.dim() == 3 else out.view(T, -1, R)
+    if target.shape != view.shape or target.stride(-1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"out {tuple(out.shape)} must have x's shape {tuple(x.shape)}, dtype and a unit last stride")
     if T and heads:
         block_heads = min(16, triton.next_power_of_2(heads))
         grid = (T, triton.cdiv(heads, block_heads))
+        # each program reads its pairs before writing them: out may alias x
         _rope_pairs_kernel[grid](
-            view, cos, sin, out, view.stride(0), view.stride(1), cos.stride(0), heads, half,
-            BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
+            view, cos, sin, target, view.stride(0), view.stride(1), target.stride(0), target.stride(1),
+            cos.stride(0), heads, half, BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
         )  # fmt: skip
     return out
 

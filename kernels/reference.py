@@ -25,17 +25,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * weight.float()).to(x.dtype)
 
 
-def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (x + delta, rms_norm(x + delta, weight, eps))."""
+    total = x + delta
+    return total, rms_norm(total, weight, eps)
+
+
+def apply_rope_pairs(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotates adjacent pairs (x[2i], x[2i+1]) by angle i, as GGUF deepseek2 lays rope dims out.
 
-    x (T, ..., R); cos, sin (T, R/2) for each token's position.
+    x (T, ..., R); cos, sin (T, R/2) for each token's position. With `out` (x's shape and dtype; x itself
+    for in place) the result is written there and out is returned.
     """
     shape = x.shape
     pairs = x.float().reshape(shape[0], -1, shape[-1] // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
-    return rotated.reshape(shape).to(x.dtype)
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).reshape(shape).to(x.dtype)
+    if out is None:
+        return rotated
+    return out.copy_(rotated)
 
 
 def write_latent_cache(

@@ -139,7 +139,8 @@ def test_decode_graphs_take_the_split_count_of_the_context_not_of_the_capacity(m
         key, chosen = graphed.key_for(batch)
         assert chosen == context and key == (1, decode_splits(1, heads, 1, context, "cuda"))
         out = {name: runner.forward(batch).float() for name, runner in runners.items()}
-        torch.testing.assert_close(out["1"], out["0"], rtol=2e-2, atol=2e-2)
+        # bf16 hidden states of a residual stream: compared by norm (an ulp at |x| ~ 4 is 0.03)
+        assert float((out["1"] - out["0"]).norm() / out["0"].norm()) < 1e-2
     splits = sorted(s for _, s in graphed.graphs)
     assert splits == [decode_splits(1, heads, 1, n, "cuda") for n in (256, 8192)]
     assert splits[1] < decode_splits(1, heads, 1, 16384, "cuda")  # what the capacity would have taken

@@ -218,6 +218,8 @@ def test_prefill_padded_plan_changes_no_real_row():
 
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_prefill_head_steps_are_bit_identical(use_triton):
+    if not use_triton and DEVICE == "cuda":
+        pytest.skip("the torch reference's batched GEMMs pick algorithms by head count on a GPU; it runs on CPU")
     heads = 5  # odd: the steps cannot divide it
     _, args = prefill_inputs(heads, [2, 40], [33, 90], torch.float32)
     run = mla_prefill if use_triton else reference.mla_prefill

@@ -71,6 +71,40 @@ def test_rope_of_the_models_slices(dtype):
     close(fused_norm_rope.apply_rope_pairs(k, cos, sin), reference.apply_rope_pairs(k, cos, sin), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place_into_the_query_slice(dtype):
+    """The attention rotates q[..., N:] in place inside a (T, q_rows + 576) projection's column slice: the
+    rope part equals the out-of-place rotation bit for bit, and nothing else of the row changes."""
+    T, H, N, R, extra = 6, 5, 24, 16, 19
+    cos, sin = tables(T, R // 2)
+    for rope in (fused_norm_rope.apply_rope_pairs, reference.apply_rope_pairs):
+        projected = torch.randn(T, H * (N + R) + extra, device=DEVICE).to(dtype)
+        before = projected.clone()
+        q = projected[:, : H * (N + R)].view(T, H, N + R)
+        expected = rope(q[..., N:], cos, sin)
+        returned = rope(q[..., N:], cos, sin, out=q[..., N:])
+        assert returned.data_ptr() == q[..., N:].data_ptr()
+        assert torch.equal(q[..., N:], expected)
+        assert torch.equal(q[..., :N], before[:, : H * (N + R)].view(T, H, N + R)[..., :N])
+        assert torch.equal(projected[:, H * (N + R) :], before[:, H * (N + R) :])
+    with pytest.raises(ValueError, match="must have x's shape"):
+        fused_norm_rope.apply_rope_pairs(q[..., N:], cos, sin, out=torch.empty(T, H, R + 2, device=DEVICE, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (5, 512), (9, 2048), (3, 100)])
+def test_add_rms_norm_is_the_add_then_the_norm(shape, dtype):
+    x = (torch.randn(shape, device=DEVICE) * 3 + 0.5).to(dtype)
+    delta = torch.randn(shape, device=DEVICE).to(dtype)
+    weight = torch.rand(shape[-1], device=DEVICE) + 0.5
+    total, normed = fused_norm_rope.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)  # bit for bit what the separate add and Triton norm give
+    assert torch.equal(normed, fused_norm_rope.rms_norm(x + delta, weight, 1e-6))
+    ref_total, ref_normed = reference.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, ref_total)
+    close(normed, ref_normed, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # write_latent_cache: kv norm of latent[:, :C] and rope of latent[:, C:], scattered into the paged cache
 

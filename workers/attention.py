@@ -115,8 +115,10 @@ class MLAAttention:
             q, latent = (ops.linear(x, w) for w in self.w_q_and_latent)
         if self.has_q_lora:
             q = ops.linear(ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps), self.wq_b)
+        # the rope part rotated in place: q is then the whole query the decompressed path takes, with no
+        # concatenated copy (q_nope and q_pe stay views of it for the absorbed path)
         q = q.view(T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin)
+        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin, out=q[..., N:])
 
         # the new tokens' latent rows: normed c_kv and roped k_pe, written straight into their cache slots
         ops.write_latent_cache(
@@ -127,7 +129,7 @@ class MLAAttention:
         if meta.naive is None and meta.absorbed is not None:  # a pure decode batch
             out = self._absorbed(q_nope, q_pe, meta.absorbed, kv_cache)
         elif meta.absorbed is None and meta.naive is not None:  # a pure prefill batch
-            out = self._decompressed(torch.cat((q_nope, q_pe), dim=-1), meta.naive, kv_cache)
+            out = self._decompressed(q, meta.naive, kv_cache)
         else:  # mixed: each path gathers its rows and scatters its output back
             out = x.new_empty(T, H, cfg.v_head_dim)
             if meta.absorbed is not None:
@@ -135,8 +137,7 @@ class MLAAttention:
                 out[rows] = self._absorbed(q_nope[rows], q_pe[rows], meta.absorbed, kv_cache)
             if meta.naive is not None:
                 rows = meta.naive.token_rows
-                q_full = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
-                out[rows] = self._decompressed(q_full, meta.naive, kv_cache)
+                out[rows] = self._decompressed(q[rows], meta.naive, kv_cache)
         return ops.linear(out.reshape(T, H * cfg.v_head_dim), self.wo)
 
     def _absorbed(

@@ -27,6 +27,7 @@ TRITON_MODULES = {
     "moe_routing": "mlapipe.kernels.moe_routing",
     "fused_moe": "mlapipe.kernels.fused_moe",
     "rms_norm": "mlapipe.kernels.fused_norm_rope",
+    "add_rms_norm": "mlapipe.kernels.fused_norm_rope",
     "apply_rope_pairs": "mlapipe.kernels.fused_norm_rope",
     "write_latent_cache": "mlapipe.kernels.fused_norm_rope",
 }
@@ -159,8 +160,12 @@ def rms_norm(x, weight, eps):
     return _pick("rms_norm", x.device)(x, weight, eps)
 
 
-def apply_rope_pairs(x, cos, sin):
-    return _pick("apply_rope_pairs", x.device)(x, cos, sin)
+def add_rms_norm(x, delta, weight, eps):
+    return _pick("add_rms_norm", x.device)(x, delta, weight, eps)
+
+
+def apply_rope_pairs(x, cos, sin, out=None):
+    return _pick("apply_rope_pairs", x.device)(x, cos, sin, out=out)
 
 
 def write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping):
