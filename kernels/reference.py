@@ -267,6 +267,11 @@ def fused_moe(
     return out.to(hidden.dtype)
 
 
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2, I): silu(x[..., 0, :]) * x[..., 1, :] (..., I), as torch computes it."""
+    return F.silu(x[..., 0, :]) * x[..., 1, :]
+
+
 def dense_mlp(
     hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:

@@ -28,6 +28,7 @@ TRITON_MODULES = {
     "fused_moe": "mlapipe.kernels.fused_moe",
     "rms_norm": "mlapipe.kernels.fused_norm_rope",
     "add_rms_norm": "mlapipe.kernels.fused_norm_rope",
+    "silu_mul": "mlapipe.kernels.silu_mul",
     "apply_rope_pairs": "mlapipe.kernels.fused_norm_rope",
     "write_latent_cache": "mlapipe.kernels.fused_norm_rope",
 }
@@ -158,6 +159,10 @@ def embedding(token_ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tenso
 
 def rms_norm(x, weight, eps):
     return _pick("rms_norm", x.device)(x, weight, eps)
+
+
+def silu_mul(x):
+    return _pick("silu_mul", x.device)(x)
 
 
 def add_rms_norm(x, delta, weight, eps):

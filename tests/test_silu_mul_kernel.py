@@ -1,0 +1,34 @@
+"""The SiLU*up kernel (kernels/silu_mul.py) against the torch form, on random data of odd widths.
+Without a GPU it runs in the interpreter."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+
+from mlapipe.kernels import reference, silu_mul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2, 7), (5, 2, 2, 1408), (3, 2, 1500), (9, 1, 2, 2048)])
+def test_silu_mul_matches_torch(shape, dtype):
+    x = (torch.randn(shape, device=DEVICE) * 4).to(dtype)
+    ours, ref = silu_mul.silu_mul(x), reference.silu_mul(x)
+    assert ours.shape == ref.shape == shape[:-2] + shape[-1:] and ours.dtype == dtype
+    # the same two roundings as torch; exp and the division may differ in their last fp32 bits (a few
+    # fp32 ulps), which rounding to a half type almost always hides: at most 4 ulps of the dtype
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((ours.float() - ref.float()).abs() <= 4 * ulp + 1e-30).all())
+
+
+def test_silu_mul_refuses_a_strided_input():
+    x = torch.randn(4, 2, 2, 16, device=DEVICE)[:, :, :, :8]
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_mul.silu_mul(x)
