@@ -15,6 +15,7 @@ from mlapipe.runtime.engine import Engine
 from mlapipe.runtime.planner import stage_tensor_names
 from mlapipe.runtime.sampling_params import SamplingParams
 from mlapipe.runtime.shapes import SHAPES, random_spec
+from mlapipe.runtime.timeline import render
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--dequantize", action="store_true", help="decode every weight at load (the bf16 baseline)"
     )
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after each test, a per-stage text timeline of its last repetition (where stages wait)",
+    )
 
 
 def run(args) -> int:
@@ -93,7 +99,7 @@ def run(args) -> int:
     tests += [Test(f"tg{n}@d{d}", d, n) for d, n in args.gen_at_depth]
     longest = max(t.prompt + t.generate for t in tests) + 1
     header = ["model", "wtype", "pipeline", "ubatch", "amb", "steps", "seqs", "test", "t/s"]
-    rows, reports = [], []  # the table comes first on stdout, then each engine's memory report
+    rows, reports, figures = [], [], []  # on stdout: the table, each engine's memory report, timelines
     sweep = itertools.product(args.wtype, args.pipeline, args.ubatch, args.amb, args.decode_steps)
     for wtype, pipeline, ubatch, amb, decode_steps in sweep:
         model = path or random_spec(args.shape, args.layers, wtype=wtype)
@@ -116,7 +122,15 @@ def run(args) -> int:
             kind = (wtype or ("file" if path else "BF16")) + (" (dequantized)" if args.dequantize else "")
             reports.append(memory_report(engine, f"{name} {kind}"))
             for seqs, test in itertools.product(args.concurrent, tests):
-                rates = [_measure(engine, test, seqs, seed=i) for i in range(args.repetitions + 1)][1:]
+                rates = []
+                for i in range(args.repetitions + 1):
+                    if args.timeline and i == args.repetitions:
+                        engine.executor.timelines()  # drops the earlier repetitions' spans
+                    rates.append(_measure(engine, test, seqs, seed=i))
+                rates = rates[1:]
+                if args.timeline:
+                    label = f"{name} {kind}, pipeline {pipeline}, ubatch {ubatch}, {seqs} seqs, {test.name}"
+                    figures.append(f"{label}, last repetition:\n{render(engine.executor.timelines())}")
                 spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
                 rows.append(
                     [
@@ -138,6 +152,8 @@ def run(args) -> int:
     print(_markdown(header, rows))
     for report in reports:
         print(f"\n{report}")
+    for figure in figures:
+        print(f"\n{figure}")
     return 0
 
 

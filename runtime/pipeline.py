@@ -271,6 +271,10 @@ class RayPipeline:
     def stats(self) -> list[dict]:
         return self._get([a.stats.remote() for a in self.actors], timeout=30)
 
+    def timelines(self) -> list[list[tuple]]:
+        """Per stage, its forward spans since the last call (workers/stage_timeline.py)."""
+        return self._get([a.timeline_spans.remote() for a in self.actors], timeout=30)
+
     def shutdown(self, wait_s: float = 30.0) -> None:
         """Kills the stage actors (their processes exit, which frees their devices whatever state a
         stage is in) and the rendezvous actor, removes the placement group, and waits up to wait_s for

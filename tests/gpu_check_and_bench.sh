@@ -27,7 +27,7 @@ if [[ $what == single || $what == all || $what == benches ]]; then
   bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 | tee "$out/bench_single.log"
 fi
 if [[ $what == pipeline || $what == all || $what == benches ]]; then
-  bench -p 2048 -n 0 --concurrent 8 --pipeline 1,2 -ub 2048 -r 5 | tee "$out/bench_prefill_pipeline.log"
+  bench -p 2048 -n 0 --concurrent 8 --pipeline 1,2 -ub 2048 -r 5 --timeline | tee "$out/bench_prefill_pipeline.log"
   bench -p 0 -n 128 --concurrent 64 --pipeline 1,2 | tee "$out/bench_decode_pipeline.log"
 fi
 if [[ $what == decode ]]; then

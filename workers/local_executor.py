@@ -31,7 +31,7 @@ class LocalExecutor:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         self.stage = StageWorker(0, 1)
-        self.stage.device = device  # this process's device as it is: no Ray
+        self.stage.use_device(device)  # this process's device as it is: no Ray
         if check_plan is not None:  # before any weight is read
             num_kv_blocks = check_plan([{"stage": 0, **describe_device(device)}]) or num_kv_blocks
         self.num_kv_blocks = num_kv_blocks
@@ -49,6 +49,10 @@ class LocalExecutor:
 
     def stats(self) -> list[dict]:
         return [self.stage.stats()]
+
+    def timelines(self) -> list[list[tuple]]:
+        """Per stage, its forward spans since the last call (workers/stage_timeline.py)."""
+        return [self.stage.timeline_spans()]
 
     def shutdown(self) -> None:
         """Frees the weights and the cache now, not when the engine object is collected: an engine sized

@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import deque
 
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.workers.stage_timeline import StageTimeline
 
 
 class StageWorker:
@@ -30,8 +30,7 @@ class StageWorker:
         self.runner = None
         self.transport = None
         self.device = "cpu"
-        self.forward_seconds = 0.0
-        self._pending_timings: deque = deque()  # (start, end) CUDA events of batches still running
+        self.timeline = StageTimeline("cpu")  # when each forward step ran (remade for the device)
         self.transport_wait_seconds = 0.0
         self.batches_done = 0
         self.steps_done = 0  # forward steps (a decode round of K steps counts K)
@@ -53,10 +52,15 @@ class StageWorker:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"stage {self.stage}: asked for a GPU but CUDA is not available here")
             torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
-            self.device = "cuda"
+            self.use_device("cuda")
         else:
             torch.set_num_threads(cpu_threads)
         return {"stage": self.stage, **describe_device(self.device), "ip": _node_ip(), "node_id": _node_id()}
+
+    def use_device(self, device: str) -> None:
+        """This process's device as it is (the in-process executor's; init_device's after its checks)."""
+        self.device = device
+        self.timeline = StageTimeline(device)
 
     def load_layers(self, model, first_layer: int, end_layer: int, **runner_options) -> int:
         """Reads only this stage's tensors from the GGUF (a path, or a model already open in this
@@ -164,15 +168,10 @@ class StageWorker:
                 _key(step, k), (step.num_tokens, self.hidden_size), self.runner.dtype
             )
             self.transport_wait_seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        timing = self._gpu_timing_start()
+        # no host sync on a GPU: the next step's launches overlap this one's GPU work
+        started = self.timeline.begin()
         hidden = self.runner.forward(step, hidden_in, token_ids)
-        if timing is None:
-            self.forward_seconds += time.perf_counter() - started
-        else:  # no host sync: the next step's launches overlap this one's GPU work
-            timing[1].record()
-            self._pending_timings.append(timing)
-            self._collect_gpu_timings()
+        self.timeline.end(started, step.batch_id, k)
         return hidden
 
     def _send_hidden(self, step: MicroBatch, k: int, hidden) -> None:
@@ -188,26 +187,16 @@ class StageWorker:
         self.transport_wait_seconds += time.perf_counter() - started
         return tokens
 
-    def _gpu_timing_start(self):
-        if self.device != "cuda":
-            return None
-        import torch
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        return start, end
-
-    def _collect_gpu_timings(self) -> None:
-        """Adds the forward time of batches whose GPU work has finished (never waits for the others)."""
-        while self._pending_timings and self._pending_timings[0][1].query():
-            start, end = self._pending_timings.popleft()
-            self.forward_seconds += start.elapsed_time(end) / 1e3
+    def timeline_spans(self) -> list[tuple[int, int, float, float]]:
+        """This stage's forward spans since the last call: (batch id, step, start, end) in seconds of
+        the host's monotonic clock (runtime/timeline.py draws them)."""
+        return self.timeline.take()
 
     def stats(self) -> dict:
-        self._collect_gpu_timings()
+        self.timeline.collect()
         return {
             "stage": self.stage,
-            "forward_seconds": self.forward_seconds,
+            "forward_seconds": self.timeline.busy_seconds,
             "transport_wait_seconds": self.transport_wait_seconds,
             "batches": self.batches_done,
             "steps": self.steps_done,
@@ -227,7 +216,7 @@ class StageWorker:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-        self._pending_timings.clear()  # CUDA events
+        self.timeline.clear()  # CUDA events
         if self.runner is not None:
             from mlapipe.workers.model_runner import free_cached_memory
 
