@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
 from mlapipe.runtime.detokenizer import IncrementalDetokenizer
+from mlapipe.runtime.engine_args import check_engine_args, default_device, tls_files
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
+from mlapipe.runtime.loading_bar import loading_bar, stage_progress
 from mlapipe.runtime.metrics import EngineMetrics
 from mlapipe.runtime.planner import (
     DEFAULT_KV_MEMORY_FRACTION,
@@ -37,7 +37,6 @@ from mlapipe.runtime.shapes import RandomModel, is_random_spec
 from mlapipe.runtime.threads import cpu_threads as default_cpu_threads
 from mlapipe.runtime.tokenizer import GGUFTokenizer
 
-TRANSPORTS = ("nccl", "gloo", "grpc")
 DEFAULT_N_CTX = 4096  # capped by the model's context_length
 
 Prompt = str | Sequence[int]
@@ -119,7 +118,7 @@ class Engine:
             transport=transport,
             devices=devices,
         )
-        tls = _tls_files(transport_tls, transport)
+        tls = tls_files(transport_tls, transport)
         if address:  # a cluster that does not answer fails now, not after the model is read
             from mlapipe.runtime.ray_local import check_reachable
 
@@ -137,7 +136,7 @@ class Engine:
         blocks_per_seq = -(-self.n_ctx // block_size)
         if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
-        device = devices or _default_device()
+        device = devices or default_device()
         self.cpu_threads = cpu_threads or default_cpu_threads()
         # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
         # else (CPU: the test and oracle path) 4 sequences of n_ctx.
@@ -196,7 +195,7 @@ class Engine:
             check_fits(self.plan, [d["free_bytes"] for d in device_infos], names)
             return fixed_blocks
 
-        loading = _loading_bar(self.model, progress)
+        loading = loading_bar(self.model, progress)
         if use_pipeline:
             self.executor = self._start_pipeline(
                 pipeline,
@@ -211,7 +210,7 @@ class Engine:
                 fixed_blocks,
                 block_size,
                 tls,
-                _stage_progress(loading, self.config.num_layers, pipeline),
+                stage_progress(loading, self.config.num_layers, pipeline),
             )
         else:
             from mlapipe.workers.local_executor import LocalExecutor  # the driver imports GPU code only here
@@ -469,77 +468,6 @@ class Engine:
         )
 
 
-def _tls_files(text: str | None, transport: str | None):
-    if text is None:
-        return None
-    from mlapipe.workers.transport.tls import TlsFiles
-
-    if transport != "grpc":
-        raise ValueError(
-            f"transport_tls secures the grpc transport; transport is {transport or 'its default'}"
-        )
-    return TlsFiles.parse(text)
-
-
-def check_engine_args(
-    *,
-    pipeline,
-    amb,
-    ubatch,
-    n_ctx,
-    block_size,
-    kv_blocks,
-    max_seqs_per_batch,
-    decode_steps,
-    deadline_s,
-    metrics_port,
-    transport,
-    devices,
-) -> None:
-    """Refuses engine settings out of range before anything is loaded (the CLI's argparse types check
-    the same ranges, so a user sees the flag's name; this names the keyword)."""
-
-    def integer(name, value, low, high=None, optional=False):
-        if optional and value is None:
-            return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, Integral)
-            or value < low
-            or (high and value > high)
-        ):
-            span = f"in [{low}, {high}]" if high else f"at least {low}"
-            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
-
-    integer("pipeline", pipeline, 1)
-    integer("ubatch", ubatch, 1)
-    integer("n_ctx", n_ctx, 2, optional=True)
-    integer("block_size", block_size, 1)
-    integer("kv_blocks", kv_blocks, 1, optional=True)
-    integer("max_seqs_per_batch", max_seqs_per_batch, 1)
-    integer("decode_steps", decode_steps, 1)
-    integer("metrics_port", metrics_port, 0, 65535, optional=True)
-    ambs = [amb] if isinstance(amb, (int, float)) else list(amb)
-    if not ambs or any(
-        isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0 for a in ambs
-    ):
-        raise ValueError(
-            f"amb must be a finite number of MiB >= 0 (0: unlimited), or one per stage, got {amb!r}"
-        )
-    if len(ambs) > 1 and len(ambs) != pipeline:
-        raise ValueError(
-            f"amb has {len(ambs)} values for {pipeline} pipeline stages; give one or one per stage"
-        )
-    if not (isinstance(deadline_s, (int, float)) and math.isfinite(deadline_s) and deadline_s > 0):
-        raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
-    if transport is not None and transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    if devices is not None and devices not in ("cuda", "cpu"):
-        raise ValueError(f"devices must be 'cuda' or 'cpu', got {devices!r}")
-    if transport == "nccl" and (devices == "cpu" or (devices is None and _default_device() == "cpu")):
-        raise ValueError("transport nccl needs CUDA GPUs; on CPU use gloo or grpc")
-
-
 def open_tokenizer(model: GGUFModel) -> GGUFTokenizer:
     """The file's tokenizer; anything wrong with its tokenizer.* metadata is the file's error."""
     from mlapipe.runtime.gguf_model import ModelFileError
@@ -563,44 +491,3 @@ def open_tokenizer(model: GGUFModel) -> GGUFTokenizer:
 def _raise_if_failed(request: Request) -> None:
     if request.finish_reason and request.finish_reason.startswith("error"):
         raise RequestFailed(f"request {request.request_id} failed: {request.finish_reason[7:]}")
-
-
-def _loading_bar(model, enabled: bool | None):
-    """A bar over the bytes the model's tensors take in the file, with the rate (GB/s), advanced as
-    this process loads each tensor (the in-process executor); pipeline stages load theirs in their
-    actors, and it advances by a stage's share (its layers' part of the bytes) as each stage is ready."""
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=getattr(model, "load_bytes", 0),
-        desc="loading weights",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        file=sys.stderr,
-        disable=None if enabled is None else not enabled,  # None: only on a terminal
-        leave=False,
-    )
-    if hasattr(model, "on_bytes_read"):
-        model.on_bytes_read = bar.update
-    return bar
-
-
-def _stage_progress(bar, num_layers: int, num_stages: int):
-    """on_stage_loaded for a pipeline: each stage ready adds its layers' share of the bytes; the last
-    one fills the bar."""
-    ready = []
-
-    def on_stage_loaded(stage) -> None:
-        ready.append(stage)
-        share = round(bar.total * (stage.end_layer - stage.first_layer) / num_layers)
-        bar.update(bar.total - bar.n if len(ready) == num_stages else min(share, bar.total - bar.n))
-        bar.refresh()  # a stage's whole share at once: show it even if the last refresh was recent
-
-    return on_stage_loaded
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
