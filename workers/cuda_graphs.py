@@ -26,13 +26,42 @@ from mlapipe.runtime.microbatch import MicroBatch
 from mlapipe.workers.attention import AttentionMetadata, SequenceGroup
 
 
+class GraphCapturer:
+    """Captures a runner's forward passes into CUDA graphs of one memory pool (one graph replays at a
+    time, so decode and prefill graphs share their intermediates) from one side stream (one cuBLAS
+    workspace for all captures)."""
+
+    WARMUP_RUNS = 2  # Triton compiles and autotunes in these, never inside the capture
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream()
+
+    def capture(self, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Runs forward() WARMUP_RUNS times on the side stream, then captures one more run; returns the
+        graph and the run's output (a tensor of the pool that every replay overwrites)."""
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_RUNS):
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = forward()
+        return graph, output
+
+
 def bucket_for(num_seqs: int) -> int:
     return 1 << max(0, (num_seqs - 1).bit_length())
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int, max_blocks_per_seq: int, scratch_block: int):
+    def __init__(
+        self, runner, max_batch: int, max_blocks_per_seq: int, scratch_block: int, capturer: GraphCapturer
+    ):
         self.runner = runner
+        self.capturer = capturer
         self.max_batch = max_batch
         self.scratch_block = scratch_block
         device, cfg = runner.device, runner.cfg
@@ -46,8 +75,6 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, splits)
-        self.pool = None
-        self._capture_stream: torch.cuda.Stream | None = None  # one for all captures: one cuBLAS workspace
 
     def accepts(self, batch: MicroBatch) -> bool:
         return len(batch.chunks) <= self.max_batch and all(
@@ -138,20 +165,7 @@ class DecodeGraphs:
         return runner.shard.forward(inputs, meta, runner.kv_cache)
 
     def _capture(self, bucket: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream first: Triton compiles and autotunes there, never inside the capture.
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream()
-        stream = self._capture_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(bucket, context)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self._forward(bucket, context)
-        self.pool = graph.pool()
-        return graph, output
+        return self.capturer.capture(lambda: self._forward(bucket, context))
 
     def release(self) -> None:
         """Destroys the graphs and drops the static buffers; the graphs' private pool goes back to the
@@ -160,8 +174,7 @@ class DecodeGraphs:
         for graph, _ in self.graphs.values():
             graph.reset()
         self.graphs.clear()
-        self.pool = None
-        self._capture_stream = None
+        self.capturer = None
         for name in ("token_ids", "hidden_in", "positions", "slots", "block_table", "seq_lens",
                      "query_start_loc", "rows"):  # fmt: skip
             setattr(self, name, None)

@@ -104,7 +104,7 @@ class MoEBlock:
             out = routed
             for j in range(E, E + n):
                 gate_up = ops.linear(x, self.w_gate_up[j])
-                out = out + ops.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.w_down[j])
+                out = out + ops.linear(ops.silu_mul(gate_up.view(T, 2, inter)), self.w_down[j])
             return out
         gate_up = (x @ self.w_gate_up[E:].reshape(n * 2 * inter, -1).t()).view(T, n, 2, inter)
         act = ops.silu_mul(gate_up)  # (T, n, I)
@@ -133,12 +133,11 @@ class SwiGLU:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.plain:
             return reference.dense_mlp(h, self.gate, self.up, self.down)
-        if self.gate_up is not None:
-            gate_up = ops.linear(h, self.gate_up)
-            gate, up = gate_up[:, : self.inter], gate_up[:, self.inter :]
+        if self.gate_up is not None:  # rows [0, I) gate, [I, 2I) up: one SiLU*up kernel over the pairs
+            act = ops.silu_mul(ops.linear(h, self.gate_up).view(-1, 2, self.inter))
         else:
-            gate, up = ops.linear(h, self.gate), ops.linear(h, self.up)
-        return ops.linear(F.silu(gate) * up, self.down)
+            act = F.silu(ops.linear(h, self.gate)) * ops.linear(h, self.up)
+        return ops.linear(act, self.down)
 
 
 class DecoderLayer:

@@ -23,7 +23,7 @@ from mlapipe.runtime.microbatch import MicroBatch, StepOutput
 from mlapipe.runtime.shapes import RandomModel, is_random_spec
 from mlapipe.runtime.weight_storage import storage_forms
 from mlapipe.workers.attention import AttentionMetadata, build_group
-from mlapipe.workers.cuda_graphs import DecodeGraphs
+from mlapipe.workers.cuda_graphs import DecodeGraphs, GraphCapturer
 from mlapipe.workers.kv_cache import allocate_latent_cache, slot_mapping
 from mlapipe.workers.layers import ModelShard
 from mlapipe.workers.ops import uses_reference
@@ -163,15 +163,11 @@ class ModelRunner:
         )
         if use_graphs:
             max_blocks = -(-(max_seq_len or num_blocks * block_size) // block_size)
-            self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, scratch_block=num_blocks)
+            capturer = GraphCapturer()  # one pool and one capture stream for both kinds of graph
+            self.decode_graphs = DecodeGraphs(self, MAX_GRAPH_BATCH, max_blocks, num_blocks, capturer)
             # MLAPIPE_PREFILL_GRAPHS=0 runs prefill eagerly (benches measure the two in one run)
             if os.environ.get("MLAPIPE_PREFILL_GRAPHS", "1") != "0" and not uses_reference(self.device):
-                self.decode_graphs.pool = (
-                    torch.cuda.graph_pool_handle()
-                )  # one pool: one graph replays at a time
-                self.prefill_graphs = PrefillGraphs(
-                    self, scratch_block=num_blocks, pool=self.decode_graphs.pool
-                )
+                self.prefill_graphs = PrefillGraphs(self, scratch_block=num_blocks, capturer=capturer)
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def release(self) -> None:

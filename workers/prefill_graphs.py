@@ -110,12 +110,11 @@ class _Graph:
 
 
 class PrefillGraphs:
-    def __init__(self, runner, scratch_block: int, pool):
+    def __init__(self, runner, scratch_block: int, capturer):
         self.runner = runner
         self.scratch_row = scratch_block * runner.block_size
-        self.pool = pool  # shared with the decode graphs: one replays at a time
+        self.capturer = capturer  # the decode graphs' too (workers/cuda_graphs.py)
         self.graphs: dict[Bucket, _Graph] = {}
-        self._capture_stream: torch.cuda.Stream | None = None
 
     def accepts(self, batch: MicroBatch) -> bool:
         runner = self.runner
@@ -164,30 +163,20 @@ class PrefillGraphs:
             entry.hidden_in[:row].copy_(hidden_in)
 
     def _capture(self, entry: _Graph) -> None:
-        # Warm up on a side stream first: Triton compiles and autotunes there, never inside the capture.
-        # The warm-up runs write the batch's own latent rows (the replay writes the same values again).
+        # The warm-up runs write the batch's own latent rows (the replay writes the same values again);
+        # the amb head steps they and the capture take are counted per replay instead.
         attention = [layer.attention for layer in self.runner.shard.layers]
         counted = [a.amb_steps_taken for a in attention]
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream()
-        stream = self._capture_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                entry.forward(self.runner)
-        torch.cuda.current_stream().wait_stream(stream)
-        entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, pool=self.pool):
-            entry.output = entry.forward(self.runner)
-        entry.head_steps = [(a.amb_steps_taken - before) // 3 for a, before in zip(attention, counted)]
+        entry.graph, entry.output = self.capturer.capture(lambda: entry.forward(self.runner))
+        runs = self.capturer.WARMUP_RUNS + 1
+        entry.head_steps = [(a.amb_steps_taken - before) // runs for a, before in zip(attention, counted)]
         for a, before in zip(attention, counted):
-            a.amb_steps_taken = before  # counted by replays only
+            a.amb_steps_taken = before
 
     def release(self) -> None:
         torch.cuda.synchronize()
         for entry in self.graphs.values():
             entry.graph.reset()
         self.graphs.clear()
-        self.pool = None
-        self._capture_stream = None
+        self.capturer = None
         self.runner = None
