@@ -92,8 +92,8 @@ class _Graph:
             num_tokens=T, num_sequences=S, max_query_len=T, latent_rows=self.latent_rows, meta=self.meta,
             zero_unowned_rows=True,
         )  # fmt: skip
-        # block_table / seq_lens / query_start_loc are what launches without a plan would read; with
-        # the plan given only the plan is read
+        # token_rows (a mixed batch's gather) and block_table / seq_lens / query_start_loc (what a launch
+        # without a plan reads) are never read here: every row takes this path and the plan is given
         group = SequenceGroup(
             token_rows=self.positions,
             block_table=self.meta,
