@@ -106,3 +106,42 @@ def test_graphed_prefill_bits_do_not_depend_on_amb(model, monkeypatch):
         assert torch.equal(outs[0], outs[1])
     steps = [sum(layer.attention.amb_steps_taken for layer in r.shard.layers) for r in runners]
     assert steps[1] > steps[0] > 0  # the small budget took more head steps, and replays counted them
+
+
+class _Cycle:
+    """Unreachable garbage that holds a captured graph: only the cycle collector frees it."""
+
+    def __init__(self, graph):
+        self.graph, self.me = graph, self
+
+
+@pytest.mark.gpu
+def test_garbage_graphs_are_not_freed_inside_a_capture():
+    """A graph destroyed during another capture invalidates that capture; a dropped runner's graphs are
+    such garbage, and the cycle collector may run at any allocation. The capturer keeps it off while
+    capturing."""
+    import gc
+
+    from mlapipe.workers.cuda_graphs import GraphCapturer
+
+    capturer = GraphCapturer()
+    x = torch.randn(64, 64, device="cuda")
+    held = [capturer.capture(lambda: x @ x)[0]]
+    calls = []
+
+    def forward():
+        calls.append(1)
+        if len(calls) == capturer.WARMUP_RUNS + 1:  # inside the capture: the old graph becomes garbage
+            _Cycle(held.pop())
+            _ = [[] for _ in range(1000)]  # enough allocations to start the collector at threshold 1
+        return (x @ x).relu()
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        graph, out = capturer.capture(forward)
+    finally:
+        gc.set_threshold(*threshold)
+    gc.collect()  # the old graph goes now, outside any capture
+    graph.replay()
+    torch.testing.assert_close(out, (x @ x).relu())

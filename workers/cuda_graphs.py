@@ -19,6 +19,8 @@ so they never touch real cache rows and their outputs are dropped.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from mlapipe.kernels.norm_rope import rope_cos_sin
@@ -46,9 +48,19 @@ class GraphCapturer:
             for _ in range(self.WARMUP_RUNS):
                 forward()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = forward()
+        # A graph destroyed while another is being captured (cudaGraphExecDestroy) invalidates that
+        # capture. Unreachable runners holding graphs are freed by Python's cycle collector, which may
+        # run at any allocation: collect now, and not again until the capture has ended.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = forward()
+        finally:
+            if collecting:
+                gc.enable()
         return graph, output
 
 
