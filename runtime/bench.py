@@ -63,7 +63,9 @@ def add_parser(sub) -> None:
         help="N tokens generated after a D-token prompt (repeatable)",
     )
     p.add_argument("--pipeline", type=_ints, default=[1], help="pipeline sizes to sweep")
-    p.add_argument("-ub", "--ubatch", type=_ints, default=[2048], help="micro-batch token budgets")
+    p.add_argument(
+        "-ub", "--ubatch", type=_ints, default=[None], help="micro-batch token budgets (default: the engine's)"
+    )
     p.add_argument("--amb", type=_floats, default=[0.0], help="attention max batch in MiB (0 = unlimited)")
     p.add_argument("--concurrent", type=_ints, default=[1], help="concurrent sequences")
     p.add_argument("--decode-steps", type=_ints, default=[16], help="decode tokens per driver round trip")
@@ -129,7 +131,7 @@ def run(args) -> int:
                     rates.append(_measure(engine, test, seqs, seed=i))
                 rates = rates[1:]
                 if args.timeline:
-                    label = f"{name} {kind}, pipeline {pipeline}, ubatch {ubatch}, {seqs} seqs, {test.name}"
+                    label = f"{name} {kind}, pipeline {pipeline}, ubatch {engine.ubatch}, {seqs} seqs, {test.name}"
                     figures.append(f"{label}, last repetition:\n{render(engine.executor.timelines())}")
                 spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
                 rows.append(
@@ -137,7 +139,7 @@ def run(args) -> int:
                         name,
                         kind,
                         pipeline,
-                        ubatch,
+                        engine.ubatch,
                         f"{amb:g}",
                         decode_steps,
                         seqs,

@@ -18,7 +18,7 @@ from numbers import Integral
 
 from mlapipe.runtime.block_manager import BlockManager
 from mlapipe.runtime.detokenizer import IncrementalDetokenizer
-from mlapipe.runtime.engine_args import check_engine_args, default_device, tls_files
+from mlapipe.runtime.engine_args import DEFAULT_UBATCH, check_engine_args, default_device, tls_files
 from mlapipe.runtime.errors import StageFailed
 from mlapipe.runtime.gguf_model import GGUFModel
 from mlapipe.runtime.loading_bar import loading_bar, stage_progress
@@ -80,7 +80,7 @@ class Engine:
         pipeline: int = 1,
         devices: str | None = None,  # "cuda" or "cpu"; default: cuda when available
         amb: float | Sequence[float] = 0.0,  # MiB; one value for all stages or one per stage
-        ubatch: int = 512,
+        ubatch: int | None = None,  # tokens per micro-batch; default DEFAULT_UBATCH of the device
         n_ctx: int | None = None,
         transport: str | None = None,  # "nccl" | "gloo" | "grpc"; default: the fastest available
         address: str | None = None,  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
@@ -137,6 +137,8 @@ class Engine:
         if kv_blocks is not None and kv_blocks < blocks_per_seq:
             raise ValueError(f"kv_blocks={kv_blocks} cannot hold one sequence of n_ctx={self.n_ctx} tokens")
         device = devices or default_device()
+        ubatch = ubatch or DEFAULT_UBATCH[device]
+        self.ubatch = ubatch
         self.cpu_threads = cpu_threads or default_cpu_threads()
         # The cache: a given number of blocks, else sized from memory (GPUs, or when a fraction is given),
         # else (CPU: the test and oracle path) 4 sequences of n_ctx.

@@ -5,6 +5,7 @@ stages and each stage's weights by type."""
 from __future__ import annotations
 
 from mlapipe.runtime import arg_types
+from mlapipe.runtime.engine_args import DEFAULT_UBATCH
 from mlapipe.runtime.shapes import SHAPES
 
 
@@ -34,7 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--amb", type=arg_types.amb_values, default=0.0, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=arg_types.int_at_least(1), default=512, help="tokens per micro-batch")
+    p.add_argument(
+        "--ubatch",
+        type=arg_types.int_at_least(1),
+        default=DEFAULT_UBATCH["cuda"],
+        help="tokens per micro-batch (default: the engine's on a GPU)",
+    )
     p.add_argument("-c", "--ctx-size", type=arg_types.int_at_least(2), default=None, help="context length (n_ctx)")
     p.add_argument("--split", type=arg_types.float_list, default=None, help="layer proportions per stage, e.g. 3,1")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,7 +24,7 @@ if [[ $what == load ]]; then  # a 16.8 GB V2-Lite Q8_0 file in ik's layout: load
   python3 tests/gpu_load_bench.py --out $f --reuse --dequantize --bench 2>&1 | tee -a "$out/load_bench.log"
 fi
 if [[ $what == single || $what == all || $what == benches ]]; then
-  bench -p 512,2048,8192 -n 128 -gp 4096,128 -ub 2048 | tee "$out/bench_single.log"
+  bench -p 512,2048,8192 -n 128 -gp 4096,128 | tee "$out/bench_single.log"  # the engine's default ubatch
 fi
 if [[ $what == pipeline || $what == all || $what == benches ]]; then
   bench -p 2048 -n 0 --concurrent 8 --pipeline 1,2 -ub 2048 -r 5 --timeline | tee "$out/bench_prefill_pipeline.log"
@@ -87,6 +87,15 @@ if [[ $what == planes-model ]]; then  # end to end V2-Lite: bf16, Q8_0 planes (d
   MLAPIPE_QUANT_LAYOUT=file bench -p 2048 -n 128 --wtype q8_0 | tee "$out/bench_file_model.log"
   python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_planes.log" 2>&1
   grep -v -i "token authentication" "$out/profile_decode_planes.log" | grep -A 14 "decode steps of"
+fi
+if [[ $what == split-k ]]; then  # split-K partials summed by each tile's last chunk (kernels/quant/split_k.py)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_quant_linear.py tests/test_quant_moe.py \
+    tests/test_quant_planes.py 2>&1 | tail -3 | tee "$out/split_k_tests.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_quant_model.py \
+    tests/test_prefill_graphs.py tests/test_gpu_model.py 2>&1 | tail -3 | tee -a "$out/split_k_tests.log"
+  bench -p 2048 -n 128 --wtype bf16,q8_0,q4_k | tee "$out/bench_split_k.log" | grep "^|"
+  python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_split_k.log" 2>&1
+  grep -v -i "token authentication" "$out/profile_decode_split_k.log" | grep -A 22 "decode steps of"
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -129,7 +129,8 @@ def test_moe_gate_up_and_down_of_different_types():
 
 def test_split_chunks_give_the_walked_chunks_bits():
     """H = 2048 makes two chunks of GEMM 1 in the interpreter's plan: chunks as programs of their own
-    (partials, then the combine kernels) == chunks walked inside each program, and both == reference."""
+    (partials summed by each tile's last program) == chunks walked inside each program, and both ==
+    reference; the arrival counters are left at zero, so a second call (reusing them) agrees too."""
     E, H, inter = 3, 2048, 32
     gate_up, down = experts(Q8_0, Q8_0, E, H, inter)
     weights, ids = routing(3, 2, E)
@@ -137,9 +138,12 @@ def test_split_chunks_give_the_walked_chunks_bits():
     assert moe_plan(gate_up, down, 6, hidden.device).gate_up.num_chunks == 2
     with _env(SPLIT_ENV, "1"):
         split = quant_fused_moe(hidden, gate_up, down, weights, ids)
+        for w in (gate_up, down):
+            assert w.arrival_counters(1).numel() > 1 and not w.arrival_counters(1).any()
+        again = quant_fused_moe(hidden, gate_up, down, weights, ids)
     with _env(SPLIT_ENV, "0"):
         walked = quant_fused_moe(hidden, gate_up, down, weights, ids)
-    assert torch.equal(split, walked)
+    assert torch.equal(split, walked) and torch.equal(again, split)
     assert_close_to_reference(split, hidden, gate_up, down, weights, ids)
 
 
