@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|moe-tiles|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -87,6 +87,14 @@ if [[ $what == planes-model ]]; then  # end to end V2-Lite: bf16, Q8_0 planes (d
   MLAPIPE_QUANT_LAYOUT=file bench -p 2048 -n 128 --wtype q8_0 | tee "$out/bench_file_model.log"
   python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_planes.log" 2>&1
   grep -v -i "token authentication" "$out/profile_decode_planes.log" | grep -A 14 "decode steps of"
+fi
+if [[ $what == moe-tiles ]]; then  # issue 18: the bf16 MoE's row tile at V2-Lite pp2048 (192 rows an expert)
+  timeout 150 python3 -m mlapipe.kernels.bench moe --sweep --sweep-tokens 2048 --models v2-lite --tokens 1 \
+    --no-variant > "$out/moe_tiles_sweep.log" 2>&1; grep "^\['v2-lite'" "$out/moe_tiles_sweep.log"
+  bench -p 512,2048 -n 0 | tee "$out/bench_moe_tiles.log" | grep "^| v2"
+  for config in 64,128,64,4,4 64,64,128,4,4; do
+    MLAPIPE_MOE_CONFIG=$config bench -p 512,2048 -n 0 | tee -a "$out/bench_moe_tiles.log" | grep "^| v2" | sed "s/^/$config /"
+  done
 fi
 if [[ $what == split-k ]]; then  # split-K partials summed by each tile's last chunk (kernels/quant/split_k.py)
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_quant_linear.py tests/test_quant_moe.py \

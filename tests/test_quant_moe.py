@@ -128,22 +128,19 @@ def test_moe_gate_up_and_down_of_different_types():
 
 
 def test_split_chunks_give_the_walked_chunks_bits():
-    """H = 2048 makes two chunks of GEMM 1 in the interpreter's plan: chunks as programs of their own
-    (partials summed by each tile's last program) == chunks walked inside each program, and both ==
-    reference; the arrival counters are left at zero, so a second call (reusing them) agrees too."""
+    """H = 2048 makes two chunks of GEMM 1 in the interpreter's plan (more on a GPU): chunks as programs of
+    their own (partials, then the combine kernels) == chunks walked inside each program, and both ==
+    reference."""
     E, H, inter = 3, 2048, 32
     gate_up, down = experts(Q8_0, Q8_0, E, H, inter)
     weights, ids = routing(3, 2, E)
     hidden = torch.randn(3, H, device=DEVICE)
-    assert moe_plan(gate_up, down, 6, hidden.device).gate_up.num_chunks == 2
+    assert moe_plan(gate_up, down, 6, hidden.device).gate_up.num_chunks >= 2  # 2 on 2 SMs, more on a GPU
     with _env(SPLIT_ENV, "1"):
         split = quant_fused_moe(hidden, gate_up, down, weights, ids)
-        for w in (gate_up, down):
-            assert w.arrival_counters(1).numel() > 1 and not w.arrival_counters(1).any()
-        again = quant_fused_moe(hidden, gate_up, down, weights, ids)
     with _env(SPLIT_ENV, "0"):
         walked = quant_fused_moe(hidden, gate_up, down, weights, ids)
-    assert torch.equal(split, walked) and torch.equal(again, split)
+    assert torch.equal(split, walked)
     assert_close_to_reference(split, hidden, gate_up, down, weights, ids)
 
 

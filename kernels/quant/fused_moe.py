@@ -19,9 +19,9 @@ w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_rou
 Reduction order: the dense linear's fixed K chunks (linear.plan_linear, sized for a one-token step's
 DECODE_TILES row tiles; never from T): each chunk a chain of tl.dot steps from a zero accumulator in
 increasing k, the chunks added in order to a zero total. Up to SPLIT_MAX_ROWS rows the chunks are
-programs of their own (grid axis 1) writing fp32 partials, and the tile's last program to arrive sums them
-in order (kernels/quant/split_k.py), then applies silu(gate) * up or the routing weight; past it each
-program walks its chunks. Same sums, same bits, and no atomic adds a value. Values: decoded tiles rounded to the
+programs of their own (grid axis 1) writing fp32 partials, summed in order by `_gate_up_combine_kernel`
+(then silu(gate) * up) and `_down_combine_kernel` (then the routing weight); past it each program walks
+its chunks. Same sums, same bits, and no atomics anywhere. Values: decoded tiles rounded to the
 activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32 with IEEE products for
 fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows per expert, never from
 T; that no tile choice changes the bits is checked on an H200 (GPU tests).
@@ -59,7 +59,6 @@ from mlapipe.kernels.quant.dispatch import (
 )
 from mlapipe.kernels.quant.linear import LinearPlan, _dot, decoded_dot, plan_linear
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
-from mlapipe.kernels.quant.split_k import arrived_last
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.kernels.quant.types import QuantType
 
@@ -115,8 +114,7 @@ def _gate_up_kernel(
     w_ptr,  # (E, 2I, row_bytes) uint8 blocks
     table_ptr,
     act_ptr,  # (P, I) out, unless SPLIT
-    partial_ptr,  # (2, num_chunks, P, I) fp32 partials when SPLIT: gate then up, one slab per chunk
-    counter_ptr,  # (grid axis 0,) int32 zeros when SPLIT: chunks arrived per tile (split_k.arrived_last)
+    partial_ptr,  # (2, num_chunks, P, I) fp32 out when SPLIT: gate then up, one slab per chunk
     sorted_row_ids_ptr,  # (P,) int32
     tile_expert_ptr,  # (max_tiles,) int32
     num_rows,
@@ -168,23 +166,9 @@ def _gate_up_kernel(
             FETCH, CONVERT,
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * inter_size
-        at_tile = positions[None, :].to(tl.int64) * inter_size + cols[:, None]
-        offsets = chunk.to(tl.int64) * slab + at_tile
+        offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * inter_size + cols[:, None]
         tl.store(partial_ptr + offsets, acc_gate, mask=col_ok[:, None])
         tl.store(partial_ptr + num_chunks * slab + offsets, acc_up, mask=col_ok[:, None])
-        if arrived_last(counter_ptr + tl.program_id(0), num_chunks):
-            # act = silu(g) * u with g, u = 0 + chunk 0 + chunk 1 + ... (the non-split launch's sums)
-            gate = zeros
-            up = zeros
-            for part in range(num_chunks):
-                part_ptrs = partial_ptr + part * slab + at_tile
-                gate += tl.load(part_ptrs, mask=col_ok[:, None], other=0.0, cache_modifier=".cg")
-                up += tl.load(
-                    part_ptrs + num_chunks * slab, mask=col_ok[:, None], other=0.0, cache_modifier=".cg"
-                )
-            act = gate * tl.sigmoid(gate) * up
-            act_ptrs = act_ptr + positions[None, :].to(tl.int64) * stride_act_p + cols[:, None]
-            tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[:, None])
     else:
         total_gate = zeros
         total_up = zeros
@@ -203,13 +187,47 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _gate_up_combine_kernel(
+    partial_ptr,  # (2, num_chunks, P, I) fp32
+    sorted_row_ids_ptr,
+    tile_expert_ptr,
+    act_ptr,  # (P, I) out
+    num_rows,
+    inter_size,
+    num_chunks,
+    num_positions,
+    BLOCK_M: tl.constexpr,  # the GEMMs' row tile
+    BLOCK_I: tl.constexpr,
+):
+    """act = silu(g) * u with g, u = 0 + chunk 0 + chunk 1 + ... (the non-split launch's sums), at the
+    positions of real rows. A decode step has one row in most of its 16-row tiles: the padding positions'
+    act stays unwritten, and the down GEMM's columns for them (each a column of its own in the MMA) are
+    never stored."""
+    position = tl.program_id(0)
+    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
+        return
+    if tl.load(sorted_row_ids_ptr + position) >= num_rows:
+        return
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = cols < inter_size
+    slab = num_positions * inter_size
+    offsets = position.to(tl.int64) * inter_size + cols
+    gate = tl.zeros((BLOCK_I,), tl.float32)
+    up = tl.zeros((BLOCK_I,), tl.float32)
+    for chunk in range(num_chunks):
+        gate += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
+        up += tl.load(partial_ptr + (num_chunks + chunk) * slab + offsets, mask=mask, other=0.0)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _down_kernel(
     act_ptr,  # (P, I)
     w_ptr,  # (E, H, row_bytes) uint8 blocks
     table_ptr,
     slot_out_ptr,  # (R, H) out, unless SPLIT
-    partial_ptr,  # (num_chunks, P, H) fp32 partials when SPLIT
-    counter_ptr,  # (grid axis 0,) int32 zeros when SPLIT: chunks arrived per tile (split_k.arrived_last)
+    partial_ptr,  # (num_chunks, P, H) fp32 out when SPLIT
     sorted_row_ids_ptr,  # (P,) int32
     tile_expert_ptr,  # (max_tiles,) int32
     topk_weights_ptr,  # (R,) fp32
@@ -259,15 +277,8 @@ def _down_kernel(
             FETCH, CONVERT,
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * hidden_size
-        at_tile = positions[None, :].to(tl.int64) * hidden_size + cols[:, None]
-        tl.store(partial_ptr + chunk.to(tl.int64) * slab + at_tile, acc, mask=col_ok[:, None])
-        if not arrived_last(counter_ptr + tl.program_id(0), num_chunks):
-            return
-        total = zeros  # 0 + chunk 0 + chunk 1 + ..., the non-split launch's sum
-        for part in range(num_chunks):
-            total += tl.load(
-                partial_ptr + part * slab + at_tile, mask=col_ok[:, None], other=0.0, cache_modifier=".cg"
-            )
+        offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * hidden_size + cols[:, None]
+        tl.store(partial_ptr + offsets, acc, mask=col_ok[:, None])
     else:
         total = zeros
         for chunk in range(num_chunks):
@@ -278,10 +289,47 @@ def _down_kernel(
                 BLOCK_BYTES, FETCH, CONVERT,
             )  # fmt: skip
             total += acc
-    routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
-    out = total * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
-    out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
-    tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        routing_weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
+        out = total * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
+        out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
+        tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _down_combine_kernel(
+    partial_ptr,  # (num_chunks, P, H) fp32
+    sorted_row_ids_ptr,
+    tile_expert_ptr,
+    topk_weights_ptr,
+    slot_out_ptr,  # (R, H) out
+    num_rows,
+    hidden_size,
+    num_chunks,
+    num_positions,
+    stride_slot_r,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """slot_out[row] = (0 + chunk 0 + chunk 1 + ...) * routing weight, for the real row at each position."""
+    position = tl.program_id(0)
+    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
+        return
+    row = tl.load(sorted_row_ids_ptr + position)
+    if row >= num_rows:
+        return
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden_size
+    slab = num_positions * hidden_size
+    offsets = position.to(tl.int64) * hidden_size + cols
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    for chunk in range(num_chunks):
+        total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
+    out = total * tl.load(topk_weights_ptr + row)
+    tl.store(
+        slot_out_ptr + row.to(tl.int64) * stride_slot_r + cols,
+        out.to(slot_out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -331,19 +379,12 @@ class ExpertBlocks:
     block_elems: int
     block_bytes: int  # bytes the row pointer moves per block (QuantType.step_bytes)
     kind: QuantType | None = None  # the type's row (None: a dequantized scratch), for its split decoder
-    weight: QuantTensor | None = None  # the stack itself (None: a scratch), which keeps the counters
 
     @classmethod
     def of(cls, w: QuantTensor) -> ExpertBlocks:
         kind = kernel_type(w.qtype)
         table = table_of(w.qtype, w.device)
-        return cls(w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, kind, w)
-
-    def arrival_counters(self, n: int) -> torch.Tensor:
-        """The split launch's counters (kernels/quant/split_k.py): the weight's, or a scratch's own."""
-        if self.weight is None:
-            return torch.zeros(n, dtype=torch.int32, device=self.data.device)
-        return self.weight.arrival_counters(n)
+        return cls(w.data, kind.decoder, table, kind.block_elems, kind.step_bytes, kind)
 
     def split(self, block_k: int):
         """(fetch, convert) where the decoder is split and takes block_k tiles (dispatch.split_decoder)."""
@@ -390,33 +431,48 @@ def _run_gemms(
     one = plan.gate_up
     gate_up_split, down_split = gate_up.split(one.block_k), down.split(plan.down.block_k)
     chunks = one.num_chunks if plan.split else 1
-    partial = counters = act
-    programs = layout.max_tiles * triton.cdiv(inter, block_n)
+    partial = act
     if plan.split:
         partial = torch.empty(2, one.num_chunks, positions, inter, dtype=torch.float32, device=hidden.device)
-        counters = gate_up.arrival_counters(programs)
-    _gate_up_kernel[(programs, chunks)](
-        hidden, gate_up.data, gate_up.table, act, partial, counters, layout.sorted_row_ids, layout.tile_expert,
+    _gate_up_kernel[(layout.max_tiles * triton.cdiv(inter, block_n), chunks)](
+        hidden, gate_up.data, gate_up.table, act, partial, layout.sorted_row_ids, layout.tile_expert,
         layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0),
         gate_up.data.shape[-1], act.stride(0), one.chunk_k, one.num_chunks, DECODE=gate_up.decoder,
         BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes,
         FETCH=gate_up_split[0], CONVERT=gate_up_split[1], **common,
     )  # fmt: skip
+    if plan.split:
+        block_i = min(1024, triton.next_power_of_2(inter))
+        _gate_up_combine_kernel[(positions, triton.cdiv(inter, block_i))](
+            partial,
+            layout.sorted_row_ids,
+            layout.tile_expert,
+            act,
+            layout.num_rows,
+            inter,
+            one.num_chunks,
+            positions,
+            BLOCK_M=block_m,
+            BLOCK_I=block_i,
+        )
     two = plan.down
     chunks = two.num_chunks if plan.split else 1
-    partial = counters = slot_out
-    programs = layout.max_tiles * triton.cdiv(H, block_n)
+    partial = slot_out
     if plan.split:
         partial = torch.empty(two.num_chunks, positions, H, dtype=torch.float32, device=hidden.device)
-        counters = down.arrival_counters(programs)
-    _down_kernel[(programs, chunks)](
-        act, down.data, down.table, slot_out, partial, counters, layout.sorted_row_ids, layout.tile_expert,
-        topk_weights,
+    _down_kernel[(layout.max_tiles * triton.cdiv(H, block_n), chunks)](
+        act, down.data, down.table, slot_out, partial, layout.sorted_row_ids, layout.tile_expert, topk_weights,
         layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
         slot_out.stride(0), two.chunk_k, two.num_chunks, DECODE=down.decoder, BLOCK_K=two.block_k,
         BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down_split[0], CONVERT=down_split[1],
         **common,
     )  # fmt: skip
+    if plan.split:
+        block_h = min(1024, triton.next_power_of_2(H))
+        _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
+            partial, layout.sorted_row_ids, layout.tile_expert, topk_weights, slot_out, layout.num_rows, H,
+            two.num_chunks, positions, slot_out.stride(0), BLOCK_M=block_m, BLOCK_H=block_h,
+        )  # fmt: skip
 
 
 def experts_per_group(E: int, H: int, inter: int, scratch_mib: float, element_size: int = 2) -> int:

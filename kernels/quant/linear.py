@@ -12,8 +12,7 @@ starts at zero and takes tl.dot steps in increasing k; the chunks' results are t
 to a zero fp32 total. Two launch shapes compute exactly that:
 - split (decode-sized T): grid (column blocks, chunks), BLOCK_M 16..64 rows a program, so every SM streams
   weights even when N alone gives few column blocks. Each program writes its chunk's partial (chunks, T, N)
-  fp32; the column block's last program to arrive adds them in chunk order (kernels/quant/split_k.py).
-  One chunk: the program writes 0 + acc itself.
+  fp32; `_sum_chunks_kernel` adds them in chunk order. One chunk: the program writes 0 + acc itself.
 - tiled (prefill-sized T): grid (row blocks x column blocks), BLOCK_M 64; each program walks the
   chunks in order, restarting a zero accumulator per chunk and adding it to its total. `quant_linear`
   runs it over a scratch: rows of w dequantized to x's dtype (at most DEFAULT_SCRATCH_MIB at a time) and
@@ -23,7 +22,7 @@ The weight tile is the dot's first operand (out^T = W x^T): wgmma reads it from 
 minimum falls on weight rows; the tokens are the dot's N (16 at decode). All launches give the same bits
 for a row whatever T is or where the row sits in the batch, as long as the matrix instructions
 accumulate a chunk the same way for every tile shape (checked on an H200 by the GPU tests:
-kernels/NOTES-quant.md). No atomic adds a value: the split launch's counters only elect who sums.
+kernels/NOTES-quant.md). No atomics anywhere.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from mlapipe.kernels.quant.dispatch import (
     table_of,
 )
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
-from mlapipe.kernels.quant.split_k import arrived_last
 from mlapipe.kernels.quant.tensor import QuantTensor
 
 SPLIT_MAX_TOKENS = 64  # up to here the split launch; past it the tiled one over a dequantized scratch
@@ -153,9 +151,8 @@ def _linear_split_kernel(
     x_ptr,  # (T, K)
     w_ptr,  # (N, row_bytes) uint8 blocks
     table_ptr,  # the type's lookup table (any pointer when it has none)
-    partial_ptr,  # (num_chunks, T, N) fp32 partials; unused when DIRECT
-    out_ptr,  # (T, N) out
-    counter_ptr,  # (column blocks,) int32 zeros: chunks arrived per column block (split_k.arrived_last)
+    partial_ptr,  # (num_chunks, T, N) fp32 out; unused when DIRECT
+    out_ptr,  # (T, N) out when DIRECT
     num_tokens,
     N,
     K,
@@ -197,23 +194,17 @@ def _linear_split_kernel(
         else:
             offsets = (chunk * num_tokens + tokens[None, :]).to(tl.int64) * N + rows[:, None]
             tl.store(partial_ptr + offsets, acc, mask=mask)
-    if not DIRECT:
-        num_chunks = tl.num_programs(1)
-        if arrived_last(counter_ptr + tl.program_id(0), num_chunks):
-            # out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype
-            for m0 in range(0, num_tokens, BLOCK_M):
-                tokens = m0 + tl.arange(0, BLOCK_M)
-                mask = row_ok[:, None] & (tokens < num_tokens)[None, :]
-                offsets = tokens[None, :].to(tl.int64) * N + rows[:, None]
-                total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-                for part in range(num_chunks):
-                    total += tl.load(
-                        partial_ptr + part * num_tokens * N + offsets,
-                        mask=mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_chunks_kernel(partial_ptr, out_ptr, numel, num_chunks, BLOCK: tl.constexpr):
+    """out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    total = tl.zeros((BLOCK,), tl.float32)
+    for chunk in range(num_chunks):
+        total += tl.load(partial_ptr + chunk * numel + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -347,14 +338,15 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
     compute = compute_dtype(x.dtype)
     direct = plan.num_chunks == 1
     partial = out if direct else torch.empty(plan.num_chunks, T, N, dtype=torch.float32, device=x.device)
-    column_blocks = triton.cdiv(N, block_n)
-    counters = out if direct else w.arrival_counters(column_blocks)
-    _linear_split_kernel[(column_blocks, plan.num_chunks)](
-        x, w.data, table, partial, out, counters, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
+    _linear_split_kernel[(triton.cdiv(N, block_n), plan.num_chunks)](
+        x, w.data, table, partial, out, T, N, K, w.data.shape[-1], x.stride(0), plan.chunk_k,
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ELEMS=kind.block_elems,
         BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if not direct:
+        block = 1024
+        _sum_chunks_kernel[(triton.cdiv(T * N, block),)](partial, out, T * N, plan.num_chunks, BLOCK=block)
     return out
 
 

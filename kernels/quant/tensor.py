@@ -12,7 +12,7 @@ The contract every quantized kernel, the loader and the layers share:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +22,6 @@ class QuantTensor:
     data: torch.Tensor  # uint8 (*lead, rows, row_bytes)
     qtype: int  # ggml type code
     shape: tuple[int, ...]  # logical (*lead, rows, cols)
-    # split-K launches count the chunks that arrived per output tile here (kernels/quant/split_k.py)
-    _counters: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -32,14 +30,6 @@ class QuantTensor:
     @property
     def nbytes(self) -> int:
         return self.data.numel()
-
-    def arrival_counters(self, n: int) -> torch.Tensor:
-        """At least n int32 zeros on the weight's device, kept with it: each split-K launch over this
-        weight counts its chunks in them and leaves them zero. Made (or grown) by the first launch that
-        needs them: in a CUDA-graph flow that is a warm-up run, never the capture."""
-        if self._counters is None or self._counters.numel() < n:
-            self._counters = torch.zeros(n, dtype=torch.int32, device=self.device)
-        return self._counters
 
     def __getitem__(self, index) -> QuantTensor:
         """Index or slice the leading dimensions (an expert, a range of experts); rows stay whole."""
