@@ -57,19 +57,27 @@ def _rope_pairs_kernel(
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
+    # Each head's R values are loaded and stored as one contiguous run and split into (even, odd) pairs
+    # in registers: loads of every other element lost the vector width (a pp2048 prompt spent 21 us a
+    # layer here, ~200 GB/s). The arithmetic, and so the bits, are the same.
     token = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+    r = tl.arange(0, 2 * BLOCK_HALF)
+    mask = (h < heads)[:, None] & (r < 2 * half)[None, :]
+    x = tl.load(
+        x_ptr + token * x_token_stride + h[:, None] * x_head_stride + r[None, :], mask=mask, other=0.0
+    )
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_HEADS, BLOCK_HALF, 2)))
     i = tl.arange(0, BLOCK_HALF)
-    mask = (h < heads)[:, None] & (i < half)[None, :]
-    src = x_ptr + token * x_token_stride + h[:, None] * x_head_stride + 2 * i[None, :]
-    even = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + token * cos_stride + i, mask=i < half, other=0.0)[None, :]
     s = tl.load(sin_ptr + token * cos_stride + i, mask=i < half, other=0.0)[None, :]
-    dst = out_ptr + token * out_token_stride + h[:, None] * out_head_stride + 2 * i[None, :]
     kind = out_ptr.dtype.element_ty
-    tl.store(dst, (even * c - odd * s).to(kind), mask=mask)
-    tl.store(dst + 1, (even * s + odd * c).to(kind), mask=mask)
+    rotated = tl.reshape(
+        tl.join((even * c - odd * s).to(kind), (even * s + odd * c).to(kind)), (BLOCK_HEADS, 2 * BLOCK_HALF)
+    )
+    tl.store(
+        out_ptr + token * out_token_stride + h[:, None] * out_head_stride + r[None, :], rotated, mask=mask
+    )
 
 
 @triton.jit
@@ -169,7 +177,9 @@ def apply_rope_pairs(
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     target = out if out.dim() == 3 else out.view(T, -1, R)
     if target.shape != view.shape or target.stride(-1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"out {tuple(out.shape)} must have x's shape {tuple(x.shape)}, dtype and a unit last stride")
+        raise ValueError(
+            f"out {tuple(out.shape)} must have x's shape {tuple(x.shape)}, dtype and a unit last stride"
+        )
     if T and heads:
         block_heads = min(16, triton.next_power_of_2(heads))
         grid = (T, triton.cdiv(heads, block_heads))

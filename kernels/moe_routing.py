@@ -343,21 +343,31 @@ def _scan_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,  # chunks read as one (BLOCK_CHUNKS, BLOCK_E) tile: a step, not a load each
 ):
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < num_experts
     totals = tl.zeros((BLOCK_E,), tl.int32)
-    for chunk in range(num_chunks):
-        totals += tl.load(chunk_counts_ptr + chunk * num_experts + experts, mask=expert_ok, other=0)
+    for first in range(0, num_chunks, BLOCK_CHUNKS):
+        chunks = first + tl.arange(0, BLOCK_CHUNKS)
+        mask = (chunks < num_chunks)[:, None] & expert_ok[None, :]
+        counts = tl.load(
+            chunk_counts_ptr + chunks[:, None] * num_experts + experts[None, :], mask=mask, other=0
+        )
+        totals += tl.sum(counts, axis=0)
     expert_start = _plan_tiles(
         totals, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
         BLOCK_M, BLOCK_E, BLOCK_TILES,
     )  # fmt: skip
     running = expert_start
-    for chunk in range(num_chunks):  # in order: this is what makes the sort stable
-        offsets = chunk * num_experts + experts
-        tl.store(chunk_offsets_ptr + offsets, running, mask=expert_ok)
-        running += tl.load(chunk_counts_ptr + offsets, mask=expert_ok, other=0)
+    for first in range(0, num_chunks, BLOCK_CHUNKS):  # chunks in order: this is what makes the sort stable
+        chunks = first + tl.arange(0, BLOCK_CHUNKS)
+        mask = (chunks < num_chunks)[:, None] & expert_ok[None, :]
+        offsets = chunks[:, None] * num_experts + experts[None, :]
+        counts = tl.load(chunk_counts_ptr + offsets, mask=mask, other=0)
+        before = tl.cumsum(counts, axis=0) - counts  # rows of the earlier chunks of this step
+        tl.store(chunk_offsets_ptr + offsets, running[None, :] + before, mask=mask)
+        running += tl.sum(counts, axis=0)
 
 
 @triton.jit
@@ -428,7 +438,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
     )
     _scan_kernel[(1,)](
         chunk_counts, chunk_offsets, expert_counts, tile_expert, sorted_row_ids, num_chunks, num_rows,
-        num_experts, max_tiles, **plan,
+        num_experts, max_tiles, **plan, BLOCK_CHUNKS=max(1, min(16, 4096 // block_e)),
     )  # fmt: skip
     _scatter_kernel[(num_chunks,)](
         topk_ids, chunk_offsets, sorted_row_ids, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e

@@ -441,6 +441,8 @@ class Engine:
             raise PromptError(f"{self.model.path} has no tokenizer: give prompts as token ids")
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
+        elif all(type(t) is int for t in prompt):  # the common case, checked in one pass (bool is not int)
+            token_ids = list(prompt)
         else:
             # Token ids are used as given: 2.5 (or True) is refused, never truncated to 2 (or 1).
             bad_type = [t for t in prompt if isinstance(t, bool) or not isinstance(t, Integral)]
@@ -449,9 +451,10 @@ class Engine:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise PromptError("empty prompt")
-        bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise PromptError(f"token ids {bad[:5]} outside the vocabulary (0..{self.config.vocab_size - 1})")
+        vocab = self.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            raise PromptError(f"token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
         if len(token_ids) > self.n_ctx - (0 if score_only else 1):  # generating needs room for a token
             raise PromptError(
                 f"prompt is {len(token_ids)} tokens, longer than the context allows: n_ctx={self.n_ctx} "
