@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|moe-tiles|prefill-chain|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|moe-tiles|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -94,13 +94,6 @@ if [[ $what == moe-tiles ]]; then  # issue 18: the bf16 MoE's row tile at V2-Lit
   bench -p 512,2048 -n 0 | tee "$out/bench_moe_tiles.log" | grep "^| v2"
   for config in 64,128,64,4,4 64,64,128,4,4; do
     MLAPIPE_MOE_CONFIG=$config bench -p 512,2048 -n 0 | tee -a "$out/bench_moe_tiles.log" | grep "^| v2" | sed "s/^/$config /"
-  done
-fi
-if [[ $what == prefill-chain ]]; then  # issue 18: a bucket as a chain of graphs vs one graph (launch cost)
-  timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_prefill_graphs.py 2>&1 | tail -1
-  for layers in 0 4; do
-    MLAPIPE_PREFILL_GRAPH_LAYERS=$layers bench -p 512,2048 -n 0 | tee -a "$out/bench_prefill_chain.log" \
-      | grep "^| v2" | sed "s/^/layers a graph $layers: /"
   done
 fi
 if [[ $what == split-k ]]; then  # split-K partials summed by each tile's last chunk (kernels/quant/split_k.py)

@@ -108,25 +108,6 @@ def test_graphed_prefill_bits_do_not_depend_on_amb(model, monkeypatch):
     assert steps[1] > steps[0] > 0  # the small budget took more head steps, and replays counted them
 
 
-@pytest.mark.gpu
-def test_a_chain_of_graphs_gives_one_graphs_bits(model, monkeypatch):
-    """One layer a link (the stream carried between links as between stages) == all layers in one graph."""
-    chained = _runner(model, True, monkeypatch)
-    monkeypatch.setenv("MLAPIPE_PREFILL_GRAPH_LAYERS", "1")
-    for batch in _batches():
-        chained.forward(batch)  # captured as chains of one-layer links
-    monkeypatch.setenv("MLAPIPE_PREFILL_GRAPH_LAYERS", "0")
-    whole = _runner(model, True, monkeypatch)
-    num_layers = len(chained.shard.layers)
-    assert num_layers > 1
-    for batch in _batches():
-        got, want = chained.forward(batch).clone(), whole.forward(batch)
-        bucket = Bucket.of(batch)
-        assert len(chained.prefill_graphs.graphs[bucket].graphs) == num_layers
-        assert len(whole.prefill_graphs.graphs[bucket].graphs) == 1
-        assert torch.equal(got, want)
-
-
 class _Cycle:
     """Unreachable garbage that holds a captured graph: only the cycle collector frees it."""
 

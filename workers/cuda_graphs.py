@@ -42,35 +42,26 @@ class GraphCapturer:
     def capture(self, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Runs forward() WARMUP_RUNS times on the side stream, then captures one more run; returns the
         graph and the run's output (a tensor of the pool that every replay overwrites)."""
-        graphs, output = self.capture_chain(forward, [forward])
-        return graphs[0], output
-
-    def capture_chain(self, warm_up, steps) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
-        """Runs warm_up() WARMUP_RUNS times on the side stream, then captures each of `steps` (callables
-        that together do what warm_up does) as a graph of its own, in order; returns the graphs, to be
-        replayed in that order, and the last step's output."""
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.WARMUP_RUNS):
-                warm_up()
+                forward()
         torch.cuda.current_stream().wait_stream(stream)
         # A graph destroyed while another is being captured (cudaGraphExecDestroy) invalidates that
         # capture. Unreachable runners holding graphs are freed by Python's cycle collector, which may
-        # run at any allocation: collect now, and not again until the captures have ended.
+        # run at any allocation: collect now, and not again until the capture has ended.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
         try:
-            graphs = []
-            for step in steps:
-                graphs.append(torch.cuda.CUDAGraph())
-                with torch.cuda.graph(graphs[-1], pool=self.pool):
-                    output = step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = forward()
         finally:
             if collecting:
                 gc.enable()
-        return graphs, output
+        return graph, output
 
 
 def bucket_for(num_seqs: int) -> int:

@@ -211,22 +211,12 @@ class ModelShard:
         inputs: torch.Tensor,  # (T,) token ids on the first stage, else (T, hidden) from the previous stage
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # (num_layers_here, num_blocks, block_size, C + R)
-        start: int = 0,
-        end: int | None = None,
-        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The shard's layers [start, end) (local indices; default all). inputs are token ids only for the
-        first stage's layer 0; otherwise the residual stream with every earlier FFN output added, as a
-        stage boundary passes it (so a run cut in ranges gives the bits of one run). The result goes to
-        `out` when given."""
-        end = len(self.layers) if end is None else end
-        x = ops.embedding(inputs, self.embed, self.dtype) if self.is_first and start == 0 else inputs
+        x = ops.embedding(inputs, self.embed, self.dtype) if self.is_first else inputs
         delta = None
-        for local in range(start, end):
-            x, delta = self.layers[local].forward(x, delta, meta, kv_cache[local])
-        if delta is None:
-            return x if out is None else out.copy_(x)
-        return x + delta if out is None else torch.add(x, delta, out=out)
+        for local, layer in enumerate(self.layers):
+            x, delta = layer.forward(x, delta, meta, kv_cache[local])
+        return x if delta is None else x + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, vocab) fp32."""

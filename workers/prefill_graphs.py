@@ -17,18 +17,10 @@ bucket only: the same micro-batch gives the same bits on any pipeline split and 
 Inputs travel as one pinned int64 buffer per step (positions, cache slots, token ids, latent rows and
 the attention metadata), copied without blocking into the graph's static buffer; later stages copy the
 previous stage's hidden rows into the graph's static hidden buffer.
-
-A bucket is a chain of graphs of LAYERS_PER_GRAPH layers each, replayed in order. Launching a graph
-costs the host ~2.3 us a kernel, and the GPU waited for all of it: 1.8 ms of a 27.5 ms pp2048 prompt
-on one H200 (760 kernels in one graph). In a chain the GPU starts on the first link while the host
-launches the rest. Between links the residual stream passes as a stage boundary passes it (the FFN
-output added, ModelShard.forward), through one carry buffer of all buckets (replays run one at a time),
-so the bits are those of one graph. MLAPIPE_PREFILL_GRAPH_LAYERS sets the link size (0: one graph).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +32,6 @@ from mlapipe.workers.attention import AttentionMetadata, SequenceGroup
 
 MAX_GRAPHS = 24  # graphs kept per runner; batches of further buckets run eagerly
 MAX_SEQUENCES = 64  # sequences of one graphed micro-batch
-LAYERS_PER_GRAPH = 4  # layers of one link of a bucket's chain of graphs
-LAYERS_ENV = "MLAPIPE_PREFILL_GRAPH_LAYERS"
-CARRY_TOKENS = 8192  # rows of the carry buffer at least (a larger first bucket sizes it); past it: one graph
 
 
 def round_up_bucket(n: int, smallest: int) -> int:
@@ -74,7 +63,7 @@ class Bucket:
 
 
 class _Graph:
-    """One bucket's chain of graphs, its static input buffers and its output."""
+    """One bucket's graph, its static input buffers and its output."""
 
     def __init__(self, runner, bucket: Bucket):
         T, L, S = bucket.tokens, bucket.latent_rows, bucket.sequences
@@ -90,13 +79,11 @@ class _Graph:
         self.hidden_in = None
         if not runner.shard.is_first:
             self.hidden_in = torch.zeros(T, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
-        self.graphs: list[torch.cuda.CUDAGraph] = []  # the chain, replayed in order
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
         self.head_steps: list[int] = []  # amb head steps each layer's attention takes per replay
 
-    def forward(self, runner, start: int = 0, end: int | None = None, carry=None) -> torch.Tensor:
-        """The shard's layers [start, end) over the static inputs; from layer `start` > 0 the stream is
-        read from carry, and a link that ends before the last layer writes its stream there."""
+    def forward(self, runner) -> torch.Tensor:
         from mlapipe.kernels.mla_prefill import PrefillPlan  # triton: imported on a GPU only
 
         T, L, S = self.bucket.tokens, self.bucket.latent_rows, self.bucket.sequences
@@ -118,14 +105,8 @@ class _Graph:
             prefill_plan=plan,
         )
         meta = AttentionMetadata(self.positions, self.slots, cos, sin, absorbed=None, naive=group)
-        shard = runner.shard
-        end = len(shard.layers) if end is None else end
-        if start > 0:
-            inputs = carry[:T]
-        else:
-            inputs = self.token_ids if shard.is_first else self.hidden_in
-        out = carry[:T] if end < len(shard.layers) else None
-        return shard.forward(inputs, meta, runner.kv_cache, start, end, out=out)
+        inputs = self.token_ids if runner.shard.is_first else self.hidden_in
+        return runner.shard.forward(inputs, meta, runner.kv_cache)
 
 
 class PrefillGraphs:
@@ -134,7 +115,6 @@ class PrefillGraphs:
         self.scratch_row = scratch_block * runner.block_size
         self.capturer = capturer  # the decode graphs' too (workers/cuda_graphs.py)
         self.graphs: dict[Bucket, _Graph] = {}
-        self.carry: torch.Tensor | None = None  # the residual stream between the links of a chain
 
     def accepts(self, batch: MicroBatch) -> bool:
         runner = self.runner
@@ -150,11 +130,10 @@ class PrefillGraphs:
         if entry is None:
             entry = _Graph(self.runner, bucket)
         self._fill(entry, batch, hidden_in)
-        if not entry.graphs:
+        if entry.graph is None:
             self._capture(entry)
             self.graphs[bucket] = entry
-        for graph in entry.graphs:
-            graph.replay()
+        entry.graph.replay()
         for layer, steps in zip(self.runner.shard.layers, entry.head_steps):
             layer.attention.amb_steps_taken += steps  # the stage stats' count, as eager runs keep it
         return entry.output[: batch.num_tokens]
@@ -188,38 +167,16 @@ class PrefillGraphs:
         # the amb head steps they and the capture take are counted per replay instead.
         attention = [layer.attention for layer in self.runner.shard.layers]
         counted = [a.amb_steps_taken for a in attention]
-        runner = self.runner
-        entry.graphs, entry.output = self.capturer.capture_chain(
-            lambda: entry.forward(runner), self._links(entry)
-        )
+        entry.graph, entry.output = self.capturer.capture(lambda: entry.forward(self.runner))
         runs = self.capturer.WARMUP_RUNS + 1
         entry.head_steps = [(a.amb_steps_taken - before) // runs for a, before in zip(attention, counted)]
         for a, before in zip(attention, counted):
             a.amb_steps_taken = before
 
-    def _links(self, entry: _Graph) -> list:
-        """The chain's steps: LAYERS_PER_GRAPH layers each (one step for all where the setting is 0, a
-        shard of few layers, or a bucket larger than the carry)."""
-        runner, T = self.runner, entry.bucket.tokens
-        num_layers = len(runner.shard.layers)
-        size = int(os.environ.get(LAYERS_ENV, LAYERS_PER_GRAPH)) or num_layers
-        if self.carry is None and size < num_layers:
-            rows = max(CARRY_TOKENS, T)
-            self.carry = torch.empty(rows, runner.cfg.hidden_size, dtype=runner.dtype, device=runner.device)
-        if size >= num_layers or self.carry.shape[0] < T:
-            return [lambda: entry.forward(runner)]
-        starts = range(0, num_layers, size)
-        return [
-            lambda start=start: entry.forward(runner, start, min(start + size, num_layers), self.carry)
-            for start in starts
-        ]
-
     def release(self) -> None:
         torch.cuda.synchronize()
         for entry in self.graphs.values():
-            for graph in entry.graphs:
-                graph.reset()
+            entry.graph.reset()
         self.graphs.clear()
-        self.carry = None
         self.capturer = None
         self.runner = None
