@@ -8,6 +8,7 @@ import pytest
 
 from mlapipe.runtime import Engine, SamplingParams
 from mlapipe.runtime.cli import main
+from mlapipe.runtime.engine_args import DEFAULT_UBATCH
 from mlapipe.runtime.timeline import render
 from mlapipe.runtime.tiny_models import write_tiny_model
 
@@ -50,7 +51,9 @@ def test_bench_prints_a_timeline_per_test(tmp_path, capsys):
     argv = ["bench", "-m", str(path), "-p", "24", "-n", "4", "-r", "1", "--devices", "cpu", "--timeline"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert len(re.findall(r"pipeline 1, ubatch 2048, 1 seqs, (pp24|tg4), last repetition:", out)) == 2
+    # the label names the ubatch the engine took: its CPU default
+    label = rf"pipeline 1, ubatch {DEFAULT_UBATCH['cpu']}, 1 seqs, (pp24|tg4), last repetition:"
+    assert len(re.findall(label, out)) == 2
     assert len(re.findall(r"^stage 0 \|[0-9a-z.]+\| busy \d+%", out, flags=re.M)) == 2
 
 
