@@ -341,6 +341,10 @@ class Engine:
                     self.scheduler.fail_batch(batch.batch_id, "interrupted")
             raise
         for output in outputs:
+            if output.error is not None:  # it raised on a stage: retried request by request (scheduler)
+                log.warning("micro-batch %d failed: %s", output.batch_id, output.error)
+                finished += self.scheduler.retry_or_fail_batch(output.batch_id, output.error)
+                continue
             got, done = self.scheduler.update(output)
             advanced += got
             finished += done

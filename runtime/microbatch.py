@@ -90,10 +90,12 @@ class MicroBatch:
 class StepOutput:
     """What the last stage returns: token ids for sampling chunks (one per step, in order); log p(target)
     per new token for scoring chunks; logits only when asked for; for chunks whose sampling asks for
-    logprobs, one (log p of the sampled token, [(token id, log p) of the top alternatives]) per token."""
+    logprobs, one (log p of the sampled token, [(token id, log p) of the top alternatives]) per token.
+    A micro-batch that raised on a stage comes back with only its error."""
 
     batch_id: int
     sampled: dict[str, list[int]]
     scores: dict[str, list[float]] = field(default_factory=dict)
     logits: dict[str, object] = field(default_factory=dict)  # request id -> (num_new, vocab) array
     logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(default_factory=dict)
+    error: str | None = None  # the micro-batch failed on a stage (which, and why): its requests fail alone

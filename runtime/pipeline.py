@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -90,6 +91,7 @@ class RayPipeline:
                 num_gpus=1 if use_gpu else 0,
                 num_cpus=bundle["CPU"],
                 max_concurrency=1,
+                runtime_env=_stage_env(),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i
                 ),
@@ -97,6 +99,8 @@ class RayPipeline:
             for i in range(len(stages))
         ]
         self._pending: dict[int, tuple[list, float]] = {}  # batch id -> (refs per stage, deadline)
+        self._outputs: dict[int, list[StepOutput]] = {}  # the last stage's, until every stage is done
+        self._errors: dict[int, tuple[int, StepOutput]] = {}  # micro-batch id -> (stage, its error there)
         try:
             self.devices = self._get([a.init_device.remote(use_gpu, cpu_threads) for a in self.actors])
             if check_plan is not None:  # a plan sized from the devices' memory picks the cache's size
@@ -204,9 +208,18 @@ class RayPipeline:
                     self._fail(*(culprit or (stage, _short(e))))
                 refs, _ = self._pending[batch_id]
                 refs[stage] = None  # resolved: never waited on again
+                results = result if isinstance(result, list) else [result] if result is not None else []
                 if stage == len(refs) - 1:
-                    outputs.extend(result if isinstance(result, list) else [result])
+                    self._outputs[batch_id] = results
+                else:  # micro-batches that raised on this stage (workers/stage.py): the earliest stage's stands
+                    for failure in results:
+                        if failure.batch_id not in self._errors or stage < self._errors[failure.batch_id][0]:
+                            self._errors[failure.batch_id] = (stage, failure)
+                if all(ref is None for ref in refs):  # every stage is done with it
                     del self._pending[batch_id]
+                    # what stages computed after the one that raised is dropped: its error is the output
+                    for output in self._outputs.pop(batch_id):
+                        outputs.append(self._errors.pop(output.batch_id, (None, output))[1])
             if outputs:
                 return outputs
         return []
@@ -323,3 +336,11 @@ def _short(error: Exception) -> str:
     if cause is not None:
         return f"{type(cause).__name__}: {cause}"
     return text[-1] if text else type(error).__name__
+
+
+def _stage_env() -> dict | None:
+    """The driver's MLAPIPE_* settings (kernel pins, graph switches, the failure tests' failpoint) for
+    the stage actors: a stage on another node, or in a Ray started before they were set, would not
+    see them otherwise."""
+    env = {name: value for name, value in os.environ.items() if name.startswith("MLAPIPE_")}
+    return {"env_vars": env} if env else None

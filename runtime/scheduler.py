@@ -37,6 +37,7 @@ class Request:
     in_flight: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "scored" | "abort" | "error: ..."
     abort_reason: str | None = None  # abort() while in flight: ends when its micro-batch comes back
+    run_alone: bool = False  # its micro-batch raised with others in it: retried in one of its own
     output_logprobs: list = field(default_factory=list)  # per output token, when sampling.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -119,6 +120,8 @@ class Scheduler:
         running = self.running
         if self.decode_steps == 1 or self.in_flight or self.waiting or not running:
             return 1
+        if any(r.run_alone for r in running):
+            return 1
         if any(r.score_only or r.num_tokens - r.num_computed != 1 for r in running):
             return 1
         if any(r.sampling.logprobs is not None for r in running):  # a round returns only token ids
@@ -138,8 +141,14 @@ class Scheduler:
             return None
         budget = self.ubatch
         chunks: list[SequenceChunk] = []
+        alone = next((r for r in self.running if r.run_alone and not r.in_flight), None)
+        if alone is not None:  # a retry after its micro-batch raised: nothing else rides with it
+            self._take(alone, min(budget, alone.num_tokens - alone.num_computed), chunks)
+            return self._start(chunks, 1)
         # Decode tokens first (cheap, latency-bound), spread evenly over the free groups.
-        decodable = [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed == 1]
+        decodable = [
+            r for r in self.running if not r.in_flight and not r.run_alone and r.num_tokens - r.num_computed == 1
+        ]
         decoding = sum(r.num_tokens - r.num_computed == 1 for r in self.running)  # in flight or ready
         decode_cap = -(-decoding // self.decode_groups) if decodable else 0
         for request in decodable[:decode_cap]:
@@ -148,16 +157,25 @@ class Scheduler:
             if request.num_computed == request.num_tokens - 1:  # else preempted by an earlier one
                 budget -= self._take(request, 1, chunks, steps)
         # Then prompt chunks of running requests, then newly admitted ones.
-        for request in [r for r in self.running if not r.in_flight and r.num_tokens - r.num_computed > 1]:
+        for request in [
+            r for r in self.running if not r.in_flight and not r.run_alone and r.num_tokens - r.num_computed > 1
+        ]:
             budget = self._add_prefill(request, budget, chunks)
         while self.waiting and budget > 0 and len(chunks) < self.max_seqs_per_batch:
             request = self.waiting[0]
             size = min(budget, request.num_tokens - request.num_computed)
-            if not self.blocks.can_allocate(request.request_id, request.num_computed + size):
+            if (request.run_alone and chunks) or not self.blocks.can_allocate(
+                request.request_id, request.num_computed + size
+            ):
                 break
             self.waiting.popleft()
             self.running.append(request)
             budget = self._add_prefill(request, budget, chunks)
+            if request.run_alone:  # preempted while waiting for its retry: still alone
+                break
+        return self._start(chunks, steps)
+
+    def _start(self, chunks: list[SequenceChunk], steps: int) -> MicroBatch | None:
         if not chunks:
             return None
         batch = MicroBatch(next(self._batch_ids), chunks, num_steps=steps)
@@ -222,6 +240,7 @@ class Scheduler:
         for chunk in batch.chunks:
             request = self._get(chunk.request_id)
             request.in_flight = False
+            request.run_alone = False
             request.num_computed += chunk.num_new + batch.num_steps - 1
             request.scores.extend(output.scores.get(chunk.request_id, ()))
             if request.score_only and request.num_computed == request.num_tokens:
@@ -249,6 +268,25 @@ class Scheduler:
             request.finish_reason = "stop"
         elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.n_ctx:
             request.finish_reason = "length"
+
+    def retry_or_fail_batch(self, batch_id: int, reason: str) -> list[Request]:
+        """A micro-batch raised on a stage. Shared by several requests, each runs again in a micro-batch
+        of its own (nothing of theirs advanced; the rows it wrote are written again): only the request
+        that raises alone fails. Returns the requests that failed now."""
+        batch = self.in_flight[batch_id]
+        if len(batch.chunks) == 1:
+            return self.fail_batch(batch_id, reason)
+        del self.in_flight[batch_id]
+        aborted = []
+        for chunk in batch.chunks:
+            request = self._get(chunk.request_id)
+            request.in_flight = False
+            request.run_alone = True
+            if request.abort_reason:  # abort() came while it was in flight: it ends now, not retried
+                request.finish_reason = request.abort_reason
+                self._release(request)
+                aborted.append(request)
+        return aborted
 
     def fail_batch(self, batch_id: int, reason: str) -> list[Request]:
         """A micro-batch was lost (a stage failed): its requests finish with the error."""

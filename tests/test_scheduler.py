@@ -140,6 +140,28 @@ def test_failed_batch_fails_its_requests_and_frees_blocks():
     assert not s.has_unfinished and s.blocks.num_free == s.blocks.num_blocks
 
 
+def test_a_raising_batch_is_retried_request_by_request_and_only_the_culprit_fails():
+    s = _scheduler(ubatch=16)
+    for name in "abc":
+        s.add(Request(name, [1, 2, 3], SamplingParams(max_tokens=2)))
+    shared = s.schedule()
+    assert [c.request_id for c in shared.chunks] == ["a", "b", "c"]
+    assert s.retry_or_fail_batch(shared.batch_id, "stage 0 raised MemoryError") == []  # nobody fails yet
+    retries = []
+    while (batch := s.schedule()) is not None:  # one group: each retry once the one before is back
+        retries.append([(c.request_id, c.num_cached, c.num_new) for c in batch.chunks])
+        if batch.chunks[0].request_id == "b":
+            failed = s.retry_or_fail_batch(batch.batch_id, "stage 0 raised MemoryError")
+            assert [r.finish_reason for r in failed] == ["error: stage 0 raised MemoryError"]
+        else:
+            _finish(s, batch)
+        if len(retries) == 3:
+            break
+    assert retries == [[("a", 0, 3)], [("b", 0, 3)], [("c", 0, 3)]]  # the whole prompt again, alone
+    together = s.schedule()  # back to sharing micro-batches once the retries are through
+    assert [(c.request_id, c.num_new) for c in together.chunks] == [("a", 1), ("c", 1)]
+
+
 def _run_to_end(s: Scheduler, next_token) -> tuple[dict, list[int]]:
     """Drives the scheduler like the engine, with a fake model: the token after position p of request r
     is next_token(r, p), whichever step of a round computed it. Returns (outputs, steps per batch)."""

@@ -53,3 +53,43 @@ def test_reported_stage_is_the_one_that_failed(ray_local, model_path, transport,
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
         engine.close()
+
+
+def _run(engine, prompts, params) -> list:
+    ids = [engine.add_request(p, params) for p in prompts]
+    finished = {}
+    started = time.monotonic()
+    while len(finished) < len(ids):
+        for request in engine.step()[1]:
+            finished[request.request_id] = request
+        assert time.monotonic() - started < 60, "the engine hung after a micro-batch raised"
+    return [finished[i] for i in ids]
+
+
+@pytest.mark.parametrize("pipeline, stage", [(1, 0), (2, 0), (2, 1)])
+def test_a_micro_batch_that_raises_fails_only_the_request_that_raises(
+    ray_local, model_path, monkeypatch, pipeline, stage
+):
+    """A stage raises on the micro-batch holding one prompt (the failpoint stands in for an out-of-memory
+    error or a bug; on stage 0 the next stage computes on zeros, on stage 1 stage 0's work is dropped):
+    the micro-batch is retried request by request, the prompt that raises alone fails with an error
+    naming the stage, the three that shared its micro-batch get the tokens they get alone, and the
+    engine serves the next request."""
+    from mlapipe.workers.failpoint import FAILPOINT_ENV
+
+    good = [[5, 6, 7, 8], [40, 41, 42], list(range(60, 70))]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    with Engine(model_path, block_size=16) as engine:
+        alone = [engine.generate([p], params)[0].token_ids for p in good]
+    seen = {t for tokens in alone + good for t in tokens}
+    poison = next(t for t in range(100, 1000) if t not in seen)  # in no good prompt and none of their outputs
+    monkeypatch.setenv(FAILPOINT_ENV, f"{stage}:{poison}")
+    options = dict(pipeline=2, use_ray=True, transport="gloo") if pipeline == 2 else {}
+    with Engine(model_path, block_size=16, **options) as engine:
+        done = _run(engine, good[:2] + [[10, 11, poison, 12]] + good[2:], params)
+        reasons = [r.finish_reason for r in done]
+        assert reasons[2] == f"error: stage {stage} raised RuntimeError: failpoint {FAILPOINT_ENV} hit"
+        assert reasons[:2] + reasons[3:] == ["length"] * 3, reasons
+        assert [r.output_token_ids for r in done[:2] + done[3:]] == alone
+        again = _run(engine, [good[0]], params)[0]
+        assert again.finish_reason == "length" and again.output_token_ids == alone[0]

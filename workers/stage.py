@@ -15,12 +15,16 @@ hears back once, at the end of the round. With one stage the tokens never leave 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 
 from mlapipe.runtime.microbatch import MicroBatch, StepOutput
+from mlapipe.workers.failpoint import FAILPOINT_ENV, Failpoint
 from mlapipe.workers.stage_timeline import StageTimeline
+
+log = logging.getLogger(__name__)
 
 
 class StageWorker:
@@ -35,6 +39,7 @@ class StageWorker:
         self.batches_done = 0
         self.steps_done = 0  # forward steps (a decode round of K steps counts K)
         self.weight_bytes_allocated = 0  # device memory the weights took (GPUs; 0 on CPUs)
+        self.failpoint = Failpoint.from_env()  # fault injection for the failure tests; None normally
 
     @property
     def is_first(self) -> bool:
@@ -125,11 +130,17 @@ class StageWorker:
         return outputs[0] if outputs is not None else None
 
     def run_round(self, batches: list[MicroBatch]) -> list[StepOutput] | None:
-        """Micro-batches submitted together, step by step; the last stage returns their outputs."""
+        """Micro-batches submitted together, step by step; the last stage returns their outputs, the
+        others the micro-batches that raised here (or None).
+
+        A micro-batch that raises fails alone: its error is kept, and its later steps still receive
+        and send (zeros of the same shapes) so the other stages' links stay in step; the driver drops
+        what the stages after it computed and fails only its requests (their cache rows are freed)."""
         steps = max(b.num_steps for b in batches)
         sampled: dict[int, list] = {b.batch_id: [] for b in batches}  # last stage: tokens per step
         fed_back: dict[int, object] = {}  # one stage: the next step's input tokens, on the device
         outputs: dict[int, StepOutput] = {}
+        failed: dict[int, str] = {}  # batch id -> why it raised on this stage
         for k in range(steps):
             for batch in batches:
                 if k >= batch.num_steps:
@@ -138,13 +149,18 @@ class StageWorker:
                 token_ids = None
                 if k > 0 and self.is_first:
                     token_ids = fed_back.pop(batch.batch_id) if self.is_last else self._recv_tokens(step, k)
-                hidden = self._forward(step, k, token_ids)
+                hidden = self._forward(step, k, token_ids, failed)
                 if not self.is_last:
                     self._send_hidden(step, k, hidden)
                 elif batch.num_steps == 1:
-                    outputs[batch.batch_id] = self.runner.finish(step, hidden)
+                    if batch.batch_id not in failed:
+                        outputs[batch.batch_id] = self._guarded(failed, step, self.runner.finish, step, hidden)
                 else:
-                    tokens = self.runner.sample(step, hidden)
+                    tokens = None
+                    if batch.batch_id not in failed:
+                        tokens = self._guarded(failed, step, self.runner.sample, step, hidden)
+                    if batch.batch_id in failed:
+                        tokens = self._no_tokens(step)
                     sampled[batch.batch_id].append(tokens)
                     if k + 1 < batch.num_steps:
                         if self.is_first:
@@ -153,14 +169,17 @@ class StageWorker:
                             self.transport.send_back(_key(step, k), tokens)
             self.steps_done += 1
         self.batches_done += len(batches)
+        errors = {batch_id: StepOutput(batch_id, {}, error=why) for batch_id, why in failed.items()}
         if not self.is_last:
-            return None
+            return list(errors.values()) or None
         for batch in batches:
-            if batch.num_steps > 1:
+            if batch.batch_id in errors:
+                outputs[batch.batch_id] = errors[batch.batch_id]
+            elif batch.num_steps > 1:
                 outputs[batch.batch_id] = _round_output(batch, sampled[batch.batch_id])
         return [outputs[b.batch_id] for b in batches]
 
-    def _forward(self, step: MicroBatch, k: int, token_ids):
+    def _forward(self, step: MicroBatch, k: int, token_ids, failed: dict[int, str]):
         hidden_in = None
         if not self.is_first:
             started = time.perf_counter()
@@ -168,11 +187,41 @@ class StageWorker:
                 _key(step, k), (step.num_tokens, self.hidden_size), self.runner.dtype
             )
             self.transport_wait_seconds += time.perf_counter() - started
+        if step.batch_id in failed:  # an earlier step raised here: keep the links in step, skip the work
+            return self._zeros(step)
         # no host sync on a GPU: the next step's launches overlap this one's GPU work
         started = self.timeline.begin()
-        hidden = self.runner.forward(step, hidden_in, token_ids)
+        hidden = self._guarded(failed, step, self._run_layers, step, hidden_in, token_ids)
+        if hidden is None:
+            return self._zeros(step)
         self.timeline.end(started, step.batch_id, k)
         return hidden
+
+    def _run_layers(self, step: MicroBatch, hidden_in, token_ids):
+        if self.failpoint is not None and self.failpoint.hits(self.stage, step):
+            raise RuntimeError(f"failpoint {FAILPOINT_ENV} hit")
+        return self.runner.forward(step, hidden_in, token_ids)
+
+    def _guarded(self, failed: dict[int, str], step: MicroBatch, work, *args):
+        """work(*args), or None with the micro-batch's error kept in `failed` when it raises (an error
+        of the Python level: out of memory, a bad value; a Ctrl-C or exit passes through)."""
+        try:
+            return work(*args)
+        except Exception as error:
+            first_line = (str(error).splitlines() or [""])[0][:300]
+            failed[step.batch_id] = f"stage {self.stage} raised {type(error).__name__}: {first_line}"
+            log.exception("stage %d: micro-batch %d failed", self.stage, step.batch_id)
+            return None
+
+    def _zeros(self, step: MicroBatch):
+        import torch
+
+        return torch.zeros(step.num_tokens, self.hidden_size, dtype=self.runner.dtype, device=self.device)
+
+    def _no_tokens(self, step: MicroBatch):
+        import torch
+
+        return torch.zeros(len(step.chunks), dtype=torch.int64, device=self.device)
 
     def _send_hidden(self, step: MicroBatch, k: int, hidden) -> None:
         started = time.perf_counter()
