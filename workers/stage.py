@@ -203,11 +203,14 @@ class StageWorker:
         return self.runner.forward(step, hidden_in, token_ids)
 
     def _guarded(self, failed: dict[int, str], step: MicroBatch, work, *args):
-        """work(*args), or None with the micro-batch's error kept in `failed` when it raises (an error
-        of the Python level: out of memory, a bad value; a Ctrl-C or exit passes through)."""
+        """work(*args), or None with the micro-batch's error kept in `failed` when it raises (out of
+        memory, a bad value, a bug). A device error that poisons every later launch (CUDA's sticky
+        errors) and a Ctrl-C or exit pass through: the stage is lost, as when it dies."""
         try:
             return work(*args)
         except Exception as error:
+            if _device_lost(error):
+                raise
             first_line = (str(error).splitlines() or [""])[0][:300]
             failed[step.batch_id] = f"stage {self.stage} raised {type(error).__name__}: {first_line}"
             log.exception("stage %d: micro-batch %d failed", self.stage, step.batch_id)
@@ -272,6 +275,12 @@ class StageWorker:
             self.runner.release()
             self.runner = None
             free_cached_memory(self.device)
+
+
+def _device_lost(error: Exception) -> bool:
+    """A CUDA error after which the context refuses all work (an illegal address, a launch failure);
+    out of memory is not one of them."""
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in str(error)
 
 
 def _key(batch: MicroBatch, step: int) -> str:
