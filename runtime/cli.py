@@ -118,7 +118,12 @@ def _add_engine_options(p) -> None:
     p.add_argument(
         "--amb", type=arg_types.amb_values, default=None, help="attention max batch in MiB, or one per stage"
     )
-    p.add_argument("--ubatch", type=arg_types.int_at_least(1), default=None, help="tokens per micro-batch (default 8192 on GPUs, 512 on CPU)")
+    p.add_argument(
+        "--ubatch",
+        type=arg_types.int_at_least(1),
+        default=None,
+        help="tokens per micro-batch (default 8192 on GPUs, 512 on CPU)",
+    )
     p.add_argument(
         "-c",
         "--ctx-size",

@@ -328,8 +328,8 @@ class Engine:
         except Exception as error:
             if not self._in_process:
                 raise
-            # The in-process stage raised on these micro-batches: their requests fail, nothing else does,
-            # and the engine stays usable (their KV blocks are freed; no other state was touched).
+            # What the stage's own guard lets through (workers/stage.py: a sticky device error) raised
+            # here, in process: these micro-batches' requests fail, their KV blocks are freed.
             reason = f"{type(error).__name__}: {error}"
             log.warning("micro-batches %s failed: %s", [b.batch_id for b in batches], reason)
             outputs = []

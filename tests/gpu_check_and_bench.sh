@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|split-k|moe-tiles|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -96,14 +96,11 @@ if [[ $what == moe-tiles ]]; then  # issue 18: the bf16 MoE's row tile at V2-Lit
     MLAPIPE_MOE_CONFIG=$config bench -p 512,2048 -n 0 | tee -a "$out/bench_moe_tiles.log" | grep "^| v2" | sed "s/^/$config /"
   done
 fi
-if [[ $what == split-k ]]; then  # split-K partials summed by each tile's last chunk (kernels/quant/split_k.py)
+if [[ $what == quant-tests ]]; then  # the quantized kernels' GPU tests, then the model and prefill-graph ones
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_quant_linear.py tests/test_quant_moe.py \
-    tests/test_quant_planes.py 2>&1 | tail -3 | tee "$out/split_k_tests.log"
+    tests/test_quant_planes.py 2>&1 | tail -3 | tee "$out/quant_tests.log"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_quant_model.py \
-    tests/test_prefill_graphs.py tests/test_gpu_model.py 2>&1 | tail -3 | tee -a "$out/split_k_tests.log"
-  bench -p 2048 -n 128 --wtype bf16,q8_0,q4_k | tee "$out/bench_split_k.log" | grep "^|"
-  python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_split_k.log" 2>&1
-  grep -v -i "token authentication" "$out/profile_decode_split_k.log" | grep -A 22 "decode steps of"
+    tests/test_prefill_graphs.py tests/test_gpu_model.py 2>&1 | tail -3 | tee -a "$out/quant_tests.log"
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

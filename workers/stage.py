@@ -156,10 +156,9 @@ class StageWorker:
                     if batch.batch_id not in failed:
                         outputs[batch.batch_id] = self._guarded(failed, step, self.runner.finish, step, hidden)
                 else:
-                    tokens = None
                     if batch.batch_id not in failed:
                         tokens = self._guarded(failed, step, self.runner.sample, step, hidden)
-                    if batch.batch_id in failed:
+                    if batch.batch_id in failed:  # raised now or at an earlier step: zeros keep the links in step
                         tokens = self._no_tokens(step)
                     sampled[batch.batch_id].append(tokens)
                     if k + 1 < batch.num_steps:
