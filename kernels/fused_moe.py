@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from mlapipe.kernels.moe_routing import MoeLayout, moe_align
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 CONFIG_ENV = "MLAPIPE_MOE_CONFIG"
 BATCH_INVARIANT_ENV = "MLAPIPE_MOE_BATCH_INVARIANT"
@@ -141,7 +142,9 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduction dim is a multiple of BLOCK_K (set by the heuristics below)
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -201,7 +204,9 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # the reduction dim is a multiple of BLOCK_K (set by the heuristics below)
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -242,7 +247,9 @@ def _sum_slots_kernel(
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (tokens < num_tokens)[:, None] & (cols < hidden_size)[None, :]
@@ -296,11 +303,11 @@ def gate_up_silu(
     if tiles:
         assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"
         _gate_up_kernel[(num_tiles * triton.cdiv(inter, tiles.block_n),)](
-            *args, BLOCK_M=block_m, **tiles.meta()
+            *args, BLOCK_M=block_m, **tiles.meta(), **launch_options(hidden.device)
         )
     else:
         grid = lambda meta: (num_tiles * triton.cdiv(inter, meta["BLOCK_N"]),)
-        _gate_up_autotuned[grid](*args, BLOCK_M=block_m)
+        _gate_up_autotuned[grid](*args, BLOCK_M=block_m, **launch_options(hidden.device))
     return act
 
 
@@ -323,9 +330,11 @@ def down_weighted(
     )  # fmt: skip
     if tiles:
         assert tiles.block_m == block_m, "the layout's tile and the GEMM's row tile must agree"
-        _down_kernel[(num_tiles * triton.cdiv(H, tiles.block_n),)](*args, BLOCK_M=block_m, **tiles.meta())
+        grid = (num_tiles * triton.cdiv(H, tiles.block_n),)
+        _down_kernel[grid](*args, BLOCK_M=block_m, **tiles.meta(), **launch_options(act.device))
     else:
-        _down_autotuned[lambda meta: (num_tiles * triton.cdiv(H, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m)
+        grid = lambda meta: (num_tiles * triton.cdiv(H, meta["BLOCK_N"]),)
+        _down_autotuned[grid](*args, BLOCK_M=block_m, **launch_options(act.device))
     return slot_out
 
 
@@ -360,7 +369,7 @@ def fused_moe(
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-        slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h
+        slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h, **launch_options(slot_out.device)
     )
     return out
 

@@ -11,9 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_row_stride, width, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, x_row_stride, width, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -25,8 +30,19 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_row_stride, width, eps, BLOCK: tl.
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, x_row_stride, delta_row_stride, width, eps, BLOCK: tl.constexpr
+    x_ptr,
+    delta_ptr,
+    w_ptr,
+    sum_ptr,
+    out_ptr,
+    x_row_stride,
+    delta_row_stride,
+    width,
+    eps,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -56,10 +72,12 @@ def _rope_pairs_kernel(
     half,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Each head's R values are loaded and stored as one contiguous run and split into (even, odd) pairs
     # in registers: loads of every other element lost the vector width (a pp2048 prompt spent 21 us a
     # layer here, ~200 GB/s). The arithmetic, and so the bits, are the same.
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     r = tl.arange(0, 2 * BLOCK_HALF)
@@ -96,7 +114,9 @@ def _write_latent_cache_kernel(
     eps,
     BLOCK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     src = latent_ptr + token * latent_stride
     dst = cache_ptr + tl.load(slot_ptr + token).to(tl.int64) * cache_stride
@@ -135,7 +155,7 @@ def add_rms_norm(
         block = triton.next_power_of_2(width)
         _add_rms_norm_kernel[(T,)](
             x, delta, weight, total, out, x.stride(0), delta.stride(0), width, eps,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            BLOCK=block, num_warps=min(16, max(1, block // 256)), **launch_options(x.device),
         )  # fmt: skip
     return total, out
 
@@ -157,6 +177,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             eps,
             BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
+            **launch_options(rows.device),
         )
     return out
 
@@ -187,6 +208,7 @@ def apply_rope_pairs(
         _rope_pairs_kernel[grid](
             view, cos, sin, target, view.stride(0), view.stride(1), target.stride(0), target.stride(1),
             cos.stride(0), heads, half, BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
+            **launch_options(view.device),
         )  # fmt: skip
     return out
 
@@ -216,5 +238,5 @@ def write_latent_cache(
             latent, kv_norm, cos, sin, slot_mapping, flat_cache,
             latent.stride(0), cos.stride(0), flat_cache.stride(0), width, half, eps,
             BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=min(16, max(1, block // 256)), **launch_options(latent.device),
         )  # fmt: skip

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from mlapipe.kernels.mla_prefill import pin_if_requested
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it
@@ -98,7 +99,9 @@ def _mla_decode_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     row_block = tl.program_id(1)
     split = tl.program_id(2)
@@ -189,7 +192,9 @@ def _merge_splits_kernel(
     KV_LORA_RANK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_valid = heads < num_heads
@@ -322,6 +327,7 @@ def mla_decode(
         KV_LORA_RANK=kv_lora_rank,
         ROPE_DIM=rope_dim,
         PAGE_SIZE=kv_cache.shape[1],
+        **launch_options(q.device),
     )
     block_h = min(16, triton.next_power_of_2(H))
     _merge_splits_kernel[(T, triton.cdiv(H, block_h))](
@@ -343,5 +349,6 @@ def mla_decode(
         BLOCK_H=block_h,
         BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
         num_warps=4,
+        **launch_options(target_out.device),
     )
     return out, lse

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from mlapipe.kernels.host import upload
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it
@@ -96,7 +97,9 @@ def _decompress_kernel(
     OUT_DIM: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     head = tl.program_id(1)
     row_valid = rows < num_rows
@@ -194,7 +197,9 @@ def _prefill_attention_kernel(
     V_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0) // num_step_heads
     step_head = tl.program_id(0) % num_step_heads
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows first
@@ -370,7 +375,7 @@ def mla_prefill(
             _decompress_kernel[decompress_grid](
                 latent, weight, target, num_rows, h0,
                 latent.stride(0), weight.stride(0), weight.stride(1), target.stride(0), target.stride(1),
-                KV_LORA_RANK=kv_lora_rank, OUT_DIM=target.shape[-1],
+                KV_LORA_RANK=kv_lora_rank, OUT_DIM=target.shape[-1], **launch_options(latent.device),
             )  # fmt: skip
 
         def attention_grid(meta_args, step_heads=step_heads):
@@ -383,5 +388,6 @@ def mla_prefill(
             latent.stride(0), out.stride(0), out.stride(1), lse.stride(0),
             softmax_scale * LOG2E,
             KV_LORA_RANK=kv_lora_rank, NOPE_DIM=nope_dim, ROPE_DIM=rope_dim, V_DIM=v_dim,
+            **launch_options(q.device),
         )  # fmt: skip
     return out, lse

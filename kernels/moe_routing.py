@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
+
 # ----------------------------------------------------------------------------------------------------
 # routing
 
@@ -63,7 +65,9 @@ def _route_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_ok = tokens < num_tokens
@@ -185,6 +189,7 @@ def moe_routing(
         BLOCK_E=block_e,
         BLOCK_G=triton.next_power_of_2(max(1, num_groups)),
         BLOCK_K=triton.next_power_of_2(top_k + num_shared),
+        **launch_options(router_logits.device),
     )
     return weights, ids
 
@@ -303,8 +308,10 @@ def _align_one_chunk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Decode-sized batches: all three steps in one program, one launch."""
+    wait_for_previous(PDL)
     counts = _chunk_histogram(ids_ptr, 0, num_rows, CHUNK, SUB, BLOCK_E)
     expert_start = _plan_tiles(
         counts, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
@@ -322,7 +329,9 @@ def _count_chunk_kernel(
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     counts = _chunk_histogram(ids_ptr, chunk, num_rows, CHUNK, SUB, BLOCK_E)
@@ -344,7 +353,9 @@ def _scan_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,  # chunks read as one (BLOCK_CHUNKS, BLOCK_E) tile: a step, not a load each
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < num_experts
     totals = tl.zeros((BLOCK_E,), tl.int32)
@@ -380,7 +391,9 @@ def _scatter_kernel(
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     next_slot = tl.load(
@@ -428,19 +441,35 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
     if num_chunks == 1:
         _align_one_chunk_kernel[(1,)](
             topk_ids, expert_counts, tile_expert, sorted_row_ids, num_rows, num_experts, max_tiles,
-            CHUNK=chunk, SUB=sub, **plan,
+            CHUNK=chunk, SUB=sub, **plan, **launch_options(topk_ids.device),
         )  # fmt: skip
         return layout
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
     _count_chunk_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e
+        topk_ids,
+        chunk_counts,
+        num_rows,
+        num_experts,
+        CHUNK=chunk,
+        SUB=sub,
+        BLOCK_E=block_e,
+        **launch_options(topk_ids.device),
     )
     _scan_kernel[(1,)](
         chunk_counts, chunk_offsets, expert_counts, tile_expert, sorted_row_ids, num_chunks, num_rows,
         num_experts, max_tiles, **plan, BLOCK_CHUNKS=max(1, min(16, 4096 // block_e)),
+        **launch_options(chunk_counts.device),
     )  # fmt: skip
     _scatter_kernel[(num_chunks,)](
-        topk_ids, chunk_offsets, sorted_row_ids, num_rows, num_experts, CHUNK=chunk, SUB=sub, BLOCK_E=block_e
+        topk_ids,
+        chunk_offsets,
+        sorted_row_ids,
+        num_rows,
+        num_experts,
+        CHUNK=chunk,
+        SUB=sub,
+        BLOCK_E=block_e,
+        **launch_options(topk_ids.device),
     )
     return layout

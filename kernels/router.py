@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
+
 BLOCK_K = 256  # fixes each logit's summation order: changing it changes bits, never batch invariance
 LOG2_BLOCK_K = BLOCK_K.bit_length() - 1
 
@@ -49,7 +51,9 @@ def _router_logits_kernel(
     BLOCK_K: tl.constexpr,
     LOG2_BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     k = tl.arange(0, BLOCK_K)
@@ -111,6 +115,6 @@ def router_logits(
         _router_logits_kernel[grid](
             x, router, out, T, E, hidden, x.stride(0), router.stride(0),
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=BLOCK_K, LOG2_BLOCK_K=LOG2_BLOCK_K,
-            NUM_STAGES=num_stages, num_warps=num_warps,
+            NUM_STAGES=num_stages, num_warps=num_warps, **launch_options(x.device),
         )  # fmt: skip
     return out

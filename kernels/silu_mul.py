@@ -13,9 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)  # one (token, expert) pair
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -36,5 +39,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     rows = out.numel() // max(1, inter)
     if rows and inter:
         block = min(1024, triton.next_power_of_2(inter))
-        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](x, out, inter, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
+            x, out, inter, BLOCK=block, num_warps=4, **launch_options(x.device)
+        )
     return out

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|pdl|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -101,6 +101,17 @@ if [[ $what == quant-tests ]]; then  # the quantized kernels' GPU tests, then th
     tests/test_quant_planes.py 2>&1 | tail -3 | tee "$out/quant_tests.log"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_quant_model.py \
     tests/test_prefill_graphs.py tests/test_gpu_model.py 2>&1 | tail -3 | tee -a "$out/quant_tests.log"
+fi
+if [[ $what == pdl ]]; then  # programmatic dependent launch (kernels/pdl.py): on vs off in one run, then bits
+  python3 -c "import torch, triton; from mlapipe.kernels.pdl import launch_options; print('triton', triton.__version__, dict(launch_options(torch.device('cuda'))))"
+  for pdl in 0 1; do
+    MLAPIPE_PDL=$pdl timeout 200 python -m mlapipe.runtime.cli bench --shape v2-lite -r 2 -p 512,2048 -n 128 \
+      --wtype bf16,q8_0 > "$out/bench_pdl_$pdl.log" 2>&1; grep "^| v2" "$out/bench_pdl_$pdl.log" | sed "s/^/PDL=$pdl /"
+  done
+  python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 > "$out/profile_decode_pdl.log" 2>&1
+  grep -A 40 "decode steps of" "$out/profile_decode_pdl.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu_model.py \
+    tests/test_prefill_graphs.py tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/pdl_tests.log"
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -270,7 +270,7 @@ def test_random_blocks_have_the_requested_scale(row):
 
 def test_decoders_compile_for_hopper():
     """Every decoder inside the shared dequantize kernel compiles for sm_90 (Triton's bundled ptxas; no
-    GPU needed), so a GPU run does not find a compile error first."""
+    GPU needed), so a GPU run does not find a compile error first; with the PDL wait the GPU launches take."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = textwrap.dedent(
         """
@@ -280,10 +280,11 @@ def test_decoders_compile_for_hopper():
         from mlapipe.kernels.quant import dequantize as dq
         from mlapipe.kernels.quant.types import QUANT_TYPES
         sig = {"w_ptr": "*u8", "table_ptr": "*i16", "out_ptr": "*bf16", "n_rows": "i32", "cols": "i32",
-               "row_bytes": "i32", "DECODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+               "row_bytes": "i32", "DECODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
+               "PDL": "constexpr"}
         for row in QUANT_TYPES.values():
             src = ASTSource(fn=dq._dequantize_kernel, signature=sig,
-                            constexprs={"DECODE": row.decoder, "BLOCK_R": 16, "BLOCK_K": 64})
+                            constexprs={"DECODE": row.decoder, "BLOCK_R": 16, "BLOCK_K": 64, "PDL": True})
             triton.compile(src, target=GPUTarget("cuda", 90, 32))
             print(row.name, flush=True)
         """

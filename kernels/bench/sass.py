@@ -40,7 +40,7 @@ def compile_sass(kind, stages: int, prefetch: bool, block_k: int = 64) -> str:
     constants = {
         "DECODE": kind.decoder, "COMPUTE": tl.bfloat16, "IEEE": False, "DIRECT": False, "BLOCK_M": 16,
         "BLOCK_N": 64, "BLOCK_K": block_k, "BLOCK_ELEMS": kind.block_elems, "BLOCK_BYTES": kind.step_bytes,
-        "FETCH": fetch, "CONVERT": convert,
+        "FETCH": fetch, "CONVERT": convert, "PDL": True,  # as a Hopper launch runs it
     }  # fmt: skip
     signature = SIGNATURE | {name: "constexpr" for name in constants}
     attrs = {(i,): [["tt.divisibility", 16]] for i in DIVISIBLE_BY_16}

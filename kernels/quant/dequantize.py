@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant import reference, tables
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.kernels.quant.types import quant_type, row_bytes
@@ -31,7 +32,9 @@ def _dequantize_kernel(
     DECODE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k0 = tl.program_id(1) * BLOCK_K
     values = DECODE(w_ptr, tl.minimum(rows, n_rows - 1), row_bytes, k0, BLOCK_K, table_ptr)
@@ -54,7 +57,9 @@ def _embedding_kernel(
     DECODE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tokens = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ids = tl.load(ids_ptr + tokens, mask=tokens < num_tokens, other=0)
     # ids are checked by the caller; the clamp only keeps a bad one from reading past the table
@@ -121,6 +126,7 @@ def dequantize(
         DECODE=quant_type(w.qtype).decoder,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
+        **launch_options(w.data.device),
     )
     return out
 
@@ -155,6 +161,7 @@ def quant_embedding(ids: torch.Tensor, w: QuantTensor, dtype: torch.dtype) -> to
         DECODE=quant_type(w.qtype).decoder,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
+        **launch_options(ids.device),
     )
     return out
 

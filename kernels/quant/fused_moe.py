@@ -49,6 +49,7 @@ import triton.language as tl
 
 from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column
 from mlapipe.kernels.moe_routing import moe_align
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
     dequantize_on_device,
@@ -140,7 +141,9 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     FETCH: tl.constexpr = None,  # the decoder split into loads and register math (linear.prefetched_dot)
     CONVERT: tl.constexpr = None,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -198,11 +201,13 @@ def _gate_up_combine_kernel(
     num_positions,
     BLOCK_M: tl.constexpr,  # the GEMMs' row tile
     BLOCK_I: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """act = silu(g) * u with g, u = 0 + chunk 0 + chunk 1 + ... (the non-split launch's sums), at the
     positions of real rows. A decode step has one row in most of its 16-row tiles: the padding positions'
     act stays unwritten, and the down GEMM's columns for them (each a column of its own in the MMA) are
     never stored."""
+    wait_for_previous(PDL)
     position = tl.program_id(0)
     if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
         return
@@ -253,7 +258,9 @@ def _down_kernel(
     GROUP_M: tl.constexpr,
     FETCH: tl.constexpr = None,  # the decoder split into loads and register math (linear.prefetched_dot)
     CONVERT: tl.constexpr = None,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     tile, column = _tile_and_column(tl.program_id(0), num_tiles, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -309,8 +316,10 @@ def _down_combine_kernel(
     stride_slot_r,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """slot_out[row] = (0 + chunk 0 + chunk 1 + ...) * routing weight, for the real row at each position."""
+    wait_for_previous(PDL)
     position = tl.program_id(0)
     if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
         return
@@ -439,7 +448,7 @@ def _run_gemms(
         layout.num_rows, K, H, inter, layout.max_tiles, hidden.stride(0), gate_up.data.stride(0),
         gate_up.data.shape[-1], act.stride(0), one.chunk_k, one.num_chunks, DECODE=gate_up.decoder,
         BLOCK_K=one.block_k, BLOCK_ELEMS=gate_up.block_elems, BLOCK_BYTES=gate_up.block_bytes,
-        FETCH=gate_up_split[0], CONVERT=gate_up_split[1], **common,
+        FETCH=gate_up_split[0], CONVERT=gate_up_split[1], **common, **launch_options(hidden.device),
     )  # fmt: skip
     if plan.split:
         block_i = min(1024, triton.next_power_of_2(inter))
@@ -454,6 +463,7 @@ def _run_gemms(
             positions,
             BLOCK_M=block_m,
             BLOCK_I=block_i,
+            **launch_options(partial.device),
         )
     two = plan.down
     chunks = two.num_chunks if plan.split else 1
@@ -465,13 +475,14 @@ def _run_gemms(
         layout.num_rows, H, inter, layout.max_tiles, act.stride(0), down.data.stride(0), down.data.shape[-1],
         slot_out.stride(0), two.chunk_k, two.num_chunks, DECODE=down.decoder, BLOCK_K=two.block_k,
         BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down_split[0], CONVERT=down_split[1],
-        **common,
+        **common, **launch_options(act.device),
     )  # fmt: skip
     if plan.split:
         block_h = min(1024, triton.next_power_of_2(H))
         _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
             partial, layout.sorted_row_ids, layout.tile_expert, topk_weights, slot_out, layout.num_rows, H,
             two.num_chunks, positions, slot_out.stride(0), BLOCK_M=block_m, BLOCK_H=block_h,
+            **launch_options(partial.device),
         )  # fmt: skip
 
 
@@ -542,6 +553,6 @@ def quant_fused_moe(
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-        slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h
+        slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h, **launch_options(slot_out.device)
     )
     return out

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
     MIN_TILE_K,
     compute_dtype,
@@ -170,7 +171,9 @@ def _linear_split_kernel(
     BLOCK_BYTES: tl.constexpr,  # bytes the row pointer moves per block (QuantType.step_bytes)
     FETCH: tl.constexpr = None,  # the decoder's loads and register math, where it is split (prefetched_dot)
     CONVERT: tl.constexpr = None,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows_read = tl.minimum(rows, N - 1)  # columns past N decode the last row; never stored
@@ -197,8 +200,11 @@ def _linear_split_kernel(
 
 
 @triton.jit
-def _sum_chunks_kernel(partial_ptr, out_ptr, numel, num_chunks, BLOCK: tl.constexpr):
+def _sum_chunks_kernel(
+    partial_ptr, out_ptr, numel, num_chunks, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
     """out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype."""
+    wait_for_previous(PDL)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     total = tl.zeros((BLOCK,), tl.float32)
@@ -231,8 +237,10 @@ def _linear_tiled_kernel(
     BLOCK_BYTES: tl.constexpr,
     FETCH: tl.constexpr = None,
     CONVERT: tl.constexpr = None,
+    PDL: tl.constexpr = False,
 ):
     # Consecutive programs share a column block, so its weight bytes come from L2 for the row blocks.
+    wait_for_previous(PDL)
     num_row_blocks = tl.cdiv(num_tokens, BLOCK_M)
     pid = tl.program_id(0)
     tokens = (pid % num_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -343,10 +351,13 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
         DECODE=kind.decoder, COMPUTE=compute, IEEE=compute == tl.float32, DIRECT=direct,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ELEMS=kind.block_elems,
         BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
+        **launch_options(x.device),
     )  # fmt: skip
     if not direct:
         block = 1024
-        _sum_chunks_kernel[(triton.cdiv(T * N, block),)](partial, out, T * N, plan.num_chunks, BLOCK=block)
+        _sum_chunks_kernel[(triton.cdiv(T * N, block),)](
+            partial, out, T * N, plan.num_chunks, BLOCK=block, **launch_options(partial.device)
+        )
     return out
 
 
@@ -363,6 +374,7 @@ def _launch_tiled(
         plan.num_chunks, DECODE=decoder, COMPUTE=compute, IEEE=compute == tl.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=plan.block_k, BLOCK_ELEMS=block_elems,
         BLOCK_BYTES=block_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
+        **launch_options(x.device),
     )  # fmt: skip
 
 
