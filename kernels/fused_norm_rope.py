@@ -37,9 +37,11 @@ def _add_rms_norm_kernel(
     out_ptr,
     x_row_stride,
     delta_row_stride,
+    partial_stride,
     width,
     eps,
     BLOCK: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,  # 0: delta is (T, W); n: delta is n fp32 partial sums (n, T, W)
     PDL: tl.constexpr = False,
 ):
     wait_for_previous(PDL)
@@ -47,7 +49,14 @@ def _add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    delta_row = delta_ptr + row * delta_row_stride + cols
+    if NUM_PARTIALS == 0:
+        delta = tl.load(delta_row, mask=mask, other=0.0).to(tl.float32)
+    else:  # the split linear's sum (quant/linear.py _sum_chunks_kernel): 0 + p0 + p1 ..., rounded
+        delta = tl.zeros((BLOCK,), tl.float32)
+        for p in tl.static_range(NUM_PARTIALS):
+            delta += tl.load(delta_row + p * partial_stride, mask=mask, other=0.0)
+        delta = delta.to(sum_ptr.dtype.element_ty).to(tl.float32)
     # rounded to the stream's dtype first, as torch's add does; the norm reads the rounded sum
     total = (x + delta).to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * width + cols, total, mask=mask)
@@ -145,17 +154,28 @@ def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm in one pass: (x + delta, rms_norm(x + delta) * weight), both
-    contiguous in x.dtype; x, delta (T, W) with unit stride along W. Bit for bit the add then rms_norm."""
+    contiguous in x.dtype; x, delta (T, W) with unit stride along W. Bit for bit the add then rms_norm.
+
+    delta may also be (n, T, W) fp32 partial sums of a split linear (ops.linear(..., unsummed=True)):
+    summed here in order and rounded to x.dtype, as the linear's own sum kernel would, so the same bits
+    with one launch fewer."""
     T, width = x.shape
-    if delta.shape != x.shape or delta.dtype != x.dtype or x.stride(-1) != 1 or delta.stride(-1) != 1:
+    partials = delta.dim() == 3
+    if partials:
+        if delta.shape[1:] != x.shape or delta.dtype != torch.float32 or not delta.is_contiguous():
+            raise ValueError(f"partials {tuple(delta.shape)} must be contiguous fp32 (n, *{tuple(x.shape)})")
+    elif delta.shape != x.shape or delta.dtype != x.dtype or delta.stride(-1) != 1:
         raise ValueError(f"x {tuple(x.shape)} and delta {tuple(delta.shape)} must match, unit last stride")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} needs a unit last stride")
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if T:
         block = triton.next_power_of_2(width)
         _add_rms_norm_kernel[(T,)](
-            x, delta, weight, total, out, x.stride(0), delta.stride(0), width, eps,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)), **launch_options(x.device),
+            x, delta, weight, total, out, x.stride(0), delta.stride(-2), delta.stride(0) if partials else 0,
+            width, eps, BLOCK=block, NUM_PARTIALS=delta.shape[0] if partials else 0,
+            num_warps=min(16, max(1, block // 256)), **launch_options(x.device),
         )  # fmt: skip
     return total, out
 

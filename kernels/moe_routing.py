@@ -26,6 +26,8 @@ r = t*K + k (token t, slot k), R = T*K of them. Every output below is a pure fun
      increasing r (a stable sort by expert). Padding and real positions are disjoint: no fill, no race.
   `_align_one_chunk_kernel` runs the same three steps (shared @triton.jit helpers) in one program.
   sorted_row_ids (max_tiles * BLOCK_M,) int32: row ids by expert; padding holds R (no such row).
+  row_positions (R,) int32: the inverse, the sorted position of each row (the scatter writes both), so a
+  kernel walking a token's slots in order finds their rows' GEMM outputs without a search.
   max_tiles = cdiv(R, BLOCK_M) + min(E, R) bounds the used tiles for any routing, so every buffer size
   depends on T, K, E and BLOCK_M alone (CUDA-graph friendly); unused tiles say -1 and their programs exit.
 """
@@ -207,6 +209,7 @@ class MoeLayout:
     expert_counts: torch.Tensor  # (E,) int32
     num_rows: int  # R = T * K
     block_m: int
+    row_positions: torch.Tensor  # (R,) int32: the sorted position of each row
 
     @property
     def max_tiles(self) -> int:
@@ -272,6 +275,7 @@ def _plan_tiles(
 def _scatter_chunk(
     ids_ptr,
     sorted_row_ids_ptr,
+    row_positions_ptr,
     next_slot,  # (BLOCK_E,) int32 tensor: sorted position of the chunk's first row of each expert
     chunk,
     num_rows,
@@ -291,6 +295,7 @@ def _scatter_chunk(
         base = tl.sum(tl.where(one_hot, next_slot[None, :], 0), axis=1)
         rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
         tl.store(sorted_row_ids_ptr + base + rank, rows, mask=row_ok)
+        tl.store(row_positions_ptr + rows, base + rank, mask=row_ok)
         next_slot += tl.sum(one_hot.to(tl.int32), axis=0)
 
 
@@ -300,6 +305,7 @@ def _align_one_chunk_kernel(
     expert_counts_ptr,  # (E,) int32 out
     tile_expert_ptr,  # (max_tiles,) int32 out
     sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out
+    row_positions_ptr,  # (R,) int32 out
     num_rows,
     num_experts,
     max_tiles,
@@ -317,7 +323,9 @@ def _align_one_chunk_kernel(
         counts, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
         BLOCK_M, BLOCK_E, BLOCK_TILES,
     )  # fmt: skip
-    _scatter_chunk(ids_ptr, sorted_row_ids_ptr, expert_start, 0, num_rows, CHUNK, SUB, BLOCK_E)
+    _scatter_chunk(
+        ids_ptr, sorted_row_ids_ptr, row_positions_ptr, expert_start, 0, num_rows, CHUNK, SUB, BLOCK_E
+    )
 
 
 @triton.jit
@@ -386,6 +394,7 @@ def _scatter_kernel(
     ids_ptr,  # (R,) expert of each row
     chunk_offsets_ptr,  # (num_chunks, E) int32
     sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out: real rows
+    row_positions_ptr,  # (R,) int32 out
     num_rows,
     num_experts,
     CHUNK: tl.constexpr,
@@ -399,7 +408,9 @@ def _scatter_kernel(
     next_slot = tl.load(
         chunk_offsets_ptr + chunk * num_experts + experts, mask=experts < num_experts, other=0
     )
-    _scatter_chunk(ids_ptr, sorted_row_ids_ptr, next_slot, chunk, num_rows, CHUNK, SUB, BLOCK_E)
+    _scatter_chunk(
+        ids_ptr, sorted_row_ids_ptr, row_positions_ptr, next_slot, chunk, num_rows, CHUNK, SUB, BLOCK_E
+    )
 
 
 ONE_PROGRAM_ROWS = 128  # up to here one launch beats three; past it the one program's serial loops dominate
@@ -428,7 +439,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
     sorted_row_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=device)
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
     expert_counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    layout = MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m)
+    row_positions = torch.empty(num_rows, dtype=torch.int32, device=device)
+    layout = MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m, row_positions)
     if num_rows == 0:
         expert_counts.zero_()
         tile_expert.fill_(-1)
@@ -440,7 +452,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
     plan = dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_TILES=max(16, 2048 // max(block_e, block_m)))
     if num_chunks == 1:
         _align_one_chunk_kernel[(1,)](
-            topk_ids, expert_counts, tile_expert, sorted_row_ids, num_rows, num_experts, max_tiles,
+            topk_ids, expert_counts, tile_expert, sorted_row_ids, row_positions, num_rows, num_experts, max_tiles,
             CHUNK=chunk, SUB=sub, **plan, **launch_options(topk_ids.device),
         )  # fmt: skip
         return layout
@@ -465,6 +477,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
         topk_ids,
         chunk_offsets,
         sorted_row_ids,
+        row_positions,
         num_rows,
         num_experts,
         CHUNK=chunk,

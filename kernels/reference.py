@@ -28,7 +28,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next norm: (x + delta, rms_norm(x + delta, weight, eps))."""
+    """The residual add and the next norm: (x + delta, rms_norm(x + delta, weight, eps)). delta (n, T, W)
+    fp32: a split linear's partial sums, added in order to zero and rounded to x.dtype first."""
+    if delta.dim() == 3:
+        summed = torch.zeros_like(delta[0])
+        for partial in delta:
+            summed = summed + partial
+        delta = summed.to(x.dtype)
     total = x + delta
     return total, rms_norm(total, weight, eps)
 

@@ -105,6 +105,29 @@ def test_add_rms_norm_is_the_add_then_the_norm(shape, dtype):
     close(normed, ref_normed, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, num_partials", [((1, 7), 1), ((3, 512), 4), ((9, 100), 7)])
+def test_add_rms_norm_sums_a_split_linears_partials_first(shape, num_partials, dtype):
+    """delta as (n, T, W) fp32 partials: the bits of quant/linear.py's chunk sum (0 + p0 + p1 ..., rounded
+    to the stream's dtype) followed by the plain add_rms_norm."""
+    x = (torch.randn(shape, device=DEVICE) * 3 + 0.5).to(dtype)
+    partials = torch.randn((num_partials, *shape), device=DEVICE) * 2
+    weight = torch.rand(shape[-1], device=DEVICE) + 0.5
+    summed = torch.zeros(shape, device=DEVICE)
+    for partial in partials:
+        summed = summed + partial
+    delta = summed.to(dtype)
+    total, normed = fused_norm_rope.add_rms_norm(x, partials, weight, 1e-6)
+    plain_total, plain_normed = fused_norm_rope.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, plain_total) and torch.equal(normed, plain_normed)
+    ref_total, ref_normed = reference.add_rms_norm(x, partials, weight, 1e-6)
+    assert torch.equal(ref_total, x + delta)
+    close(normed, ref_normed, dtype)
+    for bad in (partials[:, :, :-1], partials.half()):  # wrong shape, not fp32
+        with pytest.raises(ValueError, match="partials"):
+            fused_norm_rope.add_rms_norm(x, bad, weight, 1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # write_latent_cache: kv norm of latent[:, :C] and rope of latent[:, C:], scattered into the paged cache
 

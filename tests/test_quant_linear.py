@@ -93,6 +93,26 @@ def test_both_launches_over_several_chunks(qtype):
     assert_within_rounding(quant_linear(x, w), x, w)  # past the split launch: tiled over the scratch
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unsummed_partials_summed_by_add_rms_norm_give_the_summed_bits(dtype):
+    """A split launch asked for its partials returns (chunks, T, N) fp32; the layer's add_rms_norm sums
+    them to the same bits as the launch's own chunk sum followed by the plain add_rms_norm."""
+    from mlapipe.kernels.fused_norm_rope import add_rms_norm
+
+    w = weight(8, 37, 5)
+    plan = LinearPlan(32, 64, 3)
+    x = torch.randn(2, w.shape[1], device=DEVICE).to(dtype)
+    partials = linear_split(x, w, plan, unsummed=True)
+    summed = linear_split(x, w, plan)
+    assert partials.shape == (3, 2, 37) and partials.dtype == torch.float32
+    stream = torch.randn(2, 37, device=DEVICE).to(dtype)
+    norm = torch.rand(37, device=DEVICE) + 0.5
+    for got, want in zip(add_rms_norm(stream, partials, norm, 1e-6), add_rms_norm(stream, summed, norm, 1e-6)):
+        assert torch.equal(got, want)
+    one_chunk = LinearPlan(32, w.shape[1], 1)  # nothing to sum: the output itself
+    assert linear_split(x, w, one_chunk, unsummed=True).shape == (2, 37)
+
+
 def test_tiled_scratch_in_slices_gives_the_same_bits():
     """Metamorphic: rows dequantized 128 at a time (3 slices of 300) == all at once; both == the tiled
     launch decoding in its loop (the same plan and values; the interpreter's dot is exact fp32)."""

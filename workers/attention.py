@@ -138,7 +138,8 @@ class MLAAttention:
             if meta.naive is not None:
                 rows = meta.naive.token_rows
                 out[rows] = self._decompressed(q[rows], meta.naive, kv_cache)
-        return ops.linear(out.reshape(T, H * cfg.v_head_dim), self.wo)
+        # the layer's add_rms_norm sums a split launch's partials itself
+        return ops.linear(out.reshape(T, H * cfg.v_head_dim), self.wo, unsummed=True)
 
     def _absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor

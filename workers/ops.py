@@ -132,15 +132,16 @@ def reference_dequantize(w: QuantTensor) -> torch.Tensor:
     return dequantize_rows(w.data, w.qtype).reshape(w.shape)
 
 
-def linear(x: torch.Tensor, w) -> torch.Tensor:
+def linear(x: torch.Tensor, w, unsummed: bool = False) -> torch.Tensor:
     """x (T, K) times w (N, K) transposed -> (T, N): a matmul for a plain weight, the quantized linear
-    kernel for a QuantTensor on a GPU."""
+    kernel for a QuantTensor on a GPU. unsummed: the quantized kernel may return its split launch's fp32
+    partials (n, T, N) instead, for add_rms_norm to sum (one launch fewer a decode layer)."""
     if not isinstance(w, QuantTensor):
         return x @ w.t()
     if not uses_reference(x.device):
         from mlapipe.kernels.quant.linear import quant_linear
 
-        return quant_linear(x, w)
+        return quant_linear(x, w, unsummed)
     return x @ reference_dequantize(w).to(x.dtype).t()
 
 

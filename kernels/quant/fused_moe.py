@@ -14,7 +14,9 @@ w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_rou
    over H (chunk order above); silu(gate) * up goes to act (P, I) at the sorted position.
 2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
    routing weight in fp32, to slot_out (R, H) at row r.
-3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32.
+3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32. Split launches
+   (below) fold it into the down combine: `_down_combine_sum_kernel` finds each slot's row through the
+   layout's row_positions, and its arithmetic is the two kernels' in their order.
 
 Reduction order: the dense linear's fixed K chunks (linear.plan_linear, sized for a one-token step's
 DECODE_TILES row tiles; never from T): each chunk a chain of tl.dot steps from a zero accumulator in
@@ -170,8 +172,10 @@ def _gate_up_kernel(
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * inter_size
         offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * inter_size + cols[:, None]
-        tl.store(partial_ptr + offsets, acc_gate, mask=col_ok[:, None])
-        tl.store(partial_ptr + num_chunks * slab + offsets, acc_up, mask=col_ok[:, None])
+        # real rows only: a decode step has one in most 16-row tiles, and the combine reads no other
+        real = col_ok[:, None] & row_ok[None, :]
+        tl.store(partial_ptr + offsets, acc_gate, mask=real)
+        tl.store(partial_ptr + num_chunks * slab + offsets, acc_up, mask=real)
     else:
         total_gate = zeros
         total_up = zeros
@@ -285,7 +289,7 @@ def _down_kernel(
         )  # fmt: skip
         slab = num_tiles * BLOCK_M * hidden_size
         offsets = chunk.to(tl.int64) * slab + positions[None, :].to(tl.int64) * hidden_size + cols[:, None]
-        tl.store(partial_ptr + offsets, acc, mask=col_ok[:, None])
+        tl.store(partial_ptr + offsets, acc, mask=col_ok[:, None] & row_ok[None, :])  # real rows only
     else:
         total = zeros
         for chunk in range(num_chunks):
@@ -339,6 +343,39 @@ def _down_combine_kernel(
         out.to(slot_out_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+@triton.jit
+def _down_combine_sum_kernel(
+    partial_ptr,  # (NUM_CHUNKS, P, H) fp32
+    row_positions_ptr,  # (R,) int32: sorted position of each row
+    topk_weights_ptr,  # (R,) fp32
+    out_ptr,  # (T, H) out
+    hidden_size,
+    num_positions,
+    TOP_K: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """out[t] = sum over slots k = 0..K-1 of round((0 + chunk 0 + chunk 1 + ...) * weight): the down combine
+    and the slot sum in one launch, with _down_combine_kernel's and _sum_slots_kernel's arithmetic in their
+    order (each slot rounded to out's dtype, as slot_out holds it, then summed in fp32), so the same bits.
+    Every partial of the token is an independent load (slots and chunks unrolled): one memory latency."""
+    wait_for_previous(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden_size
+    slab = num_positions * hidden_size
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for k in tl.static_range(TOP_K):
+        row = token * TOP_K + k
+        offsets = tl.load(row_positions_ptr + row).to(tl.int64) * hidden_size + cols
+        total = tl.zeros((BLOCK_H,), tl.float32)
+        for chunk in tl.static_range(NUM_CHUNKS):
+            total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
+        acc += (total * tl.load(topk_weights_ptr + row)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * hidden_size + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -426,9 +463,11 @@ def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device:
 
 
 def _run_gemms(
-    hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles, plan
-):
-    """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped)."""
+    hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles, plan, out=None
+) -> bool:
+    """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped). Returns whether
+    the slots are summed into `out` already (split launches given an `out`: one kernel combines the down
+    partials and sums the slots), else they are in slot_out."""
     H, inter, K = hidden.shape[1], act.shape[1], layout.num_rows // hidden.shape[0]
     block_m, block_n, warps, stages = tiles
     compute = compute_dtype(hidden.dtype)
@@ -477,6 +516,13 @@ def _run_gemms(
         BLOCK_ELEMS=down.block_elems, BLOCK_BYTES=down.block_bytes, FETCH=down_split[0], CONVERT=down_split[1],
         **common, **launch_options(act.device),
     )  # fmt: skip
+    if plan.split and out is not None:
+        block_h = min(256, triton.next_power_of_2(H))  # several programs a token: a decode step has one
+        _down_combine_sum_kernel[(hidden.shape[0], triton.cdiv(H, block_h))](
+            partial, layout.row_positions, topk_weights, out, H, positions, TOP_K=K,
+            NUM_CHUNKS=two.num_chunks, BLOCK_H=block_h, **launch_options(partial.device),
+        )  # fmt: skip
+        return True
     if plan.split:
         block_h = min(1024, triton.next_power_of_2(H))
         _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
@@ -484,6 +530,7 @@ def _run_gemms(
             two.num_chunks, positions, slot_out.stride(0), BLOCK_M=block_m, BLOCK_H=block_h,
             **launch_options(partial.device),
         )  # fmt: skip
+    return False
 
 
 def experts_per_group(E: int, H: int, inter: int, scratch_mib: float, element_size: int = 2) -> int:
@@ -549,7 +596,8 @@ def quant_fused_moe(
         _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, plan, scratch_mib)
     else:
         gate_up, down = ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down)
-        _run_gemms(hidden, gate_up, down, layout, weights, act, slot_out, tiles, plan)
+        if _run_gemms(hidden, gate_up, down, layout, weights, act, slot_out, tiles, plan, out=out):
+            return out
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

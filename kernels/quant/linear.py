@@ -332,8 +332,9 @@ def split_block_k(plan: LinearPlan, K: int, kind) -> int:
     return wide if whole and split_decoder(kind, wide)[0] is not None else plan.block_k
 
 
-def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Tensor:
-    """The split launch (any T; chosen for decode-sized batches)."""
+def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan, unsummed: bool = False) -> torch.Tensor:
+    """The split launch (any T; chosen for decode-sized batches). unsummed: return the fp32 partials
+    (num_chunks, T, N) when there are several, for a consumer that sums them in order itself."""
     T, K = x.shape
     N = w.shape[0]
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
@@ -353,6 +354,8 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan) -> torch.Ten
         BLOCK_BYTES=kind.step_bytes, FETCH=fetch, CONVERT=convert, num_warps=warps, num_stages=stages,
         **launch_options(x.device),
     )  # fmt: skip
+    if not direct and unsummed:
+        return partial
     if not direct:
         block = 1024
         _sum_chunks_kernel[(triton.cdiv(T * N, block),)](
@@ -421,10 +424,12 @@ def linear_tiled_scratch(
 def quant_linear(
     x: torch.Tensor,  # (T, K) bf16 / fp16 / fp32
     w: QuantTensor,  # (N, K) logical, GGUF blocks
+    unsummed: bool = False,
 ) -> torch.Tensor:
-    """x @ decode(w)^T, (T, N) in x's dtype; the same bits for a row at every T (module header)."""
+    """x @ decode(w)^T, (T, N) in x's dtype; the same bits for a row at every T (module header).
+    unsummed: a split launch may return its fp32 partials (num_chunks, T, N) instead (linear_split)."""
     _check(x, w)
     plan = linear_plan(w, x.device)
     if x.shape[0] <= SPLIT_MAX_TOKENS:
-        return linear_split(x, w, plan)
+        return linear_split(x, w, plan, unsummed)
     return linear_tiled_scratch(x, w, plan)
