@@ -10,7 +10,9 @@ Algorithm (FlashDecoding over a latent cache shared by all heads):
   base 2 (the scale folded with log2 e); a row sees key j iff j <= its position, which makes chunks of a
   few new tokens causal among themselves.
   The kernel writes fp32 partials (T, H, splits, C) and (T, H, splits), and a second kernel merges them
-  exactly: lse = log sum_k exp(lse_k), out = sum_k exp(lse_k - lse) out_k.
+  exactly: lse = log sum_k exp(lse_k), out = sum_k exp(lse_k - lse) out_k. Given W_UV, the merge kernel
+  also projects the latent (out_h = W_UV[h] @ out, a tl.dot over a fixed 16-token tile) and writes
+  (T, H, V): at one token the separate bmm would be one more launch-bound kernel per layer.
 
 Never-read guarantees (tested with NaN-poisoned slots and out-of-range table entries): block-table
 entries are loaded only for keys below the sequence length, and cache rows only for those keys.
@@ -34,6 +36,11 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr, so kernels may read it
 # Smallest share of the context worth a split of its own: below it the merge costs more than it saves.
 MIN_KEYS_PER_SPLIT = 256
+# The projecting merge's tile: 16 tokens (tl.dot's smallest M), 16 outputs, 4 warps. Fixed, never chosen
+# from T: the tile fixes each output's summation order (batch invariance). Measured on an H200 at 512 + 64
+# latent, V 128, 16 splits: 16 x 16 gives 128 programs a token on V2-Lite; 16 x 32 and 16 x 64 ran 10-20x
+# slower (register-bound), and one token a program (a GEMV) 2-10x slower than this tile.
+PROJECT_BLOCK_T, PROJECT_BLOCK_V, PROJECT_NUM_WARPS = 16, 16, 4
 
 
 def decode_configs() -> list[triton.Config]:
@@ -174,6 +181,41 @@ def _mla_decode_kernel(
 
 
 @triton.jit
+def _merge_rows(
+    lse_rows,  # (ROWS,) pointers to each row's first partial lse; a row's splits are contiguous
+    out_rows,  # (ROWS,) pointers to each row's first partial out
+    row_valid,
+    num_splits,
+    stride_ps,
+    KV_LORA_RANK: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    """The exact merge of a block of (token, head) rows: (ROWS, C) fp32 and lse (ROWS,). Both merge
+    kernels call it, so projecting changes nothing in how the splits are combined: per row, the same
+    fp32 operations in the same split order, whatever the other rows of the block are."""
+    splits = tl.arange(0, BLOCK_SPLITS)
+    partial_lse = tl.load(
+        lse_rows[:, None] + splits[None, :],
+        mask=row_valid[:, None] & (splits[None, :] < num_splits),
+        other=float("-inf"),
+    )
+    lse_max = tl.max(partial_lse, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.sum(tl.exp(partial_lse - lse_max[:, None]), axis=1)
+    lse = lse_max + tl.log(total)  # -inf only for a row that saw no key at all
+
+    c = tl.arange(0, KV_LORA_RANK)
+    mask = row_valid[:, None]
+    acc = tl.zeros([lse_rows.shape[0], KV_LORA_RANK], dtype=tl.float32)
+    for split in range(num_splits):
+        weight = tl.exp(tl.load(lse_rows + split, mask=row_valid, other=float("-inf")) - lse)
+        weight = tl.where(total > 0.0, weight, 0.0)
+        part = tl.load(out_rows[:, None] + split * stride_ps + c[None, :], mask=mask, other=0.0)
+        acc += weight[:, None] * part
+    return acc, lse
+
+
+@triton.jit
 def _merge_splits_kernel(
     partial_out_ptr,  # (T, H, splits, C) fp32
     partial_lse_ptr,  # (T, H, splits) fp32
@@ -198,30 +240,68 @@ def _merge_splits_kernel(
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_valid = heads < num_heads
-    splits = tl.arange(0, BLOCK_SPLITS)
     lse_rows = partial_lse_ptr + token.to(tl.int64) * stride_lpt + heads * stride_lph  # (BLOCK_H,)
-    partial_lse = tl.load(
-        lse_rows[:, None] + splits[None, :],
-        mask=head_valid[:, None] & (splits[None, :] < num_splits),
-        other=float("-inf"),
-    )
-    lse_max = tl.max(partial_lse, axis=1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp(partial_lse - lse_max[:, None]), axis=1)
-    lse = lse_max + tl.log(total)  # -inf only for a row that saw no key at all
-
-    c = tl.arange(0, KV_LORA_RANK)
-    mask = head_valid[:, None]
     out_rows = partial_out_ptr + token.to(tl.int64) * stride_pt + heads * stride_ph  # (BLOCK_H,)
-    acc = tl.zeros([BLOCK_H, KV_LORA_RANK], dtype=tl.float32)
-    for split in range(num_splits):
-        weight = tl.exp(tl.load(lse_rows + split, mask=head_valid, other=float("-inf")) - lse)
-        weight = tl.where(total > 0.0, weight, 0.0)
-        part = tl.load(out_rows[:, None] + split * stride_ps + c[None, :], mask=mask, other=0.0)
-        acc += weight[:, None] * part
+    acc, lse = _merge_rows(lse_rows, out_rows, head_valid, num_splits, stride_ps, KV_LORA_RANK, BLOCK_SPLITS)
+    c = tl.arange(0, KV_LORA_RANK)
     final_rows = out_ptr + token.to(tl.int64) * stride_ot + heads * stride_oh
-    tl.store(final_rows[:, None] + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(final_rows[:, None] + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=head_valid[:, None])
     tl.store(lse_ptr + token.to(tl.int64) * stride_lt + heads, lse, mask=head_valid)
+
+
+@triton.jit
+def _merge_splits_project_kernel(
+    partial_out_ptr,  # (T, H, splits, C) fp32
+    partial_lse_ptr,  # (T, H, splits) fp32
+    w_uv_ptr,  # (H, V, C)
+    out_ptr,  # (T, H, V)
+    lse_ptr,  # (T, H) fp32
+    num_tokens,
+    num_splits,
+    v_dim,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_lpt,
+    stride_lph,
+    stride_wh,
+    stride_wv,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    KV_LORA_RANK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Merge + W_UV for BLOCK_T tokens of one head and BLOCK_V of its outputs: grid (T / BLOCK_T, H,
+    V / BLOCK_V), so one token still spreads over H * V / BLOCK_V programs. Every program of a (token
+    block, head) redoes its merge (partials just written, read from L2) instead of passing the latent
+    through memory and a second launch. The token tile gives the product an M dimension for tl.dot,
+    whose per-row sum over C has one fixed order for the fixed tile: a row's result does not depend on
+    the other rows of its tile, so not on T (padding rows are masked off)."""
+    wait_for_previous(PDL)
+    head = tl.program_id(1)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_valid = tokens < num_tokens
+    lse_rows = partial_lse_ptr + tokens.to(tl.int64) * stride_lpt + head * stride_lph  # (BLOCK_T,)
+    out_rows = partial_out_ptr + tokens.to(tl.int64) * stride_pt + head * stride_ph  # (BLOCK_T,)
+    acc, lse = _merge_rows(lse_rows, out_rows, token_valid, num_splits, stride_ps, KV_LORA_RANK, BLOCK_SPLITS)
+    # The unprojected path's latent is q.dtype; round it the same way so both paths see one number.
+    latent = acc.to(out_ptr.dtype.element_ty)  # (BLOCK_T, C)
+    c = tl.arange(0, KV_LORA_RANK)
+    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_valid = v < v_dim
+    w_rows = w_uv_ptr + head.to(tl.int64) * stride_wh + v * stride_wv  # (BLOCK_V,)
+    w = tl.load(w_rows[:, None] + c[None, :], mask=v_valid[:, None], other=0.0)
+    # fp32 accumulation; "ieee" keeps an fp32 model's product in fp32 (TF32 would drop 13 mantissa bits),
+    # bf16 / fp16 products are exact either way.
+    projected = tl.dot(latent, tl.trans(w), input_precision="ieee")  # (BLOCK_T, BLOCK_V) fp32
+    out_tile = out_ptr + tokens.to(tl.int64)[:, None] * stride_ot + head * stride_oh + v[None, :]
+    tl.store(out_tile, projected.to(out_ptr.dtype.element_ty), mask=token_valid[:, None] & v_valid[None, :])
+    if tl.program_id(2) == 0:  # every program of the (token block, head) has the same lse; one writes it
+        tl.store(lse_ptr + tokens.to(tl.int64) * stride_lt + head, lse, mask=token_valid)
 
 
 def choose_num_splits(num_seqs: int, row_blocks: int, max_seq_len: int, num_sms: int) -> int:
@@ -260,11 +340,14 @@ def mla_decode(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
+    w_uv: torch.Tensor | None = None,  # (H, V, C) in q.dtype: project the merged latent by it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode. Returns out (T, H, C) in q.dtype and lse (T, H) fp32, like the reference.
 
     max_query_len / max_seq_len are hints that spare a device sync (the decode step of a serving loop
     knows them); without them they are read from the tensors. num_kv_splits overrides the split count.
+    With w_uv, out is (T, H, V) = the q.dtype latent (as above) times w_uv[h] with fp32 accumulation,
+    made by the merge kernel itself (at one token the separate bmm is a launch-bound kernel of its own).
     """
     T, H, D = q.shape
     if kv_cache.dim() != 3 or kv_cache.shape[-1] != D:
@@ -282,7 +365,12 @@ def mla_decode(
         raise ValueError("block_table, seq_lens and query_start_loc disagree on the number of sequences")
     if block_table.stride(-1) != 1:
         raise ValueError("block_table rows must be contiguous")
-    out = torch.empty(T, H, kv_lora_rank, dtype=q.dtype, device=q.device)
+    if w_uv is not None and (w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != kv_lora_rank):
+        raise ValueError(f"w_uv must be ({H}, V, {kv_lora_rank}), got {tuple(w_uv.shape)}")
+    if w_uv is not None and (w_uv.dtype != q.dtype or w_uv.stride(-1) != 1):
+        raise ValueError(f"w_uv must be {q.dtype} with a contiguous last dimension, got {w_uv.dtype}")
+    out_width = kv_lora_rank if w_uv is None else w_uv.shape[1]
+    out = torch.empty(T, H, out_width, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0 or num_seqs == 0:
         return out, lse.fill_(float("-inf"))
@@ -329,6 +417,9 @@ def mla_decode(
         PAGE_SIZE=kv_cache.shape[1],
         **launch_options(q.device),
     )
+    if w_uv is not None:
+        _merge_and_project(target_out, target_lse, w_uv, out, lse)
+        return out, lse
     block_h = min(16, triton.next_power_of_2(H))
     _merge_splits_kernel[(T, triton.cdiv(H, block_h))](
         target_out,
@@ -352,3 +443,35 @@ def mla_decode(
         **launch_options(target_out.device),
     )
     return out, lse
+
+
+def _merge_and_project(partial_out, partial_lse, w_uv, out, lse) -> None:
+    T, H, num_splits, kv_lora_rank = partial_out.shape
+    v_dim = w_uv.shape[1]
+    grid = (triton.cdiv(T, PROJECT_BLOCK_T), H, triton.cdiv(v_dim, PROJECT_BLOCK_V))
+    _merge_splits_project_kernel[grid](
+        partial_out,
+        partial_lse,
+        w_uv,
+        out,
+        lse,
+        T,
+        num_splits,
+        v_dim,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        w_uv.stride(0),
+        w_uv.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        KV_LORA_RANK=kv_lora_rank,
+        BLOCK_T=PROJECT_BLOCK_T,
+        BLOCK_V=PROJECT_BLOCK_V,
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        num_warps=PROJECT_NUM_WARPS,
+        **launch_options(partial_out.device),
+    )

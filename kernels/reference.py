@@ -118,6 +118,19 @@ def _sequence_spans(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
         yield s, slice(start, end), total, total - (end - start)
 
 
+def absorb_query(
+    q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The absorbed query of mla_decode: q (T, H, N + R), w_uk (H, N, C), cos, sin (T, R/2) fp32 ->
+    (T, H, C + R) in out_dtype: q_nope @ w_uk[h] in fp32, then the pairwise rope of q[..., N:], each
+    rounded to q.dtype and then to out_dtype. q is not modified."""
+    N = w_uk.shape[1]
+    if q.shape[0] == 0:  # apply_rope_pairs cannot reshape an empty batch
+        return q.new_empty(0, q.shape[1], w_uk.shape[2] + q.shape[2] - N, dtype=out_dtype)
+    q_latent = torch.einsum("thn,hnc->thc", q[..., :N].float(), w_uk.float()).to(q.dtype)
+    return torch.cat((q_latent, apply_rope_pairs(q[..., N:], cos, sin)), dim=-1).to(out_dtype)
+
+
 def mla_decode(
     q: torch.Tensor,  # (T, H, D) absorbed queries: W_UK^T q_nope (C) then roped q_pe (R)
     kv_cache: torch.Tensor,  # (num_blocks, block_size, D) latent cache, new tokens already written
@@ -129,12 +142,14 @@ def mla_decode(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
+    w_uv: torch.Tensor | None = None,  # (H, V, C) in q.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA: MQA with K = latent row (D wide) and V = its first C values, shared by all heads.
 
     Returns out (T, H, C) in q.dtype and lse (T, H) fp32. Queries of a sequence are its last new tokens,
     causal among themselves. max_query_len, max_seq_len and num_kv_splits are launch hints of the Triton
-    kernel (kernels/mla_decode.py); they do not change the result and are ignored here.
+    kernel (kernels/mla_decode.py); they do not change the result and are ignored here. With w_uv, out is
+    (T, H, V): that q.dtype latent times w_uv[h], accumulated in fp32, rounded to q.dtype.
     """
     T, H, _ = q.shape
     out = torch.zeros(T, H, kv_lora_rank, dtype=torch.float32, device=q.device)
@@ -148,6 +163,9 @@ def mla_decode(
         o, l = causal_attend(scores, latent[None, :, :kv_lora_rank], positions)
         out[rows] = o.transpose(0, 1)
         lse[rows] = l.transpose(0, 1)
+    if w_uv is not None:
+        projected = torch.einsum("thc,hvc->thv", out.to(q.dtype).float(), w_uv.float())
+        return projected.to(q.dtype), lse
     return out.to(q.dtype), lse
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|pdl|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|pdl|decode-fusions|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -112,6 +112,18 @@ if [[ $what == pdl ]]; then  # programmatic dependent launch (kernels/pdl.py): o
   grep -A 40 "decode steps of" "$out/profile_decode_pdl.log"
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu_model.py \
     tests/test_prefill_graphs.py tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/pdl_tests.log"
+fi
+if [[ $what == decode-fusions ]]; then  # issue 12: fewer decode kernels; speed first, then bits, then where time goes
+  timeout 200 python -m mlapipe.runtime.cli bench --shape v2-lite -r 2 -p 512,2048 -n 128 --wtype bf16,q8_0,q4_k \
+    > "$out/bench_fusions.log" 2>&1; grep "^| v2" "$out/bench_fusions.log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu_model.py \
+    tests/test_prefill_graphs.py tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/fusion_model_tests.log"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_mla_absorb_kernel.py tests/test_mla_decode_projected.py \
+    tests/test_norm_rope_kernels.py tests/test_quant_moe.py -k "not other_types" 2>&1 | tail -3 | tee "$out/fusion_kernel_tests.log"
+  for wtype in q4_k q8_0; do  # kernel times without PDL's overlap (with it a kernel's span includes its wait)
+    MLAPIPE_PDL=0 timeout 50 python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_$wtype.log" 2>&1
+    grep -A 24 "decode steps of" "$out/profile_$wtype.log" | cut -c1-100
+  done
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -22,6 +22,12 @@ from mlapipe.kernels.quant import planes
 from mlapipe.runtime.config import ModelConfig
 from mlapipe.workers import ops, stacking
 
+# W_UV inside the decode's split merge (one launch fewer a layer) for models of up to this many heads. Every
+# program re-reads its head's split partials, so the cost grows with the heads: on an H200 at one token 7.1
+# vs 10.5 us for merge + einsum at 16 heads (V2-Lite), 31.8 vs 12.4 us at 128 (V3: kernels/NOTES.md). A
+# static property, so a token's bits never depend on its batch.
+PROJECT_IN_MERGE_MAX_HEADS = 16
+
 
 @dataclass
 class SequenceGroup:
@@ -115,10 +121,7 @@ class MLAAttention:
             q, latent = (ops.linear(x, w) for w in self.w_q_and_latent)
         if self.has_q_lora:
             q = ops.linear(ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps), self.wq_b)
-        # the rope part rotated in place: q is then the whole query the decompressed path takes, with no
-        # concatenated copy (q_nope and q_pe stay views of it for the absorbed path)
         q = q.view(T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin, out=q[..., N:])
 
         # the new tokens' latent rows: normed c_kv and roped k_pe, written straight into their cache slots
         ops.write_latent_cache(
@@ -126,9 +129,14 @@ class MLAAttention:
         )
 
         # Every sequence takes one path, so a path that is alone owns all rows, in order: no gather, no scatter.
-        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch
-            out = self._absorbed(q_nope, q_pe, meta.absorbed, kv_cache)
-        elif meta.absorbed is None and meta.naive is not None:  # a pure prefill batch
+        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch: rope, W_UK and the
+            # concatenation in one kernel (the decompressed path's in-place rope is not needed)
+            q_absorbed = ops.absorb_query(q, self.w_uk, meta.cos, meta.sin, kv_cache.dtype)
+            return self._output(self._attend_absorbed(q_absorbed, meta.absorbed, kv_cache, x.dtype))
+        # the rope part rotated in place: q is then the whole query the decompressed path takes, with no
+        # concatenated copy (q_nope and q_pe stay views of it for the absorbed path)
+        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin, out=q[..., N:])
+        if meta.absorbed is None and meta.naive is not None:  # a pure prefill batch
             out = self._decompressed(q, meta.naive, kv_cache)
         else:  # mixed: each path gathers its rows and scatters its output back
             out = x.new_empty(T, H, cfg.v_head_dim)
@@ -138,17 +146,31 @@ class MLAAttention:
             if meta.naive is not None:
                 rows = meta.naive.token_rows
                 out[rows] = self._decompressed(q[rows], meta.naive, kv_cache)
-        # the layer's add_rms_norm sums a split launch's partials itself
-        return ops.linear(out.reshape(T, H * cfg.v_head_dim), self.wo, unsummed=True)
+        return self._output(out)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """(T, H, V) -> (T, hidden); the layer's add_rms_norm sums a split launch's partials itself."""
+        return ops.linear(out.reshape(out.shape[0], -1), self.wo, unsummed=True)
 
     def _absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        """Absorbed MLA for the group's tokens: (Tg, H, N) and (Tg, H, R) -> (Tg, H, V)."""
-        cfg = self.cfg
+        """Absorbed MLA for the group's tokens of a mixed batch (roped q_pe): (Tg, H, N), (Tg, H, R) ->
+        (Tg, H, V)."""
         q_latent = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)
         q_absorbed = torch.cat((q_latent, q_pe), dim=-1).to(kv_cache.dtype)
-        out_latent, _ = ops.mla_decode(
+        return self._attend_absorbed(q_absorbed, group, kv_cache, q_nope.dtype)
+
+    def _attend_absorbed(
+        self, q_absorbed: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """MQA over the latent cache, then W_UV: (Tg, H, C + R) -> (Tg, H, V) in the activations' dtype.
+        Where the cache, W_UV and the activations share a dtype, W_UV runs inside the split merge for models
+        with few heads (PROJECT_IN_MERGE_MAX_HEADS)."""
+        cfg = self.cfg
+        few_heads = cfg.num_heads <= PROJECT_IN_MERGE_MAX_HEADS
+        project = few_heads and q_absorbed.dtype == self.w_uv.dtype == dtype
+        out, _ = ops.mla_decode(
             q_absorbed,
             kv_cache,
             group.block_table,
@@ -158,8 +180,9 @@ class MLAAttention:
             cfg.kv_lora_rank,
             max_query_len=group.max_new_tokens,
             max_seq_len=group.max_seq_len,
+            w_uv=self.w_uv if project else None,
         )
-        return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), self.w_uv)
+        return out if project else torch.einsum("thc,hvc->thv", out.to(dtype), self.w_uv)
 
     def _decompressed(
         self, q_full: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor

@@ -23,6 +23,7 @@ from mlapipe.kernels.quant.tensor import QuantTensor
 TRITON_MODULES = {
     "mla_decode": "mlapipe.kernels.mla_decode",
     "mla_prefill": "mlapipe.kernels.mla_prefill",
+    "absorb_query": "mlapipe.kernels.mla_absorb",
     "router_logits": "mlapipe.kernels.router",
     "moe_routing": "mlapipe.kernels.moe_routing",
     "fused_moe": "mlapipe.kernels.fused_moe",
@@ -58,6 +59,10 @@ def _pick(name: str, device: torch.device):
 def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank, **hints):
     impl = _pick("mla_decode", q.device)
     return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank, **hints)
+
+
+def absorb_query(q, w_uk, cos, sin, out_dtype):
+    return _pick("absorb_query", q.device)(q, w_uk, cos, sin, out_dtype)
 
 
 def mla_prefill(

@@ -1,0 +1,107 @@
+"""The absorbed MLA query of a decode step in one kernel: q_nope @ W_UK per head, the pairwise rope of
+q_pe, both rounded to q's dtype and written side by side in the cache's dtype. The torch path (rope in
+place, the einsum's bmm and its strided-view copies, cat, cast) takes 3-4 launches a layer, each costing
+its launch at one token, not its bytes.
+
+Batch invariance: every program takes BLOCK_T token rows (fixed, never a function of T) and one tl.dot
+over the whole N, so a token's products are summed in the same order alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mlapipe.kernels.pdl import launch_options, wait_for_previous
+
+BLOCK_T = 16  # token rows a program: tl.dot's minimum; fixed so a token's bits do not depend on the batch
+BLOCK_C = 64  # latent columns a program: H * C / 64 programs (1024 on V3) keep every SM streaming W_UK
+
+
+@triton.jit
+def _absorb_query_kernel(
+    q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, C,
+    q_token_stride, q_head_stride, w_head_stride, w_row_stride, cos_stride, out_token_stride, out_head_stride,
+    N: tl.constexpr, R: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    wait_for_previous(PDL)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    token_ok = (tokens < T)[:, None]
+    q_rows = q_ptr + tokens.to(tl.int64)[:, None] * q_token_stride + head * q_head_stride
+    out_rows = out_ptr + tokens.to(tl.int64)[:, None] * out_token_stride + head * out_head_stride
+    # rounded to q's dtype first, then to the output's, as the torch path's einsum and cast do
+    kind = q_ptr.dtype.element_ty
+    out_kind = out_ptr.dtype.element_ty
+
+    n = tl.arange(0, N)
+    q_nope = tl.load(q_rows + n[None, :], mask=token_ok, other=0.0).to(COMPUTE)
+    w = tl.load(
+        w_ptr + head * w_head_stride + n[:, None] * w_row_stride + cols[None, :],
+        mask=(cols < C)[None, :],
+        other=0.0,
+    ).to(COMPUTE)
+    if IEEE:  # fp32 operands: true fp32 products, not TF32, so results match the fp32 reference
+        latent = tl.dot(q_nope, w, input_precision="ieee")
+    else:
+        latent = tl.dot(q_nope, w)
+    tl.store(out_rows + cols[None, :], latent.to(kind).to(out_kind), mask=token_ok & (cols < C)[None, :])
+
+    # the rope of q[..., N:] once per token and head, as _rope_pairs_kernel computes it (same bits)
+    if tl.program_id(2) == 0:
+        r = tl.arange(0, R)
+        x = tl.load(q_rows + N + r[None, :], mask=token_ok, other=0.0)
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, R // 2, 2)))
+        i = tl.arange(0, R // 2)
+        angle_at = tokens.to(tl.int64)[:, None] * cos_stride + i[None, :]
+        c = tl.load(cos_ptr + angle_at, mask=token_ok, other=0.0)
+        s = tl.load(sin_ptr + angle_at, mask=token_ok, other=0.0)
+        rotated = tl.reshape(
+            tl.join((even * c - odd * s).to(kind), (even * s + odd * c).to(kind)), (BLOCK_T, R)
+        )
+        tl.store(out_rows + C + r[None, :], rotated.to(out_kind), mask=token_ok)
+
+
+def _is_dot_width(width: int) -> bool:
+    return width >= 16 and width & (width - 1) == 0
+
+
+def absorb_query(
+    q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """q (T, H, N + R), unit stride along the last dim (token and head strides free: a column slice of the
+    projection); w_uk (H, N, C), unit last stride; cos, sin (T, R/2) fp32. Returns (T, H, C + R) contiguous
+    in out_dtype: [:C] = q_nope @ w_uk[h] (fp32 accumulation), [C:] = the pairwise rope of q[..., N:], each
+    rounded to q.dtype and then to out_dtype. q is not modified. N and R must be powers of two >= 16."""
+    if q.dim() != 3 or w_uk.dim() != 3 or w_uk.shape[0] != q.shape[1] or w_uk.shape[1] >= q.shape[2]:
+        raise ValueError(f"w_uk {tuple(w_uk.shape)} must be (H, N, C) for q (T, H, N + R) {tuple(q.shape)}")
+    T, H, width = q.shape
+    N, C = w_uk.shape[1], w_uk.shape[2]
+    R = width - N
+    if not _is_dot_width(N):
+        raise ValueError(f"w_uk's N = {N} must be a power of two >= 16 (a tl.dot width)")
+    if not _is_dot_width(R):
+        raise ValueError(f"q's rope width R = {R} (q's last dim minus N) must be a power of two >= 16")
+    if cos.shape != (T, R // 2) or sin.shape != (T, R // 2):
+        raise ValueError(
+            f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be (T, R/2) = {(T, R // 2)}"
+        )
+    if q.stride(-1) != 1 or w_uk.stride(-1) != 1:
+        raise ValueError("q and w_uk need a unit stride along their last dim")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(T, H, C + R, dtype=out_dtype, device=q.device)
+    if T and H:
+        # 16-bit operands of one dtype go to the tensor cores as they are (their products are exact in the
+        # fp32 accumulator); anything else is upcast to fp32 with IEEE products
+        half = q.dtype == w_uk.dtype and q.dtype in (torch.float16, torch.bfloat16)
+        compute = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16) if half else tl.float32
+        grid = (triton.cdiv(T, BLOCK_T), H, max(1, triton.cdiv(C, BLOCK_C)))  # C = 0 still ropes
+        _absorb_query_kernel[grid](
+            q, w_uk, cos, sin, out, T, C, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
+            cos.stride(0), out.stride(0), out.stride(1), N=N, R=R, COMPUTE=compute, IEEE=not half,
+            BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4, **launch_options(q.device),
+        )  # fmt: skip
+    return out

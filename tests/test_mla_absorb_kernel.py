@@ -1,0 +1,185 @@
+"""The Triton absorbed query (q_nope @ W_UK, rope of q_pe, cat, cast in one kernel) against its torch
+reference, on random data of odd shapes and the strided column slice the model passes. Without a GPU it
+runs in the interpreter (fp32/fp16: bf16 dots are broken there); on a GPU also bf16 and batch invariance."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mlapipe.kernels import mla_absorb, norm_rope, reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def close(ours, ref, dtype):
+    """Max error relative to the largest reference value, at the tolerance of `dtype`."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.isfinite(ours.float()).all()
+    scale = ref.float().abs().max().clamp_min(1e-6)
+    assert float((ours.float() - ref.float()).abs().max() / scale) < TOLERANCE[dtype]
+
+
+def case(T, H, N, R, C, dtype, extra=(3, 5)):
+    """q as a column slice of a wider projection (token rows strided past H * (N + R)), w_uk (H, N, C),
+    and rope tables of random positions."""
+    before, after = extra
+    wide = (torch.randn(T, before + H * (N + R) + after, device=DEVICE) * 2 + 0.25).to(dtype)
+    q = wide[:, before : before + H * (N + R)].view(T, H, N + R)
+    w_uk = (torch.randn(H, N, C, device=DEVICE) / N**0.5).to(dtype)
+    positions = torch.randint(0, 5000, (T,), device=DEVICE)
+    inv_freq = norm_rope.yarn_inv_freq(R, 10000.0, 40.0, 4096).to(DEVICE)
+    cos, sin = norm_rope.rope_cos_sin(positions, inv_freq)
+    return wide, q, w_uk, cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "T, H, N, R, C",
+    [(1, 1, 16, 16, 48), (3, 3, 32, 16, 64), (17, 5, 16, 32, 80), (33, 3, 32, 32, 48), (1, 5, 32, 16, 80)],
+)
+def test_absorb_query_matches_reference(T, H, N, R, C, dtype):
+    wide, q, w_uk, cos, sin = case(T, H, N, R, C, dtype)
+    # the projection's column slice: offset into its rows, rows strided (a size-1 dim has no stride)
+    assert q.data_ptr() != wide.data_ptr() and q.stride(-1) == 1 and (T == 1 or not q.is_contiguous())
+    before = wide.clone()
+    ours = mla_absorb.absorb_query(q, w_uk, cos, sin, dtype)
+    assert ours.is_contiguous()
+    ref = reference.absorb_query(q, w_uk, cos, sin, dtype)
+    assert torch.equal(wide, before)  # q (and the rest of the projection) untouched
+    close(ours[..., :C], ref[..., :C], dtype)
+    # the rope part: same fp32 arithmetic, then the same roundings
+    if DEVICE == "cpu":
+        assert torch.equal(ours[..., C:], ref[..., C:])
+    else:  # compiled, the multiply-adds may fuse into FMAs: bits of the Triton rope, close to torch's
+        close(ours[..., C:], ref[..., C:], dtype)
+
+
+def test_absorb_query_rope_bits_of_the_rope_kernel():
+    """The rope part equals what the in-place rope kernel it replaces wrote into q, bit for bit."""
+    from mlapipe.kernels import fused_norm_rope
+
+    _, q, w_uk, cos, sin = case(7, 3, 16, 32, 48, torch.float16)
+    ours = mla_absorb.absorb_query(q, w_uk, cos, sin, torch.float16)
+    assert torch.equal(ours[..., 48:], fused_norm_rope.apply_rope_pairs(q[..., 16:], cos, sin))
+
+
+def test_absorb_query_casts_to_the_cache_dtype():
+    """fp32 q into an fp16 output: rounded to fp32 (exact), then once to fp16, as the torch path's cast."""
+    T, H, N, R, C = 5, 3, 32, 16, 64
+    _, q, w_uk, cos, sin = case(T, H, N, R, C, torch.float32)
+    ours = mla_absorb.absorb_query(q, w_uk, cos, sin, torch.float16)
+    ref = reference.absorb_query(q, w_uk, cos, sin, torch.float16)
+    assert ours.dtype == torch.float16
+    close(ours, ref, torch.float16)
+    assert torch.equal(ours[..., C:], ref[..., C:])
+    # what workers/attention.py computes today, rope in place on a copy
+    q_now = q.clone()
+    q_now[..., N:] = reference.apply_rope_pairs(q_now[..., N:], cos, sin)
+    current = torch.cat((torch.einsum("thn,hnc->thc", q_now[..., :N], w_uk), q_now[..., N:]), -1)
+    close(ours, current.to(torch.float16), torch.float16)
+
+
+def test_absorb_query_no_tokens():
+    _, q, w_uk, cos, sin = case(0, 3, 16, 16, 48, torch.float32)
+    for absorb in (mla_absorb.absorb_query, reference.absorb_query):
+        out = absorb(q, w_uk, cos, sin, torch.float32)
+        assert out.shape == (0, 3, 64) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "N, R, C, message",
+    [(24, 16, 48, "w_uk's N = 24"), (8, 16, 48, "w_uk's N = 8"), (16, 24, 48, "rope width R = 24"),
+     (16, 8, 48, "rope width R = 8")],
+)  # fmt: skip
+def test_absorb_query_rejects_widths_a_dot_cannot_take(N, R, C, message):
+    q = torch.randn(2, 3, N + R, device=DEVICE)
+    w_uk = torch.randn(3, N, C, device=DEVICE)
+    cos, sin = torch.randn(2, R // 2, device=DEVICE), torch.randn(2, R // 2, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        mla_absorb.absorb_query(q, w_uk, cos, sin, torch.float32)
+
+
+def test_absorb_query_rejects_mismatched_arguments():
+    q = torch.randn(2, 3, 32, device=DEVICE)
+    cos, sin = torch.randn(2, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="must be \\(H, N, C\\)"):
+        mla_absorb.absorb_query(q, torch.randn(4, 16, 48, device=DEVICE), cos, sin, torch.float32)
+    w_uk = torch.randn(3, 16, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="cos"):
+        mla_absorb.absorb_query(q, w_uk, cos[:, :4], sin[:, :4], torch.float32)
+    with pytest.raises(ValueError, match="unit stride"):
+        mla_absorb.absorb_query(q, w_uk.transpose(1, 2).contiguous().transpose(1, 2), cos, sin, torch.float32)
+
+
+def test_absorb_query_compiles_for_hopper():
+    """The kernel compiles for sm_90 with the PDL wait and bf16 pointers (Triton's bundled ptxas; no GPU
+    needed), so a GPU run does not find a compile error first."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = textwrap.dedent(
+        """
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from mlapipe.kernels import mla_absorb
+        sig = {"q_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16"}
+        for name in ("T", "C", "q_token_stride", "q_head_stride", "w_head_stride", "w_row_stride", "cos_stride",
+                     "out_token_stride", "out_head_stride"):
+            sig[name] = "i32"
+        constexprs = {"N": 128, "R": 64, "COMPUTE": tl.bfloat16, "IEEE": False, "BLOCK_T": mla_absorb.BLOCK_T,
+                      "BLOCK_C": mla_absorb.BLOCK_C, "PDL": True}
+        sig.update({name: "constexpr" for name in constexprs})
+        src = ASTSource(fn=mla_absorb._absorb_query_kernel, signature=sig, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        print("griddepcontrol.wait" in compiled.asm["ptx"], flush=True)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("no ptxas")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"]  # the PDL wait is in the kernel
+
+
+# ----------------------------------------------------------------------------------------------------
+# compiled, on a GPU: bf16 at the real DeepSeek widths, and one token's bits in any batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, H", [(1, 16), (5, 128), (37, 16), (200, 16)])
+def test_gpu_absorb_query_bf16_real_widths(T, H):
+    _, q, w_uk, cos, sin = case(T, H, 128, 64, 512, torch.bfloat16)
+    close(
+        mla_absorb.absorb_query(q, w_uk, cos, sin, torch.bfloat16),
+        reference.absorb_query(q, w_uk, cos, sin, torch.bfloat16),
+        torch.bfloat16,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_absorb_query_is_batch_invariant(dtype):
+    """Token t alone gives the same bits as at any row of a batch of 37 tokens."""
+    T, H = 37, 16
+    _, q, w_uk, cos, sin = case(T, H, 128, 64, 512, dtype)
+    batch = mla_absorb.absorb_query(q, w_uk, cos, sin, dtype)
+    for t in (0, 5, 15, 16, 36):
+        alone = mla_absorb.absorb_query(q[t : t + 1], w_uk, cos[t : t + 1], sin[t : t + 1], dtype)
+        assert torch.equal(alone.view(torch.uint8), batch[t : t + 1].view(torch.uint8)), t
+    # and in a batch of 3 starting elsewhere, so the token sits at another row of its tile
+    three = mla_absorb.absorb_query(q[14:17], w_uk, cos[14:17], sin[14:17], dtype)
+    assert torch.equal(three.view(torch.uint8), batch[14:17].view(torch.uint8))
