@@ -66,3 +66,26 @@ def test_amb_changes_memory_not_the_result(model):
         results.append(_logits(_runner(model, attention="naive", amb_mib=amb_bytes / 2**20), prompt))
     assert torch.equal(results[0], results[1])
     assert torch.equal(results[0], results[2])
+
+
+def test_a_mixed_batch_gives_each_sequence_its_logits_alone(model):
+    """One micro-batch with a decode token (absorbed path) and a 20-token prompt (decompressed path): each
+    path gathers its rows, so each sequence's logits equal its run in a batch of its own (within fp32 rounding:
+    the CPU's matmuls round by batch shape)."""
+    decoding, prompting = _prompt(model, 9), _prompt(model, 20)
+
+    def run(chunks):
+        runner = _runner(model, attention="auto", decode_threshold=4)  # 1 new token absorbed, 20 not
+        assert runner.takes_decompressed(20) and not runner.takes_decompressed(1)
+        warm = SequenceChunk("d", decoding[:8], 0, [5, 2], sample=False, return_logits=True)
+        runner.finish(MicroBatch(0, [warm]), runner.forward(MicroBatch(0, [warm])))  # d's first 8 cached
+        batch = MicroBatch(1, chunks)
+        return {k: torch.from_numpy(v) for k, v in runner.finish(batch, runner.forward(batch)).logits.items()}
+
+    decode = SequenceChunk("d", decoding[8:], 8, [5, 2], sample=False, return_logits=True)
+    prompt = SequenceChunk("p", prompting, 0, [9, 0, 3], sample=False, return_logits=True)
+    mixed = run([decode, prompt])
+    assert set(mixed) == {"d", "p"}
+    for name, alone in (("d", run([decode])["d"]), ("p", run([prompt])["p"])):
+        assert mixed[name].shape == alone.shape
+        assert float((mixed[name] - alone).abs().max() / alone.abs().max()) <= 1e-5, name

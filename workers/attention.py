@@ -129,37 +129,31 @@ class MLAAttention:
         )
 
         # Every sequence takes one path, so a path that is alone owns all rows, in order: no gather, no scatter.
-        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch: rope, W_UK and the
-            # concatenation in one kernel (the decompressed path's in-place rope is not needed)
+        # The absorbed path's query (rope, W_UK and the concatenation in one kernel) is taken from the
+        # unroped q, in a mixed batch too, so a decode token's bits do not depend on its batch's other rows.
+        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch
             q_absorbed = ops.absorb_query(q, self.w_uk, meta.cos, meta.sin, kv_cache.dtype)
             return self._output(self._attend_absorbed(q_absorbed, meta.absorbed, kv_cache, x.dtype))
-        # the rope part rotated in place: q is then the whole query the decompressed path takes, with no
-        # concatenated copy (q_nope and q_pe stay views of it for the absorbed path)
-        q_nope, q_pe = q[..., :N], ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin, out=q[..., N:])
-        if meta.absorbed is None and meta.naive is not None:  # a pure prefill batch
-            out = self._decompressed(q, meta.naive, kv_cache)
-        else:  # mixed: each path gathers its rows and scatters its output back
+        if meta.naive is None:  # no sequences at all
+            return self._output(x.new_empty(T, H, cfg.v_head_dim))
+        out = None
+        if meta.absorbed is not None:  # mixed: each path gathers its rows and scatters its output back
+            rows = meta.absorbed.token_rows
+            q_absorbed = ops.absorb_query(q[rows], self.w_uk, meta.cos[rows], meta.sin[rows], kv_cache.dtype)
             out = x.new_empty(T, H, cfg.v_head_dim)
-            if meta.absorbed is not None:
-                rows = meta.absorbed.token_rows
-                out[rows] = self._absorbed(q_nope[rows], q_pe[rows], meta.absorbed, kv_cache)
-            if meta.naive is not None:
-                rows = meta.naive.token_rows
-                out[rows] = self._decompressed(q[rows], meta.naive, kv_cache)
+            out[rows] = self._attend_absorbed(q_absorbed, meta.absorbed, kv_cache, x.dtype)
+        # the rope part rotated in place: q is then the whole query the decompressed path takes, with no
+        # concatenated copy
+        ops.apply_rope_pairs(q[..., N:], meta.cos, meta.sin, out=q[..., N:])
+        if out is None:  # a pure prefill batch
+            return self._output(self._decompressed(q, meta.naive, kv_cache))
+        rows = meta.naive.token_rows
+        out[rows] = self._decompressed(q[rows], meta.naive, kv_cache)
         return self._output(out)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """(T, H, V) -> (T, hidden); the layer's add_rms_norm sums a split launch's partials itself."""
         return ops.linear(out.reshape(out.shape[0], -1), self.wo, unsummed=True)
-
-    def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor
-    ) -> torch.Tensor:
-        """Absorbed MLA for the group's tokens of a mixed batch (roped q_pe): (Tg, H, N), (Tg, H, R) ->
-        (Tg, H, V)."""
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)
-        q_absorbed = torch.cat((q_latent, q_pe), dim=-1).to(kv_cache.dtype)
-        return self._attend_absorbed(q_absorbed, group, kv_cache, q_nope.dtype)
 
     def _attend_absorbed(
         self, q_absorbed: torch.Tensor, group: SequenceGroup, kv_cache: torch.Tensor, dtype: torch.dtype
