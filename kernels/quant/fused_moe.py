@@ -201,8 +201,8 @@ def _gate_up_combine_kernel(
     act_ptr,  # (P, I) out
     num_rows,
     inter_size,
-    num_chunks,
     num_positions,
+    NUM_CHUNKS: tl.constexpr,  # unrolled: every partial's load in flight at once, not one latency a chunk
     BLOCK_M: tl.constexpr,  # the GEMMs' row tile
     BLOCK_I: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -223,9 +223,9 @@ def _gate_up_combine_kernel(
     offsets = position.to(tl.int64) * inter_size + cols
     gate = tl.zeros((BLOCK_I,), tl.float32)
     up = tl.zeros((BLOCK_I,), tl.float32)
-    for chunk in range(num_chunks):
+    for chunk in tl.static_range(NUM_CHUNKS):  # in order: the same sums as a loop
         gate += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
-        up += tl.load(partial_ptr + (num_chunks + chunk) * slab + offsets, mask=mask, other=0.0)
+        up += tl.load(partial_ptr + (NUM_CHUNKS + chunk) * slab + offsets, mask=mask, other=0.0)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=mask)
 
@@ -315,9 +315,9 @@ def _down_combine_kernel(
     slot_out_ptr,  # (R, H) out
     num_rows,
     hidden_size,
-    num_chunks,
     num_positions,
     stride_slot_r,
+    NUM_CHUNKS: tl.constexpr,  # unrolled, as in _gate_up_combine_kernel
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -335,7 +335,7 @@ def _down_combine_kernel(
     slab = num_positions * hidden_size
     offsets = position.to(tl.int64) * hidden_size + cols
     total = tl.zeros((BLOCK_H,), tl.float32)
-    for chunk in range(num_chunks):
+    for chunk in tl.static_range(NUM_CHUNKS):
         total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
     out = total * tl.load(topk_weights_ptr + row)
     tl.store(
@@ -498,8 +498,8 @@ def _run_gemms(
             act,
             layout.num_rows,
             inter,
-            one.num_chunks,
             positions,
+            NUM_CHUNKS=one.num_chunks,
             BLOCK_M=block_m,
             BLOCK_I=block_i,
             **launch_options(partial.device),
@@ -527,7 +527,7 @@ def _run_gemms(
         block_h = min(1024, triton.next_power_of_2(H))
         _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
             partial, layout.sorted_row_ids, layout.tile_expert, topk_weights, slot_out, layout.num_rows, H,
-            two.num_chunks, positions, slot_out.stride(0), BLOCK_M=block_m, BLOCK_H=block_h,
+            positions, slot_out.stride(0), NUM_CHUNKS=two.num_chunks, BLOCK_M=block_m, BLOCK_H=block_h,
             **launch_options(partial.device),
         )  # fmt: skip
     return False

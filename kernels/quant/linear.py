@@ -201,14 +201,15 @@ def _linear_split_kernel(
 
 @triton.jit
 def _sum_chunks_kernel(
-    partial_ptr, out_ptr, numel, num_chunks, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+    partial_ptr, out_ptr, numel, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False
 ):
-    """out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype."""
+    """out = 0 + partial[0] + partial[1] + ... in chunk order, fp32, then out's dtype. The chunks are
+    unrolled so every load is in flight at once (a loop waits one memory latency a chunk)."""
     wait_for_previous(PDL)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     total = tl.zeros((BLOCK,), tl.float32)
-    for chunk in range(num_chunks):
+    for chunk in tl.static_range(NUM_CHUNKS):
         total += tl.load(partial_ptr + chunk * numel + offsets, mask=mask, other=0.0)
     tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -359,7 +360,7 @@ def linear_split(x: torch.Tensor, w: QuantTensor, plan: LinearPlan, unsummed: bo
     if not direct:
         block = 1024
         _sum_chunks_kernel[(triton.cdiv(T * N, block),)](
-            partial, out, T * N, plan.num_chunks, BLOCK=block, **launch_options(partial.device)
+            partial, out, T * N, NUM_CHUNKS=plan.num_chunks, BLOCK=block, **launch_options(partial.device)
         )
     return out
 
