@@ -113,6 +113,21 @@ def test_unsummed_partials_summed_by_add_rms_norm_give_the_summed_bits(dtype):
     assert linear_split(x, w, one_chunk, unsummed=True).shape == (2, 37)
 
 
+def test_split_decoder_chunks_of_one_block():
+    """A split decoder (Q4_K's, 64-value tiles of a 256-value block) may take chunks of one block: 4 loop
+    iterations. Its plans do (8 chunks at K = 2048 where a whole-block decoder gets 2), and such chunks
+    give the split and tiled launches the same sums, within rounding of the reference."""
+    assert plan_linear(3648, 2048, 256, 132, prefetched=True).num_chunks == 8
+    assert plan_linear(3648, 2048, 256, 132).num_chunks == 2
+    assert plan_linear(2048, 2048, 32, 132, prefetched=True) == plan_linear(2048, 2048, 32, 132)
+    w = weight(12, 70, 3)  # K = 768: three Q4_K blocks
+    plan = LinearPlan(64, 256, 3)
+    x = torch.randn(3, w.shape[1], device=DEVICE)
+    split = linear_split(x, w, plan)
+    assert_within_rounding(split, x, w)
+    assert torch.equal(split, linear_tiled(x, w, plan))
+
+
 def test_tiled_scratch_in_slices_gives_the_same_bits():
     """Metamorphic: rows dequantized 128 at a time (3 slices of 300) == all at once; both == the tiled
     launch decoding in its loop (the same plan and values; the interpreter's dot is exact fp32)."""

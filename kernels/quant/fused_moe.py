@@ -454,8 +454,10 @@ def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device:
     largest_k = largest_block_k(_interpreted(device), kernel_type(w_gate_up.qtype), kernel_type(w_down.qtype))
     sms = 2 if _interpreted(device) else torch.cuda.get_device_properties(device).multi_processor_count
     # a one-token decode step fills about DECODE_TILES row tiles (its experts); chunks make up the rest
-    gate_up = plan_linear(DECODE_TILES * inter, H, kernel_type(w_gate_up.qtype).block_elems, sms, largest_k)
-    down = plan_linear(DECODE_TILES * H, inter, kernel_type(w_down.qtype).block_elems, sms, largest_k)
+    one, two = kernel_type(w_gate_up.qtype), kernel_type(w_down.qtype)
+    prefetched = [split_decoder(kind)[0] is not None for kind in (one, two)]
+    gate_up = plan_linear(DECODE_TILES * inter, H, one.block_elems, sms, largest_k, prefetched=prefetched[0])
+    down = plan_linear(DECODE_TILES * H, inter, two.block_elems, sms, largest_k, prefetched=prefetched[1])
     pinned = os.environ.get(SPLIT_ENV)
     split = num_rows <= SPLIT_MAX_ROWS if pinned is None else pinned == "1"
     split = split and max(gate_up.num_chunks, down.num_chunks) > 1

@@ -77,16 +77,27 @@ def reduction_block_k(K: int, largest: int = 64) -> int:
 
 
 def plan_linear(
-    N: int, K: int, block_elems: int, num_sms: int, largest_block_k: int = 64, per_sm: int = PROGRAMS_PER_SM
+    N: int,
+    K: int,
+    block_elems: int,
+    num_sms: int,
+    largest_block_k: int = 64,
+    per_sm: int = PROGRAMS_PER_SM,
+    prefetched: bool = False,
 ) -> LinearPlan:
     """Fixed K chunks for (N, K): as many as it takes for (column blocks x chunks) to reach PROGRAMS_PER_SM
-    programs a SM in the split launch (64 columns a program), each chunk at least 4 loop steps. A loop step is
-    max(BLOCK_K, the type's block) values, so chunks start on block boundaries."""
+    programs a SM in the split launch (64 columns a program), each chunk at least 4 loop iterations. Chunks
+    start on block boundaries (steps of max(BLOCK_K, the type's block) values). A loop iteration is such a
+    step for a whole-block decoder, and BLOCK_K values for a split decoder (`prefetched`: it loads a
+    BLOCK_K tile of a larger block a step ahead), so a 256-value K-quant block is one chunk's worth there:
+    Q4_K at K = 2048 gets 8 chunks, not 2 (which left 64-176 programs on 132 SMs, 16 iterations each)."""
     block_k = reduction_block_k(K, largest_block_k)
     step = max(block_k, block_elems)
     steps = K // step
+    iteration = block_k if prefetched else step
+    min_steps = triton.cdiv(4 * iteration, step)
     column_blocks = triton.cdiv(N, 64)
-    wanted = max(1, min(triton.cdiv(per_sm * num_sms, column_blocks), steps // 4))
+    wanted = max(1, min(triton.cdiv(per_sm * num_sms, column_blocks), steps // min_steps))
     chunk_k = triton.cdiv(steps, wanted) * step
     return LinearPlan(block_k, chunk_k, triton.cdiv(K, chunk_k))
 
@@ -305,7 +316,9 @@ def linear_plan(w: QuantTensor, device: torch.device) -> LinearPlan:
     N, K = w.shape
     widest = largest_block_k(_interpreted(device), kernel_type(w.qtype))
     per_sm = int(os.environ.get(PROGRAMS_ENV, PROGRAMS_PER_SM))
-    return plan_linear(N, K, kernel_type(w.qtype).block_elems, _num_sms(device), widest, per_sm)
+    kind = kernel_type(w.qtype)
+    prefetched = split_decoder(kind)[0] is not None
+    return plan_linear(N, K, kind.block_elems, _num_sms(device), widest, per_sm, prefetched)
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
