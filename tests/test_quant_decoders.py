@@ -17,8 +17,6 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import gguf  # noqa: E402
@@ -36,6 +34,7 @@ from mlapipe.kernels.quant.dequantize import (  # noqa: E402
 )
 from mlapipe.kernels.quant.tensor import QuantTensor  # noqa: E402
 from mlapipe.kernels.quant.types import QUANT_TYPES, has_kernel, nbytes, quant_type, row_bytes  # noqa: E402
+from tests.hopper_compile import compile_script_output  # noqa: E402
 
 # MXFP4's huge e8m0 scales overflow fp32 (inf, in gguf too), huge fp16 scales overflow fp16 outputs
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered")
@@ -271,7 +270,6 @@ def test_random_blocks_have_the_requested_scale(row):
 def test_decoders_compile_for_hopper():
     """Every decoder inside the shared dequantize kernel compiles for sm_90 (Triton's bundled ptxas; no
     GPU needed), so a GPU run does not find a compile error first; with the PDL wait the GPU launches take."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
     script = textwrap.dedent(
         """
         import triton
@@ -289,15 +287,7 @@ def test_decoders_compile_for_hopper():
             print(row.name, flush=True)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the GPU default today; the decoders are exact either way
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr:
-        pytest.skip("no ptxas")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == TYPE_IDS
+    assert compile_script_output(script) == TYPE_IDS
 
 
 @pytest.mark.gpu
