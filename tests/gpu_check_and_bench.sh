@@ -124,6 +124,10 @@ if [[ $what == decode-fusions ]]; then  # issue 12: fewer decode kernels; speed 
     MLAPIPE_PDL=0 timeout 50 python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_$wtype.log" 2>&1
     grep -A 24 "decode steps of" "$out/profile_$wtype.log" | cut -c1-100
   done
+  for tokens in 512 2048; do  # where a quantized prompt's GPU time goes (the pp gap to bf16)
+    timeout 60 python -m mlapipe.workers.bench.profile_prefill --tokens $tokens --wtype q8_0 > "$out/profile_prefill_q8_0_$tokens.log" 2>&1
+    grep -A 25 "GPU time per" "$out/profile_prefill_q8_0_$tokens.log" | cut -c1-110
+  done
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)
