@@ -3,7 +3,10 @@ same signatures) take ~7 and ~9 elementwise kernels; a decode step runs 3 norms 
 and at small batches each kernel costs its launch, not its bytes.
 
 write_latent_cache fuses the latent cache write (kv norm of latent[:, :C], rope of latent[:, C:], cast,
-scatter to the slot_mapping rows) into one kernel, where the torch path takes ~5 launches."""
+scatter to the slot_mapping rows) into one kernel, where the torch path takes ~5 launches.
+
+rms_norm, add_rms_norm and write_latent_cache also take a split linear's fp32 partials in place of their
+input and sum them as its sum kernel would (kernels/partials.py): the same bits, one launch fewer."""
 
 from __future__ import annotations
 
@@ -11,18 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.partials import check_partials, load_summed, triton_dtype
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, w_ptr, out_ptr, x_row_stride, width, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    x_row_stride,
+    partial_stride,
+    width,
+    eps,
+    BLOCK: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,  # 0: x is (rows, W); n: x is n fp32 partial sums (n, rows, W)
+    PDL: tl.constexpr = False,
 ):
     wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = load_summed(x_ptr + row * x_row_stride, cols, mask, partial_stride, NUM_PARTIALS, out_ptr.dtype.element_ty)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / width + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * width + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
@@ -49,14 +62,9 @@ def _add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    delta_row = delta_ptr + row * delta_row_stride + cols
-    if NUM_PARTIALS == 0:
-        delta = tl.load(delta_row, mask=mask, other=0.0).to(tl.float32)
-    else:  # the split linear's sum (quant/linear.py _sum_chunks_kernel): 0 + p0 + p1 ..., rounded
-        delta = tl.zeros((BLOCK,), tl.float32)
-        for p in tl.static_range(NUM_PARTIALS):
-            delta += tl.load(delta_row + p * partial_stride, mask=mask, other=0.0)
-        delta = delta.to(sum_ptr.dtype.element_ty).to(tl.float32)
+    # the split linear's sum (quant/linear.py _sum_chunks_kernel) where delta is its partials
+    delta_row = delta_ptr + row * delta_row_stride
+    delta = load_summed(delta_row, cols, mask, partial_stride, NUM_PARTIALS, sum_ptr.dtype.element_ty)
     # rounded to the stream's dtype first, as torch's add does; the norm reads the rounded sum
     total = (x + delta).to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * width + cols, total, mask=mask)
@@ -116,34 +124,37 @@ def _write_latent_cache_kernel(
     slot_ptr,
     cache_ptr,
     latent_stride,
+    partial_stride,
     cos_stride,
     cache_stride,
     width,
     half,
     eps,
+    KIND: tl.constexpr,  # the activations' dtype: latent's, or the one its partials are rounded to
     BLOCK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,  # 0: latent is (T, C + R); n: n fp32 partial sums (n, T, C + R)
     PDL: tl.constexpr = False,
 ):
     wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     src = latent_ptr + token * latent_stride
     dst = cache_ptr + tl.load(slot_ptr + token).to(tl.int64) * cache_stride
-    # round to latent's dtype first, then to the cache's, as the reference's two casts do
-    kind = latent_ptr.dtype.element_ty
+    # round to the activations' dtype first, then to the cache's, as the reference's two casts do
+    kind: tl.constexpr = KIND
     cache_kind = cache_ptr.dtype.element_ty
     # the kv norm of the first `width` values, as _rms_norm_kernel computes it
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+    x = load_summed(src, cols, mask, partial_stride, NUM_PARTIALS, KIND)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / width + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(dst + cols, (x * rstd * w).to(kind).to(cache_kind), mask=mask)
     # the rope of the last 2 * half values, as _rope_pairs_kernel computes it
     i = tl.arange(0, BLOCK_HALF)
     pair_mask = i < half
-    even = tl.load(src + width + 2 * i, mask=pair_mask, other=0.0).to(tl.float32)
-    odd = tl.load(src + width + 2 * i + 1, mask=pair_mask, other=0.0).to(tl.float32)
+    even = load_summed(src, width + 2 * i, pair_mask, partial_stride, NUM_PARTIALS, KIND)
+    odd = load_summed(src, width + 2 * i + 1, pair_mask, partial_stride, NUM_PARTIALS, KIND)
     c = tl.load(cos_ptr + token * cos_stride + i, mask=pair_mask, other=0.0)
     s = tl.load(sin_ptr + token * cos_stride + i, mask=pair_mask, other=0.0)
     tl.store(dst + width + 2 * i, (even * c - odd * s).to(kind).to(cache_kind), mask=pair_mask)
@@ -180,25 +191,31 @@ def add_rms_norm(
     return total, out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, partials_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """x (..., W) with unit stride along W (rows may be strided, e.g. a column slice), weight (W,):
-    x / rms(x) * weight in fp32, returned contiguous in x.dtype."""
+    x / rms(x) * weight in fp32, returned contiguous in x.dtype. With partials_dtype, x is a split
+    linear's fp32 partials (n, T, W) (rows may be strided), summed in order and rounded to partials_dtype
+    first (kernels/partials.py); the result is (T, W) in partials_dtype."""
     width = x.shape[-1]
-    rows = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, width)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if partials_dtype is not None:
+        check_partials(x, partials_dtype, "rms_norm")
+        if x.dim() != 3:
+            raise ValueError(f"rms_norm partials must be (n, T, W), got {tuple(x.shape)}")
+        rows, num_partials, partial_stride = x[0], x.shape[0], x.stride(0)
+        out = torch.empty(rows.shape, dtype=partials_dtype, device=x.device)
+    else:
+        rows = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, width)
+        num_partials, partial_stride = 0, 0
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = triton.next_power_of_2(width)
         _rms_norm_kernel[(rows.shape[0],)](
-            rows,
-            weight,
-            out,
-            rows.stride(0),
-            width,
-            eps,
-            BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
+            x if num_partials else rows, weight, out, rows.stride(0), partial_stride, width, eps,
+            BLOCK=block, NUM_PARTIALS=num_partials, num_warps=min(16, max(1, block // 256)),
             **launch_options(rows.device),
-        )
+        )  # fmt: skip
     return out
 
 
@@ -241,22 +258,34 @@ def write_latent_cache(
     eps: float,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    partials_dtype: torch.dtype | None = None,
 ) -> None:
     """latent (T, C + R), unit stride along the last dim (rows may be strided); kv_norm (C,); cos, sin
     (T, R/2) fp32; kv_cache (num_blocks, block_size, C + R), written in place at the flat rows
     slot_mapping (T,) int64: rms_norm(latent[:, :C]) * kv_norm, then the pairwise rope of latent[:, C:],
-    each rounded to latent.dtype and then to kv_cache.dtype. Slots must be in range (no negative ones)."""
-    T, width = latent.shape[0], kv_norm.shape[0]
-    half = (latent.shape[1] - width) // 2
-    if latent.stride(-1) != 1:
-        latent = latent.contiguous()
+    each rounded to latent.dtype and then to kv_cache.dtype. Slots must be in range (no negative ones).
+    With partials_dtype, latent is a split linear's fp32 partials (n, T, C + R), summed in order and
+    rounded to partials_dtype first (kernels/partials.py), which then stands for latent.dtype."""
+    num_partials, partial_stride, kind = 0, 0, latent.dtype
+    if partials_dtype is not None:
+        check_partials(latent, partials_dtype, "write_latent_cache")
+        if latent.dim() != 3:
+            raise ValueError(f"write_latent_cache partials must be (n, T, C + R), got {tuple(latent.shape)}")
+        num_partials, partial_stride, kind = latent.shape[0], latent.stride(0), partials_dtype
+        rows = latent[0]
+    else:
+        if latent.stride(-1) != 1:
+            latent = latent.contiguous()
+        rows = latent
+    T, width = rows.shape[0], kv_norm.shape[0]
+    half = (rows.shape[1] - width) // 2
     flat_cache = kv_cache.view(-1, kv_cache.shape[-1])  # raises where the reference's view would
     cos, sin = cos.contiguous(), sin.contiguous()
     if T:
         block = triton.next_power_of_2(width)
         _write_latent_cache_kernel[(T,)](
             latent, kv_norm, cos, sin, slot_mapping, flat_cache,
-            latent.stride(0), cos.stride(0), flat_cache.stride(0), width, half, eps,
-            BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-            num_warps=min(16, max(1, block // 256)), **launch_options(latent.device),
+            rows.stride(0), partial_stride, cos.stride(0), flat_cache.stride(0), width, half, eps,
+            KIND=triton_dtype(kind), BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+            NUM_PARTIALS=num_partials, num_warps=min(16, max(1, block // 256)), **launch_options(rows.device),
         )  # fmt: skip

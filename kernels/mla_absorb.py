@@ -5,6 +5,9 @@ its launch at one token, not its bytes.
 
 Batch invariance: every program takes BLOCK_T token rows (fixed, never a function of T) and one tl.dot
 over the whole N, so a token's products are summed in the same order alone or in any batch.
+
+q may also be the fp32 partials of the split linear that made it, summed here as its sum kernel would
+(kernels/partials.py): the same bits, and the decode step's q sum kernel is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlapipe.kernels.partials import check_partials, load_summed, triton_dtype
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 BLOCK_T = 16  # token rows a program: tl.dot's minimum; fixed so a token's bits do not depend on the batch
@@ -22,9 +26,11 @@ BLOCK_C = 64  # latent columns a program: H * C / 64 programs (1024 on V3) keep 
 @triton.jit
 def _absorb_query_kernel(
     q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, C,
-    q_token_stride, q_head_stride, w_head_stride, w_row_stride, cos_stride, out_token_stride, out_head_stride,
-    N: tl.constexpr, R: tl.constexpr, COMPUTE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False,
+    q_token_stride, q_head_stride, partial_stride, w_head_stride, w_row_stride, cos_stride, out_token_stride,
+    out_head_stride, N: tl.constexpr, R: tl.constexpr, KIND: tl.constexpr, COMPUTE: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,  # 0: q is (T, H, N + R); n: n fp32 partial sums of it (n, T, H, N + R)
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     wait_for_previous(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -33,12 +39,12 @@ def _absorb_query_kernel(
     token_ok = (tokens < T)[:, None]
     q_rows = q_ptr + tokens.to(tl.int64)[:, None] * q_token_stride + head * q_head_stride
     out_rows = out_ptr + tokens.to(tl.int64)[:, None] * out_token_stride + head * out_head_stride
-    # rounded to q's dtype first, then to the output's, as the torch path's einsum and cast do
-    kind = q_ptr.dtype.element_ty
+    # rounded to q's dtype (KIND) first, then to the output's, as the torch path's einsum and cast do
+    kind: tl.constexpr = KIND
     out_kind = out_ptr.dtype.element_ty
 
     n = tl.arange(0, N)
-    q_nope = tl.load(q_rows + n[None, :], mask=token_ok, other=0.0).to(COMPUTE)
+    q_nope = load_summed(q_rows, n[None, :], token_ok, partial_stride, NUM_PARTIALS, KIND).to(COMPUTE)
     w = tl.load(
         w_ptr + head * w_head_stride + n[:, None] * w_row_stride + cols[None, :],
         mask=(cols < C)[None, :],
@@ -53,8 +59,8 @@ def _absorb_query_kernel(
     # the rope of q[..., N:] once per token and head, as _rope_pairs_kernel computes it (same bits)
     if tl.program_id(2) == 0:
         r = tl.arange(0, R)
-        x = tl.load(q_rows + N + r[None, :], mask=token_ok, other=0.0)
-        even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, R // 2, 2)))
+        x = load_summed(q_rows, N + r[None, :], token_ok, partial_stride, NUM_PARTIALS, KIND)
+        even, odd = tl.split(tl.reshape(x, (BLOCK_T, R // 2, 2)))
         i = tl.arange(0, R // 2)
         angle_at = tokens.to(tl.int64)[:, None] * cos_stride + i[None, :]
         c = tl.load(cos_ptr + angle_at, mask=token_ok, other=0.0)
@@ -70,14 +76,28 @@ def _is_dot_width(width: int) -> bool:
 
 
 def absorb_query(
-    q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype
+    q: torch.Tensor,
+    w_uk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out_dtype: torch.dtype,
+    partials_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """q (T, H, N + R), unit stride along the last dim (token and head strides free: a column slice of the
     projection); w_uk (H, N, C), unit last stride; cos, sin (T, R/2) fp32. Returns (T, H, C + R) contiguous
     in out_dtype: [:C] = q_nope @ w_uk[h] (fp32 accumulation), [C:] = the pairwise rope of q[..., N:], each
-    rounded to q.dtype and then to out_dtype. q is not modified. N and R must be powers of two >= 16."""
+    rounded to q.dtype and then to out_dtype. q is not modified. N and R must be powers of two >= 16.
+    With partials_dtype, q is a split linear's fp32 partials (n, T, H, N + R), summed in order and rounded
+    to partials_dtype first (kernels/partials.py), which then stands for q.dtype."""
+    partials = q
+    if partials_dtype is not None:
+        check_partials(q, partials_dtype, "absorb_query")
+        if q.dim() != 4:
+            raise ValueError(f"absorb_query partials must be (n, T, H, N + R), got {tuple(q.shape)}")
+        q = q[0]
     if q.dim() != 3 or w_uk.dim() != 3 or w_uk.shape[0] != q.shape[1] or w_uk.shape[1] >= q.shape[2]:
         raise ValueError(f"w_uk {tuple(w_uk.shape)} must be (H, N, C) for q (T, H, N + R) {tuple(q.shape)}")
+    q_dtype = partials_dtype or q.dtype
     T, H, width = q.shape
     N, C = w_uk.shape[1], w_uk.shape[2]
     R = width - N
@@ -96,12 +116,14 @@ def absorb_query(
     if T and H:
         # 16-bit operands of one dtype go to the tensor cores as they are (their products are exact in the
         # fp32 accumulator); anything else is upcast to fp32 with IEEE products
-        half = q.dtype == w_uk.dtype and q.dtype in (torch.float16, torch.bfloat16)
-        compute = (tl.float16 if q.dtype == torch.float16 else tl.bfloat16) if half else tl.float32
+        half = q_dtype == w_uk.dtype and q_dtype in (torch.float16, torch.bfloat16)
+        compute = (tl.float16 if q_dtype == torch.float16 else tl.bfloat16) if half else tl.float32
         grid = (triton.cdiv(T, BLOCK_T), H, max(1, triton.cdiv(C, BLOCK_C)))  # C = 0 still ropes
+        num_partials = partials.shape[0] if partials_dtype is not None else 0
         _absorb_query_kernel[grid](
-            q, w_uk, cos, sin, out, T, C, q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
-            cos.stride(0), out.stride(0), out.stride(1), N=N, R=R, COMPUTE=compute, IEEE=not half,
-            BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4, **launch_options(q.device),
+            partials, w_uk, cos, sin, out, T, C, q.stride(0), q.stride(1), partials.stride(0) if num_partials else 0,
+            w_uk.stride(0), w_uk.stride(1), cos.stride(0), out.stride(0), out.stride(1), N=N, R=R,
+            KIND=triton_dtype(q_dtype), COMPUTE=compute, IEEE=not half, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+            NUM_PARTIALS=num_partials, num_warps=4, **launch_options(q.device),
         )  # fmt: skip
     return out

@@ -18,8 +18,22 @@ import torch.nn.functional as F
 # norm and rope
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., W), weight (W,): x / rms(x) * weight, computed in fp32, returned in x.dtype."""
+def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A split linear's fp32 partials (n, ...) -> (...) in dtype: added in order to zero, then rounded, as
+    its sum kernel does (kernels/partials.py)."""
+    total = torch.zeros_like(partials[0])
+    for partial in partials:
+        total = total + partial
+    return total.to(dtype)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, partials_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x (..., W), weight (W,): x / rms(x) * weight, computed in fp32, returned in x.dtype. With
+    partials_dtype, x is (n, T, W) fp32 split partials, first summed in order and rounded to it."""
+    if partials_dtype is not None:
+        x = sum_partials(x, partials_dtype)
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * weight.float()).to(x.dtype)
@@ -31,10 +45,7 @@ def add_rms_norm(
     """The residual add and the next norm: (x + delta, rms_norm(x + delta, weight, eps)). delta (n, T, W)
     fp32: a split linear's partial sums, added in order to zero and rounded to x.dtype first."""
     if delta.dim() == 3:
-        summed = torch.zeros_like(delta[0])
-        for partial in delta:
-            summed = summed + partial
-        delta = summed.to(x.dtype)
+        delta = sum_partials(delta, x.dtype)
     total = x + delta
     return total, rms_norm(total, weight, eps)
 
@@ -65,13 +76,17 @@ def write_latent_cache(
     eps: float,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    partials_dtype: torch.dtype | None = None,
 ) -> None:
     """Writes each new token's latent cache row in place: rms_norm(latent[:, :C]) * kv_norm, then the
     pairwise rope of latent[:, C:], each rounded to latent.dtype and then cast to kv_cache.dtype.
 
     latent (T, C + R), rows may be strided (a column slice of a wider projection); kv_norm (C,);
     cos, sin (T, R/2) fp32; kv_cache (num_blocks, block_size, C + R); slot_mapping (T,) int64 flat rows.
+    With partials_dtype, latent is (n, T, C + R) fp32 split partials, first summed and rounded to it.
     """
+    if partials_dtype is not None:
+        latent = sum_partials(latent, partials_dtype)
     if latent.shape[0] == 0:  # apply_rope_pairs cannot reshape an empty batch
         return
     C = kv_norm.shape[0]
@@ -119,11 +134,19 @@ def _sequence_spans(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
 
 
 def absorb_query(
-    q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype
+    q: torch.Tensor,
+    w_uk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out_dtype: torch.dtype,
+    partials_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The absorbed query of mla_decode: q (T, H, N + R), w_uk (H, N, C), cos, sin (T, R/2) fp32 ->
     (T, H, C + R) in out_dtype: q_nope @ w_uk[h] in fp32, then the pairwise rope of q[..., N:], each
-    rounded to q.dtype and then to out_dtype. q is not modified."""
+    rounded to q.dtype and then to out_dtype. q is not modified. With partials_dtype, q is
+    (n, T, H, N + R) fp32 split partials, first summed in order and rounded to it."""
+    if partials_dtype is not None:
+        q = sum_partials(q, partials_dtype)
     N = w_uk.shape[1]
     if q.shape[0] == 0:  # apply_rope_pairs cannot reshape an empty batch
         return q.new_empty(0, q.shape[1], w_uk.shape[2] + q.shape[2] - N, dtype=out_dtype)

@@ -89,6 +89,25 @@ def test_absorb_query_casts_to_the_cache_dtype():
     close(ours, current.to(torch.float16), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, num_partials", [(1, 3, 8), (17, 2, 3)])
+def test_absorb_query_sums_a_split_linears_partials_first(T, H, num_partials, dtype):
+    """q as the fp32 partials (n, T, H, N + R) of the projection that made it (a column slice of the
+    q | latent partials): the bits of the chunk sum followed by the absorbed query."""
+    N, R, C = 16, 16, 48
+    wide = torch.randn(num_partials, T, 3 + H * (N + R) + 9, device=DEVICE) * 2 + 0.25
+    partials = wide[..., 3 : 3 + H * (N + R)].unflatten(-1, (H, N + R))
+    _, _, w_uk, cos, sin = case(T, H, N, R, C, dtype)
+    summed = reference.sum_partials(partials, dtype)
+    ours = mla_absorb.absorb_query(partials, w_uk, cos, sin, dtype, partials_dtype=dtype)
+    assert torch.equal(ours, mla_absorb.absorb_query(summed, w_uk, cos, sin, dtype))
+    ref = reference.absorb_query(partials, w_uk, cos, sin, dtype, partials_dtype=dtype)
+    assert torch.equal(ref, reference.absorb_query(summed, w_uk, cos, sin, dtype))
+    close(ours, ref, dtype)
+    with pytest.raises(ValueError, match="partials"):
+        mla_absorb.absorb_query(summed, w_uk, cos, sin, dtype, partials_dtype=dtype)
+
+
 def test_absorb_query_no_tokens():
     _, q, w_uk, cos, sin = case(0, 3, 16, 16, 48, torch.float32)
     for absorb in (mla_absorb.absorb_query, reference.absorb_query):
@@ -131,19 +150,21 @@ def test_absorb_query_compiles_for_hopper():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from mlapipe.kernels import mla_absorb
-        sig = {"q_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16"}
-        for name in ("T", "C", "q_token_stride", "q_head_stride", "w_head_stride", "w_row_stride", "cos_stride",
-                     "out_token_stride", "out_head_stride"):
-            sig[name] = "i32"
-        constexprs = {"N": 128, "R": 64, "COMPUTE": tl.bfloat16, "IEEE": False, "BLOCK_T": mla_absorb.BLOCK_T,
-                      "BLOCK_C": mla_absorb.BLOCK_C, "PDL": True}
-        sig.update({name: "constexpr" for name in constexprs})
-        src = ASTSource(fn=mla_absorb._absorb_query_kernel, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-        print("griddepcontrol.wait" in compiled.asm["ptx"], flush=True)
+        for q_type, partials in (("*bf16", 0), ("*fp32", 8)):  # q itself, or a split linear's partials
+            sig = {"q_ptr": q_type, "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16"}
+            for name in ("T", "C", "q_token_stride", "q_head_stride", "partial_stride", "w_head_stride",
+                         "w_row_stride", "cos_stride", "out_token_stride", "out_head_stride"):
+                sig[name] = "i32"
+            constexprs = {"N": 128, "R": 64, "KIND": tl.bfloat16, "COMPUTE": tl.bfloat16, "IEEE": False,
+                          "BLOCK_T": mla_absorb.BLOCK_T, "BLOCK_C": mla_absorb.BLOCK_C, "NUM_PARTIALS": partials,
+                          "PDL": True}
+            sig.update({name: "constexpr" for name in constexprs})
+            src = ASTSource(fn=mla_absorb._absorb_query_kernel, signature=sig, constexprs=constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            print("griddepcontrol.wait" in compiled.asm["ptx"], flush=True)
         """
     )
-    assert compile_script_output(script) == ["True"]  # the PDL wait is in the kernel
+    assert compile_script_output(script) == ["True", "True"]  # the PDL wait is in the kernel
 
 
 # ----------------------------------------------------------------------------------------------------

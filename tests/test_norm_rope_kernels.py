@@ -8,9 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import textwrap  # noqa: E402
+
 import pytest  # noqa: E402
 
 from mlapipe.kernels import fused_norm_rope, norm_rope, reference  # noqa: E402
+from tests.hopper_compile import compile_script_output  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -128,6 +131,30 @@ def test_add_rms_norm_sums_a_split_linears_partials_first(shape, num_partials, d
             fused_norm_rope.add_rms_norm(x, bad, weight, 1e-6)
 
 
+def split_partials(shape, num_partials, column_slice=(0, 0)):
+    """(n, *shape) fp32 partials as a split linear leaves them, optionally a column slice of wider rows
+    (the q | latent projection's partials, sliced), with the plain sum its sum kernel would store."""
+    before, after = column_slice
+    wide = torch.randn((num_partials, *shape[:-1], before + shape[-1] + after), device=DEVICE) * 2 + 0.25
+    return wide[..., before : before + shape[-1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, num_partials, column_slice", [((1, 7), 1, (0, 0)), ((3, 512), 8, (5, 40))])
+def test_rms_norm_sums_a_split_linears_partials_first(shape, num_partials, column_slice, dtype):
+    """x as (n, T, W) fp32 partials (V3's q_a before its norm): the bits of the chunk sum, then the norm."""
+    partials = split_partials(shape, num_partials, column_slice)
+    weight = torch.rand(shape[-1], device=DEVICE) + 0.5
+    summed = reference.sum_partials(partials, dtype)
+    ours = fused_norm_rope.rms_norm(partials, weight, 1e-6, partials_dtype=dtype)
+    assert ours.dtype == dtype and ours.shape == shape
+    assert torch.equal(ours, fused_norm_rope.rms_norm(summed, weight, 1e-6))
+    close(ours, reference.rms_norm(partials, weight, 1e-6, partials_dtype=dtype), dtype)
+    assert torch.equal(reference.rms_norm(partials, weight, 1e-6, dtype), reference.rms_norm(summed, weight, 1e-6))
+    with pytest.raises(ValueError, match="partials"):
+        fused_norm_rope.rms_norm(partials.half(), weight, 1e-6, partials_dtype=dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # write_latent_cache: kv norm of latent[:, :C] and rope of latent[:, C:], scattered into the paged cache
 
@@ -222,3 +249,53 @@ def test_write_latent_cache_bf16_real_widths(T):
     )
     ours, ref, current = run_both(latent, kv_norm, cos, sin, kv_cache, slot_mapping)
     assert_cache_written(ours, ref, current, kv_cache, slot_mapping, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, C, R, num_partials", [(1, 24, 8, 3), (5, 512, 64, 8)])
+def test_write_latent_cache_sums_a_split_linears_partials_first(T, C, R, num_partials, dtype):
+    """latent as the fp32 partials of the q | latent projection (a column slice of them): the cache gets
+    the bits it gets from the summed latent."""
+    latent, kv_norm, cos, sin, kv_cache, slot_mapping = latent_case(T, C, R, dtype)
+    partials = split_partials((T, C + R), num_partials, column_slice=(7, 0))
+    summed = reference.sum_partials(partials, dtype)
+    ours, plain, ref = kv_cache.clone(), kv_cache.clone(), kv_cache.clone()
+    fused_norm_rope.write_latent_cache(partials, kv_norm, cos, sin, 1e-6, ours, slot_mapping, dtype)
+    fused_norm_rope.write_latent_cache(summed, kv_norm, cos, sin, 1e-6, plain, slot_mapping)
+    reference.write_latent_cache(partials, kv_norm, cos, sin, 1e-6, ref, slot_mapping, dtype)
+    assert torch.equal(ours.view(torch.uint8), plain.view(torch.uint8))  # NaN-filled other rows included
+    width = kv_cache.shape[-1]
+    close(ours.view(-1, width)[slot_mapping], ref.view(-1, width)[slot_mapping], dtype)
+    with pytest.raises(ValueError, match="partials"):
+        fused_norm_rope.write_latent_cache(partials[0], kv_norm, cos, sin, 1e-6, ours, slot_mapping, dtype)
+
+
+def test_partials_forms_compile_for_hopper():
+    """The norms and the cache write compile for sm_90 reading 8 fp32 partials (Triton's bundled ptxas; no
+    GPU needed): a GPU run does not meet a compile error first."""
+    script = textwrap.dedent(
+        """
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from mlapipe.kernels import fused_norm_rope as k
+        def compile(fn, pointers, ints, constexprs):
+            sig = dict(pointers, **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs})
+            sig["eps"] = "fp32"
+            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"].count("ld.global")
+        print(compile(k._rms_norm_kernel, {"x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*bf16"},
+                      ("x_row_stride", "partial_stride", "width"), {"BLOCK": 2048, "NUM_PARTIALS": 8, "PDL": True}) > 0)
+        print(compile(k._add_rms_norm_kernel,
+                      {"x_ptr": "*bf16", "delta_ptr": "*fp32", "w_ptr": "*fp32", "sum_ptr": "*bf16", "out_ptr": "*bf16"},
+                      ("x_row_stride", "delta_row_stride", "partial_stride", "width"),
+                      {"BLOCK": 2048, "NUM_PARTIALS": 8, "PDL": True}) > 0)
+        print(compile(k._write_latent_cache_kernel,
+                      {"latent_ptr": "*fp32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                       "slot_ptr": "*i64", "cache_ptr": "*bf16"},
+                      ("latent_stride", "partial_stride", "cos_stride", "cache_stride", "width", "half"),
+                      {"KIND": tl.bfloat16, "BLOCK": 512, "BLOCK_HALF": 32, "NUM_PARTIALS": 8, "PDL": True}) > 0)
+        """
+    )
+    assert compile_script_output(script) == ["True"] * 3

@@ -87,6 +87,11 @@ def build_group(
     )
 
 
+def _partials_dtype(t: torch.Tensor, x: torch.Tensor, per_head: bool = False) -> torch.dtype | None:
+    """x's dtype where t holds a split linear's partials (one dimension more than its rows), else None."""
+    return x.dtype if t.dim() == x.dim() + 1 + per_head else None
+
+
 class MLAAttention:
     def __init__(self, cfg: ModelConfig, weights: dict, amb_mib: float = 0.0):
         self.cfg = cfg
@@ -114,25 +119,33 @@ class MLAAttention:
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_heads
         N = cfg.qk_nope_head_dim
+        # A pure decode batch lets a quantized split linear hand its fp32 partials (n, T, width) straight to
+        # the kernels that read q and the latent, which sum them as its sum kernel would: the same bits,
+        # one launch fewer a layer (kernels/partials.py). partials_dtype() says which tensors are partials.
+        pure_decode = meta.naive is None and meta.absorbed is not None
         if self.w_q_latent is not None:
-            projected = ops.linear(x, self.w_q_latent)
-            q, latent = projected[:, : self.q_rows], projected[:, self.q_rows :]
+            projected = ops.linear(x, self.w_q_latent, unsummed=pure_decode)
+            q, latent = projected[..., : self.q_rows], projected[..., self.q_rows :]
         else:
-            q, latent = (ops.linear(x, w) for w in self.w_q_and_latent)
+            q, latent = (ops.linear(x, w, unsummed=pure_decode) for w in self.w_q_and_latent)
         if self.has_q_lora:
-            q = ops.linear(ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps), self.wq_b)
-        q = q.view(T, H, cfg.qk_head_dim)
+            q_a = ops.rms_norm(q, self.q_norm, cfg.rms_norm_eps, _partials_dtype(q, x))
+            q = ops.linear(q_a, self.wq_b, unsummed=pure_decode)
+        q = q.unflatten(-1, (H, cfg.qk_head_dim))  # (T, H, D), or its partials (n, T, H, D)
 
         # the new tokens' latent rows: normed c_kv and roped k_pe, written straight into their cache slots
         ops.write_latent_cache(
-            latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping
-        )
+            latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping,
+            _partials_dtype(latent, x),
+        )  # fmt: skip
 
         # Every sequence takes one path, so a path that is alone owns all rows, in order: no gather, no scatter.
         # The absorbed path's query (rope, W_UK and the concatenation in one kernel) is taken from the
         # unroped q, in a mixed batch too, so a decode token's bits do not depend on its batch's other rows.
-        if meta.naive is None and meta.absorbed is not None:  # a pure decode batch
-            q_absorbed = ops.absorb_query(q, self.w_uk, meta.cos, meta.sin, kv_cache.dtype)
+        if pure_decode:
+            q_absorbed = ops.absorb_query(
+                q, self.w_uk, meta.cos, meta.sin, kv_cache.dtype, _partials_dtype(q, x, per_head=True)
+            )
             return self._output(self._attend_absorbed(q_absorbed, meta.absorbed, kv_cache, x.dtype))
         if meta.naive is None:  # no sequences at all
             return self._output(x.new_empty(T, H, cfg.v_head_dim))

@@ -61,8 +61,8 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scal
     return impl(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale, kv_lora_rank, **hints)
 
 
-def absorb_query(q, w_uk, cos, sin, out_dtype):
-    return _pick("absorb_query", q.device)(q, w_uk, cos, sin, out_dtype)
+def absorb_query(q, w_uk, cos, sin, out_dtype, partials_dtype=None):
+    return _pick("absorb_query", q.device)(q, w_uk, cos, sin, out_dtype, partials_dtype)
 
 
 def mla_prefill(
@@ -140,7 +140,8 @@ def reference_dequantize(w: QuantTensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w, unsummed: bool = False) -> torch.Tensor:
     """x (T, K) times w (N, K) transposed -> (T, N): a matmul for a plain weight, the quantized linear
     kernel for a QuantTensor on a GPU. unsummed: the quantized kernel may return its split launch's fp32
-    partials (n, T, N) instead, for add_rms_norm to sum (one launch fewer a decode layer)."""
+    partials (n, T, N) instead, for a consumer that sums them itself (kernels/partials.py: one launch
+    fewer); callers tell the two apart by the rank."""
     if not isinstance(w, QuantTensor):
         return x @ w.t()
     if not uses_reference(x.device):
@@ -163,8 +164,8 @@ def embedding(token_ids: torch.Tensor, table, dtype: torch.dtype) -> torch.Tenso
     return reference_dequantize(rows).to(dtype)
 
 
-def rms_norm(x, weight, eps):
-    return _pick("rms_norm", x.device)(x, weight, eps)
+def rms_norm(x, weight, eps, partials_dtype=None):
+    return _pick("rms_norm", x.device)(x, weight, eps, partials_dtype)
 
 
 def silu_mul(x):
@@ -179,6 +180,6 @@ def apply_rope_pairs(x, cos, sin, out=None):
     return _pick("apply_rope_pairs", x.device)(x, cos, sin, out=out)
 
 
-def write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping):
+def write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping, partials_dtype=None):
     impl = _pick("write_latent_cache", latent.device)
-    return impl(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping)
+    return impl(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping, partials_dtype)
