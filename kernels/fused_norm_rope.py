@@ -17,6 +17,10 @@ import triton.language as tl
 from mlapipe.kernels.partials import check_partials, load_summed, triton_dtype
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
+# Warps of the latent cache write, fixed: the fused decode kernel (kernels/mla_absorb.py) writes the same rows
+# with the absorbed query's 4 warps, and a norm reduced over another layout could differ in its last bit.
+WRITE_LATENT_WARPS = 4
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -138,6 +142,20 @@ def _write_latent_cache_kernel(
 ):
     wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
+    write_latent_row(
+        latent_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, token, latent_stride, partial_stride, cos_stride,
+        cache_stride, width, half, eps, KIND, BLOCK, BLOCK_HALF, NUM_PARTIALS,
+    )  # fmt: skip
+
+
+@triton.jit
+def write_latent_row(
+    latent_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, token, latent_stride, partial_stride, cos_stride,
+    cache_stride, width, half, eps, KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,
+):  # fmt: skip
+    """One token's cache row (write_latent_cache); also run by kernels/mla_absorb.py's fused decode kernel,
+    with the same WRITE_LATENT_WARPS, so both lay the norm's reduction out alike: the same bits."""
     src = latent_ptr + token * latent_stride
     dst = cache_ptr + tl.load(slot_ptr + token).to(tl.int64) * cache_stride
     # round to the activations' dtype first, then to the cache's, as the reference's two casts do
@@ -250,6 +268,18 @@ def apply_rope_pairs(
     return out
 
 
+def latent_rows(latent: torch.Tensor, partials_dtype: torch.dtype | None, name: str):
+    """(the tensor a kernel reads, its (T, C + R) rows, partial count, partial stride, the activations' dtype)
+    of write_latent_cache's latent argument."""
+    if partials_dtype is None:
+        latent = latent if latent.stride(-1) == 1 else latent.contiguous()
+        return latent, latent, 0, 0, latent.dtype
+    check_partials(latent, partials_dtype, name)
+    if latent.dim() != 3:
+        raise ValueError(f"{name}: latent partials must be (n, T, C + R), got {tuple(latent.shape)}")
+    return latent, latent[0], latent.shape[0], latent.stride(0), partials_dtype
+
+
 def write_latent_cache(
     latent: torch.Tensor,
     kv_norm: torch.Tensor,
@@ -266,17 +296,7 @@ def write_latent_cache(
     each rounded to latent.dtype and then to kv_cache.dtype. Slots must be in range (no negative ones).
     With partials_dtype, latent is a split linear's fp32 partials (n, T, C + R), summed in order and
     rounded to partials_dtype first (kernels/partials.py), which then stands for latent.dtype."""
-    num_partials, partial_stride, kind = 0, 0, latent.dtype
-    if partials_dtype is not None:
-        check_partials(latent, partials_dtype, "write_latent_cache")
-        if latent.dim() != 3:
-            raise ValueError(f"write_latent_cache partials must be (n, T, C + R), got {tuple(latent.shape)}")
-        num_partials, partial_stride, kind = latent.shape[0], latent.stride(0), partials_dtype
-        rows = latent[0]
-    else:
-        if latent.stride(-1) != 1:
-            latent = latent.contiguous()
-        rows = latent
+    latent, rows, num_partials, partial_stride, kind = latent_rows(latent, partials_dtype, "write_latent_cache")
     T, width = rows.shape[0], kv_norm.shape[0]
     half = (rows.shape[1] - width) // 2
     flat_cache = kv_cache.view(-1, kv_cache.shape[-1])  # raises where the reference's view would
@@ -287,5 +307,5 @@ def write_latent_cache(
             latent, kv_norm, cos, sin, slot_mapping, flat_cache,
             rows.stride(0), partial_stride, cos.stride(0), flat_cache.stride(0), width, half, eps,
             KIND=triton_dtype(kind), BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-            NUM_PARTIALS=num_partials, num_warps=min(16, max(1, block // 256)), **launch_options(rows.device),
+            NUM_PARTIALS=num_partials, num_warps=WRITE_LATENT_WARPS, **launch_options(rows.device),
         )  # fmt: skip

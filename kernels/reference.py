@@ -154,6 +154,25 @@ def absorb_query(
     return torch.cat((q_latent, apply_rope_pairs(q[..., N:], cos, sin)), dim=-1).to(out_dtype)
 
 
+def absorb_and_write_latent(
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    w_uk: torch.Tensor,
+    kv_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    out_dtype: torch.dtype,
+    q_partials_dtype: torch.dtype | None = None,
+    latent_partials_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """write_latent_cache(latent, ...) then absorb_query(q, ...): a decode step's two jobs before attention."""
+    write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping, latent_partials_dtype)
+    return absorb_query(q, w_uk, cos, sin, out_dtype, q_partials_dtype)
+
+
 def mla_decode(
     q: torch.Tensor,  # (T, H, D) absorbed queries: W_UK^T q_nope (C) then roped q_pe (R)
     kv_cache: torch.Tensor,  # (num_blocks, block_size, D) latent cache, new tokens already written

@@ -108,6 +108,53 @@ def test_absorb_query_sums_a_split_linears_partials_first(T, H, num_partials, dt
         mla_absorb.absorb_query(summed, w_uk, cos, sin, dtype, partials_dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, num_partials", [(1, 3, 0), (1, 2, 8), (17, 2, 3), (33, 1, 0)])
+def test_absorb_and_write_latent_is_the_two_kernels_in_one_launch(T, H, num_partials, dtype):
+    """The absorbed query and the latent cache rows, from q and latent or from their projection's partials,
+    equal absorb_query then write_latent_cache bit for bit; other cache rows keep their bits (NaN)."""
+    from mlapipe.kernels import fused_norm_rope
+
+    N, R, C, page = 16, 16, 48, 4
+    _, q, w_uk, cos, sin = case(T, H, N, R, C, dtype)
+    generator = torch.Generator(device=DEVICE).manual_seed(T)
+    latent = torch.randn(T, 5 + C + R, generator=generator, device=DEVICE)[:, 5:].to(dtype)
+    partials_dtype = dtype if num_partials else None
+    if num_partials:  # the q | latent projection's partials, each a column slice
+        wide = torch.randn(num_partials, T, H * (N + R) + C + R, generator=generator, device=DEVICE) + 0.25
+        q, latent = wide[..., : H * (N + R)].unflatten(-1, (H, N + R)), wide[..., H * (N + R) :]
+    kv_norm = torch.rand(C, generator=generator, device=DEVICE) + 0.5
+    cache = torch.full((T // page + 3, page, C + R), float("nan"), device=DEVICE).to(dtype)
+    slots = torch.randperm(cache.shape[0] * page, generator=generator, device=DEVICE)[:T]
+    fused_cache, split_cache, ref_cache = cache.clone(), cache.clone(), cache.clone()
+    args = (w_uk, kv_norm, cos, sin, 1e-6)
+    ours = mla_absorb.absorb_and_write_latent(
+        q, latent, *args, fused_cache, slots, dtype, partials_dtype, partials_dtype
+    )
+    fused_norm_rope.write_latent_cache(latent, kv_norm, cos, sin, 1e-6, split_cache, slots, partials_dtype)
+    assert torch.equal(ours, mla_absorb.absorb_query(q, w_uk, cos, sin, dtype, partials_dtype))
+    assert torch.equal(fused_cache.view(torch.uint8), split_cache.view(torch.uint8))
+    ref = reference.absorb_and_write_latent(q, latent, *args, ref_cache, slots, dtype, partials_dtype, partials_dtype)
+    close(ours, ref, dtype)
+    width = C + R
+    close(fused_cache.view(-1, width)[slots], ref_cache.view(-1, width)[slots], dtype)
+
+
+def test_absorb_and_write_latent_rejects_mismatched_latent_arguments():
+    _, q, w_uk, cos, sin = case(2, 3, 16, 16, 48, torch.float32)
+    latent, cache, slots = torch.randn(2, 64), torch.zeros(4, 4, 64), torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="kv_norm"):
+        mla_absorb.absorb_and_write_latent(q, latent, w_uk, torch.ones(40), cos, sin, 1e-6, cache, slots, torch.float32)
+    with pytest.raises(ValueError, match="latent rows"):
+        mla_absorb.absorb_and_write_latent(
+            q, latent[:, :40], w_uk, torch.ones(48), cos, sin, 1e-6, cache, slots, torch.float32
+        )
+    with pytest.raises(ValueError, match="slot_mapping"):
+        mla_absorb.absorb_and_write_latent(
+            q, latent, w_uk, torch.ones(48), cos, sin, 1e-6, cache, slots[:1], torch.float32
+        )
+
+
 def test_absorb_query_no_tokens():
     _, q, w_uk, cos, sin = case(0, 3, 16, 16, 48, torch.float32)
     for absorb in (mla_absorb.absorb_query, reference.absorb_query):
@@ -142,7 +189,8 @@ def test_absorb_query_rejects_mismatched_arguments():
 
 def test_absorb_query_compiles_for_hopper():
     """The kernel compiles for sm_90 with the PDL wait and bf16 pointers (Triton's bundled ptxas; no GPU
-    needed), so a GPU run does not find a compile error first."""
+    needed), so a GPU run does not find a compile error first: the absorbed query alone from q, and with
+    the latent cache write, both from a split linear's partials."""
     script = textwrap.dedent(
         """
         import triton
@@ -150,21 +198,26 @@ def test_absorb_query_compiles_for_hopper():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from mlapipe.kernels import mla_absorb
-        for q_type, partials in (("*bf16", 0), ("*fp32", 8)):  # q itself, or a split linear's partials
-            sig = {"q_ptr": q_type, "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16"}
+        for q_type, partials, write in (("*bf16", 0, False), ("*fp32", 8, True)):
+            sig = {"q_ptr": q_type, "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
+                   "latent_ptr": "*fp32" if write else "*bf16", "kv_norm_ptr": "*fp32", "slot_ptr": "*i64",
+                   "cache_ptr": "*bf16", "eps": "fp32"}
             for name in ("T", "C", "q_token_stride", "q_head_stride", "partial_stride", "w_head_stride",
-                         "w_row_stride", "cos_stride", "out_token_stride", "out_head_stride"):
+                         "w_row_stride", "cos_stride", "out_token_stride", "out_head_stride", "H", "latent_stride",
+                         "latent_partial_stride", "cache_stride"):
                 sig[name] = "i32"
             constexprs = {"N": 128, "R": 64, "KIND": tl.bfloat16, "COMPUTE": tl.bfloat16, "IEEE": False,
                           "BLOCK_T": mla_absorb.BLOCK_T, "BLOCK_C": mla_absorb.BLOCK_C, "NUM_PARTIALS": partials,
-                          "PDL": True}
+                          "WRITE_LATENT": write, "LATENT_KIND": tl.bfloat16, "BLOCK_LATENT": 512,
+                          "NUM_LATENT_PARTIALS": partials, "PDL": True}
             sig.update({name: "constexpr" for name in constexprs})
             src = ASTSource(fn=mla_absorb._absorb_query_kernel, signature=sig, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-            print("griddepcontrol.wait" in compiled.asm["ptx"], flush=True)
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            print("griddepcontrol.wait" in ptx, ("rsqrt" in ptx or "sqrt" in ptx) == write, flush=True)
         """
     )
-    assert compile_script_output(script) == ["True", "True"]  # the PDL wait is in the kernel
+    # the PDL wait is in the kernel; the norm's square root only where it writes the cache
+    assert compile_script_output(script) == ["True"] * 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,3 +248,29 @@ def test_gpu_absorb_query_is_batch_invariant(dtype):
     # and in a batch of 3 starting elsewhere, so the token sits at another row of its tile
     three = mla_absorb.absorb_query(q[14:17], w_uk, cos[14:17], sin[14:17], dtype)
     assert torch.equal(three.view(torch.uint8), batch[14:17].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, H, num_partials", [(1, 16, 8), (37, 128, 0)])
+def test_gpu_absorb_and_write_latent_bits_of_the_two_kernels(T, H, num_partials):
+    """Compiled at the real widths (512 + 64, bf16): the fused launch writes the cache rows the separate
+    kernel writes (the same 4-warp layout of the norm's reduction) and returns absorb_query's bits."""
+    from mlapipe.kernels import fused_norm_rope
+
+    _, q, w_uk, cos, sin = case(T, H, 128, 64, 512, torch.bfloat16)
+    latent = torch.randn(T, 576, device=DEVICE).to(torch.bfloat16)
+    partials_dtype = torch.bfloat16 if num_partials else None
+    if num_partials:
+        wide = torch.randn(num_partials, T, H * 192 + 576, device=DEVICE)
+        q, latent = wide[..., : H * 192].unflatten(-1, (H, 192)), wide[..., H * 192 :]
+    kv_norm = torch.rand(512, device=DEVICE) + 0.5
+    cache = torch.zeros(T // 64 + 2, 64, 576, dtype=torch.bfloat16, device=DEVICE)
+    slots = torch.randperm(cache.shape[0] * 64, device=DEVICE)[:T]
+    fused, split = cache.clone(), cache.clone()
+    ours = mla_absorb.absorb_and_write_latent(
+        q, latent, w_uk, kv_norm, cos, sin, 1e-6, fused, slots, torch.bfloat16, partials_dtype, partials_dtype
+    )
+    fused_norm_rope.write_latent_cache(latent, kv_norm, cos, sin, 1e-6, split, slots, partials_dtype)
+    assert torch.equal(fused.view(torch.uint8), split.view(torch.uint8))
+    absorbed = mla_absorb.absorb_query(q, w_uk, cos, sin, torch.bfloat16, partials_dtype)
+    assert torch.equal(ours.view(torch.uint8), absorbed.view(torch.uint8))

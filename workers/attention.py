@@ -133,20 +133,20 @@ class MLAAttention:
             q = ops.linear(q_a, self.wq_b, unsummed=pure_decode)
         q = q.unflatten(-1, (H, cfg.qk_head_dim))  # (T, H, D), or its partials (n, T, H, D)
 
-        # the new tokens' latent rows: normed c_kv and roped k_pe, written straight into their cache slots
-        ops.write_latent_cache(
-            latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping,
-            _partials_dtype(latent, x),
-        )  # fmt: skip
-
         # Every sequence takes one path, so a path that is alone owns all rows, in order: no gather, no scatter.
         # The absorbed path's query (rope, W_UK and the concatenation in one kernel) is taken from the
         # unroped q, in a mixed batch too, so a decode token's bits do not depend on its batch's other rows.
+        # The new tokens' latent rows (normed c_kv, roped k_pe) go straight into their cache slots: in a pure
+        # decode batch by the same launch as the absorbed query.
         if pure_decode:
-            q_absorbed = ops.absorb_query(
-                q, self.w_uk, meta.cos, meta.sin, kv_cache.dtype, _partials_dtype(q, x, per_head=True)
-            )
+            q_absorbed = ops.absorb_and_write_latent(
+                q, latent, self.w_uk, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache,
+                meta.slot_mapping, kv_cache.dtype, _partials_dtype(q, x, per_head=True), _partials_dtype(latent, x),
+            )  # fmt: skip
             return self._output(self._attend_absorbed(q_absorbed, meta.absorbed, kv_cache, x.dtype))
+        ops.write_latent_cache(
+            latent, self.kv_norm, meta.cos, meta.sin, cfg.rms_norm_eps, kv_cache, meta.slot_mapping
+        )
         if meta.naive is None:  # no sequences at all
             return self._output(x.new_empty(T, H, cfg.v_head_dim))
         out = None

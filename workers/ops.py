@@ -24,6 +24,7 @@ TRITON_MODULES = {
     "mla_decode": "mlapipe.kernels.mla_decode",
     "mla_prefill": "mlapipe.kernels.mla_prefill",
     "absorb_query": "mlapipe.kernels.mla_absorb",
+    "absorb_and_write_latent": "mlapipe.kernels.mla_absorb",
     "router_logits": "mlapipe.kernels.router",
     "moe_routing": "mlapipe.kernels.moe_routing",
     "fused_moe": "mlapipe.kernels.fused_moe",
@@ -63,6 +64,11 @@ def mla_decode(q, kv_cache, block_table, seq_lens, query_start_loc, softmax_scal
 
 def absorb_query(q, w_uk, cos, sin, out_dtype, partials_dtype=None):
     return _pick("absorb_query", q.device)(q, w_uk, cos, sin, out_dtype, partials_dtype)
+
+
+def absorb_and_write_latent(q, latent, w_uk, kv_norm, cos, sin, eps, kv_cache, slot_mapping, out_dtype, *partials):
+    impl = _pick("absorb_and_write_latent", q.device)
+    return impl(q, latent, w_uk, kv_norm, cos, sin, eps, kv_cache, slot_mapping, out_dtype, *partials)
 
 
 def mla_prefill(
