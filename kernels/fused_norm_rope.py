@@ -17,9 +17,14 @@ import triton.language as tl
 from mlapipe.kernels.partials import check_partials, load_summed, triton_dtype
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
-# Warps of the latent cache write, fixed: the fused decode kernel (kernels/mla_absorb.py) writes the same rows
-# with the absorbed query's 4 warps, and a norm reduced over another layout could differ in its last bit.
-WRITE_LATENT_WARPS = 4
+# A norm's sum of squares is reduced over the warps' layout, so its last bit depends on the warp count: every
+# norm here takes norm_warps(BLOCK), and the fused decode kernel (kernels/mla_absorb.py) writes latent rows with
+# the absorbed query's 4 warps, which is norm_warps for every latent width up to 1024 (DeepSeek's: 512).
+ABSORB_WARPS = 4
+
+
+def norm_warps(block: int) -> int:
+    return max(ABSORB_WARPS, min(16, block // 256))
 
 
 @triton.jit
@@ -155,7 +160,7 @@ def write_latent_row(
     NUM_PARTIALS: tl.constexpr,
 ):  # fmt: skip
     """One token's cache row (write_latent_cache); also run by kernels/mla_absorb.py's fused decode kernel,
-    with the same WRITE_LATENT_WARPS, so both lay the norm's reduction out alike: the same bits."""
+    with as many warps (norm_warps), so both lay the norm's reduction out alike: the same bits."""
     src = latent_ptr + token * latent_stride
     dst = cache_ptr + tl.load(slot_ptr + token).to(tl.int64) * cache_stride
     # round to the activations' dtype first, then to the cache's, as the reference's two casts do
@@ -204,7 +209,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(T,)](
             x, delta, weight, total, out, x.stride(0), delta.stride(-2), delta.stride(0) if partials else 0,
             width, eps, BLOCK=block, NUM_PARTIALS=delta.shape[0] if partials else 0,
-            num_warps=min(16, max(1, block // 256)), **launch_options(x.device),
+            num_warps=norm_warps(block), **launch_options(x.device),
         )  # fmt: skip
     return total, out
 
@@ -231,7 +236,7 @@ def rms_norm(
         block = triton.next_power_of_2(width)
         _rms_norm_kernel[(rows.shape[0],)](
             x if num_partials else rows, weight, out, rows.stride(0), partial_stride, width, eps,
-            BLOCK=block, NUM_PARTIALS=num_partials, num_warps=min(16, max(1, block // 256)),
+            BLOCK=block, NUM_PARTIALS=num_partials, num_warps=norm_warps(block),
             **launch_options(rows.device),
         )  # fmt: skip
     return out
@@ -307,5 +312,5 @@ def write_latent_cache(
             latent, kv_norm, cos, sin, slot_mapping, flat_cache,
             rows.stride(0), partial_stride, cos.stride(0), flat_cache.stride(0), width, half, eps,
             KIND=triton_dtype(kind), BLOCK=block, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-            NUM_PARTIALS=num_partials, num_warps=WRITE_LATENT_WARPS, **launch_options(rows.device),
+            NUM_PARTIALS=num_partials, num_warps=norm_warps(block), **launch_options(rows.device),
         )  # fmt: skip

@@ -7,7 +7,9 @@ Batch invariance: every program takes BLOCK_T token rows (fixed, never a functio
 over the whole N, so a token's products are summed in the same order alone or in any batch.
 
 q may also be the fp32 partials of the split linear that made it, summed here as its sum kernel would
-(kernels/partials.py): the same bits, and the decode step's q sum kernel is gone.
+(kernels/partials.py): the same bits, and the decode step's q sum kernel is gone. absorb_and_write_latent
+also writes the step's latent cache rows (kernels/fused_norm_rope.py's write, by the programs of one more
+head index): one launch for both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels.fused_norm_rope import WRITE_LATENT_WARPS, latent_rows, write_latent_row
+from mlapipe.kernels.fused_norm_rope import (
+    ABSORB_WARPS,
+    latent_rows,
+    norm_warps,
+    write_latent_cache,
+    write_latent_row,
+)
 from mlapipe.kernels.partials import check_partials, load_summed, triton_dtype
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
@@ -143,6 +151,9 @@ def absorb_and_write_latent(
     rows' rope width must be q's (the model's rope dim); kv_norm's width is w_uk's C."""
     if kv_norm.shape[0] != w_uk.shape[2]:
         raise ValueError(f"kv_norm ({kv_norm.shape[0]},) must be w_uk's latent width C = {w_uk.shape[2]}")
+    if norm_warps(triton.next_power_of_2(kv_norm.shape[0])) != ABSORB_WARPS:  # C > 1024: keep the norm's bits
+        write_latent_cache(latent, kv_norm, cos, sin, eps, kv_cache, slot_mapping, latent_partials_dtype)
+        return absorb_query(q, w_uk, cos, sin, out_dtype, q_partials_dtype)
     return _launch(
         q, w_uk, cos, sin, out_dtype, q_partials_dtype, (latent, kv_norm, eps, kv_cache, slot_mapping, latent_partials_dtype)
     )  # fmt: skip
@@ -186,7 +197,7 @@ def _launch(q, w_uk, cos, sin, out_dtype, partials_dtype, write) -> torch.Tensor
             partials, w_uk, cos, sin, out, T, C, q.stride(0), q.stride(1), partials.stride(0) if num_partials else 0,
             w_uk.stride(0), w_uk.stride(1), cos.stride(0), out.stride(0), out.stride(1), N=N, R=R,
             KIND=triton_dtype(q_dtype), COMPUTE=compute, IEEE=not half, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
-            NUM_PARTIALS=num_partials, **latent_args, H=H, **latent_meta, num_warps=WRITE_LATENT_WARPS,
+            NUM_PARTIALS=num_partials, **latent_args, H=H, **latent_meta, num_warps=ABSORB_WARPS,
             **launch_options(q.device),
         )  # fmt: skip
     return out

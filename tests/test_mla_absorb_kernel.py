@@ -140,6 +140,18 @@ def test_absorb_and_write_latent_is_the_two_kernels_in_one_launch(T, H, num_part
     close(fused_cache.view(-1, width)[slots], ref_cache.view(-1, width)[slots], dtype)
 
 
+def test_absorb_and_write_latent_of_a_latent_wider_than_the_fused_norm_takes():
+    """C > 1024 (no DeepSeek model): the norm would want more warps than the query's 4, so two launches."""
+    from mlapipe.kernels import fused_norm_rope
+
+    _, q, w_uk, cos, sin = case(3, 1, 16, 16, 2048, torch.float32)
+    latent, kv_norm = torch.randn(3, 2064), torch.rand(2048) + 0.5
+    fused, split, slots = torch.zeros(2, 4, 2064), torch.zeros(2, 4, 2064), torch.tensor([6, 1, 3])
+    ours = mla_absorb.absorb_and_write_latent(q, latent, w_uk, kv_norm, cos, sin, 1e-6, fused, slots, torch.float32)
+    fused_norm_rope.write_latent_cache(latent, kv_norm, cos, sin, 1e-6, split, slots)
+    assert torch.equal(fused, split) and torch.equal(ours, mla_absorb.absorb_query(q, w_uk, cos, sin, torch.float32))
+
+
 def test_absorb_and_write_latent_rejects_mismatched_latent_arguments():
     _, q, w_uk, cos, sin = case(2, 3, 16, 16, 48, torch.float32)
     latent, cache, slots = torch.randn(2, 64), torch.zeros(4, 4, 64), torch.tensor([0, 5])
