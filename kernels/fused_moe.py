@@ -22,6 +22,9 @@ neither the batch size nor autotune's timing-dependent pick changes the result. 
 allows a BLOCK_M=16 decode tile (mma.sync rather than wgmma), which the numerics do not promise to match;
 on the H200 it matched too and was no faster (kernels/NOTES-moe.md).
 
+A caller that has the rows' order already (moe_routing.moe_route_and_align, one launch with the routing at
+decode sizes) passes it as `layout=`, padded to `row_tile` (checked).
+
 Tiles: BLOCK_M is chosen from rows per expert (decode-sized 64, prefill-sized 128); BLOCK_N, BLOCK_K,
 warps and stages are autotuned keyed on (H, I, BLOCK_M, log2 of the row tiles up to 64), never on T
 itself. MLAPIPE_MOE_CONFIG = "block_m,block_n,block_k,num_warps,num_stages" pins one config for both
@@ -284,6 +287,24 @@ def pinned_tiles(device: torch.device) -> MoeTiles | None:
     return None
 
 
+def row_tile(num_rows: int, num_experts: int, device: torch.device) -> int:
+    """BLOCK_M of fused_moe's GEMMs for num_rows rows over num_experts experts: the tile its layout (a
+    precomputed one too) is padded to. The pinned config's, else chosen from rows per expert."""
+    tiles = pinned_tiles(device)
+    if tiles:
+        return tiles.block_m
+    batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "1") != "0"
+    return choose_block_m(num_rows, num_experts, batch_invariant)
+
+
+def check_layout_fits(layout: MoeLayout, num_rows: int, num_experts: int, block_m: int) -> None:
+    """A precomputed layout (moe_routing.moe_route_and_align) must order these rows over these experts,
+    padded to the GEMMs' row tile."""
+    got = (layout.num_rows, layout.expert_counts.shape[0], layout.block_m)
+    want = (num_rows, num_experts, block_m)
+    assert got == want, f"layout for (rows, experts, block_m) {got}, the GEMMs want {want}"
+
+
 def gate_up_silu(
     hidden: torch.Tensor,  # (T, H)
     w_gate_up: torch.Tensor,  # (E, 2I, H)
@@ -344,6 +365,7 @@ def fused_moe(
     w_down: torch.Tensor,  # (E, Hd, I)
     topk_weights: torch.Tensor,  # (T, K) fp32
     topk_ids: torch.Tensor,  # (T, K)
+    layout: MoeLayout | None = None,  # the ids' order from moe_route_and_align; None: ordered here
 ) -> torch.Tensor:
     """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1."""
     T, H = hidden.shape
@@ -361,9 +383,10 @@ def fused_moe(
         return out
 
     tiles = pinned_tiles(hidden.device)
-    batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "1") != "0"
-    block_m = tiles.block_m if tiles else choose_block_m(T * K, E, batch_invariant)
-    layout = moe_align(topk_ids.contiguous(), E, block_m)
+    block_m = row_tile(T * K, E, hidden.device)
+    if layout is None:
+        layout = moe_align(topk_ids.contiguous(), E, block_m)
+    check_layout_fits(layout, T * K, E, block_m)
     act = gate_up_silu(hidden, w_gate_up, layout, K, tiles)
     slot_out = down_weighted(act, w_down, layout, topk_weights, tiles)
     block_h = min(1024, triton.next_power_of_2(H))

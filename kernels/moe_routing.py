@@ -30,6 +30,15 @@ r = t*K + k (token t, slot k), R = T*K of them. Every output below is a pure fun
   kernel walking a token's slots in order finds their rows' GEMM outputs without a search.
   max_tiles = cdiv(R, BLOCK_M) + min(E, R) bounds the used tiles for any routing, so every buffer size
   depends on T, K, E and BLOCK_M alone (CUDA-graph friendly); unused tiles say -1 and their programs exit.
+
+Both in one launch (`moe_route_and_align`, the MoE block's call): when the route kernel's one program holds
+the whole batch and R <= 128 (`route_align_fits`: a decode step of up to 16 tokens on V2-Lite, 14 on V3),
+`_route_align_kernel` runs the route program (the shared `_route_tokens`), a CTA barrier (its ids' stores
+then visible to every thread of the program), then the one-chunk ordering (`_align_one_chunk`) on those
+ids, with the two kernels' tiles: the same weights, ids and layout, bit for bit (a compile test checks the
+route part's sm_90 layouts are the route kernel's). Larger batches run `moe_routing` then `moe_align`.
+BLOCK_M is the caller's: the grouped GEMMs' row tile (`row_tile` of kernels/fused_moe.py and
+kernels/quant/fused_moe.py), which take the layout as `layout=`.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 
 @triton.jit
-def _route_kernel(
+def _route_tokens(
     logits_ptr,  # (T, E) any float dtype, row stride stride_logits
     bias_ptr,  # (E,) fp32, read only when HAS_BIAS
     weights_ptr,  # (T, K + NUM_SHARED) fp32 out
@@ -67,9 +76,8 @@ def _route_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    wait_for_previous(PDL)
+    """Routes this program's BLOCK_T tokens (the module header): their weights and ids to memory."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, BLOCK_E)
     token_ok = tokens < num_tokens
@@ -137,19 +145,48 @@ def _route_kernel(
     tl.store(ids_ptr + out_offsets, top_ids.to(tl.int64), mask=out_mask)
 
 
-def moe_routing(
-    router_logits: torch.Tensor,  # (T, E)
-    bias: torch.Tensor | None,  # (E,) selection-only bias (V3 exp_probs_b), or None
-    top_k: int,
-    gating: str,  # "softmax" (V2) or "sigmoid" (V3)
-    num_groups: int,  # expert groups; 1 = no group limit
-    topk_groups: int,  # groups kept when num_groups > 1
-    renormalize: bool,
-    scale: float,
-    num_shared: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek router: weights (T, K + num_shared) fp32 and expert ids (T, K + num_shared) int64 (see
-    the module header); the last num_shared slots are the shared experts, numbered E.., with weight 1."""
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    num_tokens,
+    num_experts,
+    stride_logits,
+    scale,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    USE_SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    wait_for_previous(PDL)
+    _route_tokens(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits, scale, TOP_K,
+        NUM_SHARED, USE_SIGMOID, HAS_BIAS, NUM_GROUPS, TOPK_GROUPS, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G,
+        BLOCK_K,
+    )  # fmt: skip
+
+
+def route_tokens_per_program(num_tokens: int, num_experts: int) -> int:
+    """BLOCK_T of the route kernel: fewer tokens a program as E grows, to keep the (BLOCK_T, BLOCK_E) tile
+    in registers."""
+    return max(1, min(16, 4096 // triton.next_power_of_2(num_experts), triton.next_power_of_2(num_tokens)))
+
+
+def _prepare_routing(
+    router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared
+):
+    """Checks moe_routing's arguments; returns its empty outputs (weights, ids) and the route kernels'
+    leading arguments and constexprs."""
     if gating not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown gating function {gating!r}")
     assert router_logits.dim() == 2 and router_logits.stride(1) == 1, (
@@ -166,12 +203,7 @@ def moe_routing(
         bias = bias.float().contiguous()
     weights = torch.empty(T, top_k + num_shared, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(T, top_k + num_shared, dtype=torch.int64, device=router_logits.device)
-    if T == 0:
-        return weights, ids
-    block_e = triton.next_power_of_2(E)
-    # Fewer tokens a program as E grows, to keep the (BLOCK_T, BLOCK_E) tile in registers.
-    block_t = max(1, min(16, 4096 // block_e, triton.next_power_of_2(T)))
-    _route_kernel[(triton.cdiv(T, block_t),)](
+    args = (
         router_logits,
         bias if bias is not None else weights,  # any pointer; never read without HAS_BIAS
         weights,
@@ -180,6 +212,8 @@ def moe_routing(
         E,
         router_logits.stride(0),
         float(scale),
+    )
+    meta = dict(
         TOP_K=top_k,
         NUM_SHARED=num_shared,
         USE_SIGMOID=gating == "sigmoid",
@@ -187,12 +221,34 @@ def moe_routing(
         NUM_GROUPS=max(1, num_groups),
         TOPK_GROUPS=topk_groups if num_groups > 1 else 1,
         RENORMALIZE=bool(renormalize),
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
+        BLOCK_T=route_tokens_per_program(T, E),
+        BLOCK_E=triton.next_power_of_2(E),
         BLOCK_G=triton.next_power_of_2(max(1, num_groups)),
         BLOCK_K=triton.next_power_of_2(top_k + num_shared),
-        **launch_options(router_logits.device),
     )
+    return weights, ids, args, meta
+
+
+def moe_routing(
+    router_logits: torch.Tensor,  # (T, E)
+    bias: torch.Tensor | None,  # (E,) selection-only bias (V3 exp_probs_b), or None
+    top_k: int,
+    gating: str,  # "softmax" (V2) or "sigmoid" (V3)
+    num_groups: int,  # expert groups; 1 = no group limit
+    topk_groups: int,  # groups kept when num_groups > 1
+    renormalize: bool,
+    scale: float,
+    num_shared: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek router: weights (T, K + num_shared) fp32 and expert ids (T, K + num_shared) int64 (see
+    the module header); the last num_shared slots are the shared experts, numbered E.., with weight 1."""
+    weights, ids, args, meta = _prepare_routing(
+        router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared
+    )
+    T = router_logits.shape[0]
+    if T == 0:
+        return weights, ids
+    _route_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](*args, **meta, **launch_options(router_logits.device))
     return weights, ids
 
 
@@ -300,7 +356,7 @@ def _scatter_chunk(
 
 
 @triton.jit
-def _align_one_chunk_kernel(
+def _align_one_chunk(
     ids_ptr,  # (R,) expert of each row, R <= CHUNK
     expert_counts_ptr,  # (E,) int32 out
     tile_expert_ptr,  # (max_tiles,) int32 out
@@ -314,10 +370,8 @@ def _align_one_chunk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    """Decode-sized batches: all three steps in one program, one launch."""
-    wait_for_previous(PDL)
+    """All three ordering steps over the one chunk of rows, in this program."""
     counts = _chunk_histogram(ids_ptr, 0, num_rows, CHUNK, SUB, BLOCK_E)
     expert_start = _plan_tiles(
         counts, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, num_rows, num_experts, max_tiles,
@@ -326,6 +380,31 @@ def _align_one_chunk_kernel(
     _scatter_chunk(
         ids_ptr, sorted_row_ids_ptr, row_positions_ptr, expert_start, 0, num_rows, CHUNK, SUB, BLOCK_E
     )
+
+
+@triton.jit
+def _align_one_chunk_kernel(
+    ids_ptr,
+    expert_counts_ptr,
+    tile_expert_ptr,
+    sorted_row_ids_ptr,
+    row_positions_ptr,
+    num_rows,
+    num_experts,
+    max_tiles,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Decode-sized batches: all three steps in one program, one launch."""
+    wait_for_previous(PDL)
+    _align_one_chunk(
+        ids_ptr, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, row_positions_ptr, num_rows,
+        num_experts, max_tiles, CHUNK, SUB, BLOCK_M, BLOCK_E, BLOCK_TILES,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -427,33 +506,52 @@ def align_chunk_rows(num_rows: int, sub: int) -> int:
     return max(sub, 64, min(1024, triton.next_power_of_2(triton.cdiv(num_rows, 64))))
 
 
+def _empty_layout(num_rows: int, num_experts: int, block_m: int, device: torch.device) -> MoeLayout:
+    """The layout's buffers, sized by (R, E, block_m) alone. No fill: padding positions of used tiles are
+    written by _plan_tiles, real ones by the scatter, and positions of unused tiles are never read (their
+    tile says -1)."""
+    max_tiles = max_tiles_for(num_rows, num_experts, block_m)
+    sorted_row_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    expert_counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    row_positions = torch.empty(num_rows, dtype=torch.int32, device=device)
+    return MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m, row_positions)
+
+
+def _align_meta(num_rows: int, num_experts: int, block_m: int) -> dict:
+    """The ordering kernels' constexprs: CHUNK rows a chunk, SUB rows a step, and the plan's tiles."""
+    block_e = triton.next_power_of_2(num_experts)
+    sub = 32 if block_e >= 128 else 64  # keeps the (SUB, BLOCK_E) one-hot small
+    return dict(
+        CHUNK=align_chunk_rows(num_rows, sub),
+        SUB=sub,
+        BLOCK_M=block_m,
+        BLOCK_E=block_e,
+        BLOCK_TILES=max(16, 2048 // max(block_e, block_m)),
+    )
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayout:
     """Deterministic expert-sorted, tile-padded order of the rows of topk_ids (T, K); see the header."""
     assert topk_ids.dim() == 2 and topk_ids.is_contiguous(), "topk_ids must be a contiguous (T, K)"
     assert not topk_ids.dtype.is_floating_point
     num_rows = topk_ids.numel()
     device = topk_ids.device
-    max_tiles = max_tiles_for(num_rows, num_experts, block_m)
-    # No fill: padding positions of used tiles are written by _plan_tiles, real ones by the scatter, and
-    # positions of unused tiles are never read (their tile says -1).
-    sorted_row_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=device)
-    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
-    expert_counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    row_positions = torch.empty(num_rows, dtype=torch.int32, device=device)
-    layout = MoeLayout(sorted_row_ids, tile_expert, expert_counts, num_rows, block_m, row_positions)
+    layout = _empty_layout(num_rows, num_experts, block_m, device)
+    sorted_row_ids, tile_expert, max_tiles = layout.sorted_row_ids, layout.tile_expert, layout.max_tiles
+    expert_counts, row_positions = layout.expert_counts, layout.row_positions
     if num_rows == 0:
         expert_counts.zero_()
         tile_expert.fill_(-1)
         return layout
-    block_e = triton.next_power_of_2(num_experts)
-    sub = 32 if block_e >= 128 else 64  # keeps the (SUB, BLOCK_E) one-hot small
-    chunk = align_chunk_rows(num_rows, sub)
+    meta = _align_meta(num_rows, num_experts, block_m)
+    chunk, sub, block_e = meta["CHUNK"], meta["SUB"], meta["BLOCK_E"]
     num_chunks = triton.cdiv(num_rows, chunk)
-    plan = dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_TILES=max(16, 2048 // max(block_e, block_m)))
+    plan = dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_TILES=meta["BLOCK_TILES"])
     if num_chunks == 1:
         _align_one_chunk_kernel[(1,)](
             topk_ids, expert_counts, tile_expert, sorted_row_ids, row_positions, num_rows, num_experts, max_tiles,
-            CHUNK=chunk, SUB=sub, **plan, **launch_options(topk_ids.device),
+            **meta, **launch_options(topk_ids.device),
         )  # fmt: skip
         return layout
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
@@ -486,3 +584,103 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeLayo
         **launch_options(topk_ids.device),
     )
     return layout
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing and ordering in one launch (decode-sized batches)
+
+
+@triton.jit
+def _route_align_kernel(
+    logits_ptr,  # (T, E)
+    bias_ptr,  # (E,) fp32, read only when HAS_BIAS
+    weights_ptr,  # (T, K + NUM_SHARED) fp32 out
+    ids_ptr,  # (T, K + NUM_SHARED) int64 out, then read back as the R = T * (K + NUM_SHARED) rows
+    num_tokens,
+    num_experts,  # routed experts E; the layout's experts are E + NUM_SHARED
+    stride_logits,
+    scale,
+    expert_counts_ptr,  # (E + NUM_SHARED,) int32 out
+    tile_expert_ptr,  # (max_tiles,) int32 out
+    sorted_row_ids_ptr,  # (max_tiles * BLOCK_M,) int32 out
+    row_positions_ptr,  # (R,) int32 out
+    max_tiles,
+    TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    USE_SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # >= T: the route kernel's one program
+    BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,  # >= R: the ordering's one chunk
+    SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E_ALIGN: tl.constexpr,  # next power of two of E + NUM_SHARED
+    BLOCK_TILES: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """_route_kernel's one program, then _align_one_chunk_kernel's on the ids it wrote: one launch."""
+    wait_for_previous(PDL)
+    _route_tokens(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits, scale, TOP_K,
+        NUM_SHARED, USE_SIGMOID, HAS_BIAS, NUM_GROUPS, TOPK_GROUPS, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G,
+        BLOCK_K,
+    )  # fmt: skip
+    tl.debug_barrier()  # the ids' stores above are visible to every thread of the program below
+    _align_one_chunk(
+        ids_ptr, expert_counts_ptr, tile_expert_ptr, sorted_row_ids_ptr, row_positions_ptr,
+        num_tokens * (TOP_K + NUM_SHARED), num_experts + NUM_SHARED, max_tiles, CHUNK, SUB, BLOCK_M,
+        BLOCK_E_ALIGN, BLOCK_TILES,
+    )  # fmt: skip
+
+
+def route_align_fits(num_tokens: int, num_experts: int, top_k: int, num_shared: int = 0) -> bool:
+    """Whether one program routes the whole batch (the route kernel's single program) and orders all its
+    rows (the ordering's single chunk): then `moe_route_and_align` runs one kernel."""
+    one_program = num_tokens <= route_tokens_per_program(num_tokens, num_experts)
+    return num_tokens > 0 and one_program and num_tokens * (top_k + num_shared) <= ONE_PROGRAM_ROWS
+
+
+def moe_route_and_align(
+    router_logits: torch.Tensor,  # (T, E)
+    bias: torch.Tensor | None,
+    top_k: int,
+    gating: str,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scale: float,
+    num_shared: int,
+    block_m: int,  # the grouped GEMMs' row tile (kernels/fused_moe.py, kernels/quant/fused_moe.py row_tile)
+) -> tuple[torch.Tensor, torch.Tensor, MoeLayout]:
+    """moe_routing, then moe_align of its ids over the E + num_shared experts: the same weights, ids and
+    layout, bit for bit. Decode-sized batches (route_align_fits) get all three from one kernel, larger
+    ones from those two functions' kernels."""
+    T, E = router_logits.shape
+    if not route_align_fits(T, E, top_k, num_shared):
+        weights, ids = moe_routing(
+            router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared
+        )
+        return weights, ids, moe_align(ids, E + num_shared, block_m)
+    weights, ids, args, meta = _prepare_routing(
+        router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared
+    )
+    layout = _empty_layout(ids.numel(), E + num_shared, block_m, router_logits.device)
+    _route_align_kernel[(1,)](
+        *args, layout.expert_counts, layout.tile_expert, layout.sorted_row_ids, layout.row_positions,
+        layout.max_tiles, **_route_align_meta(meta, ids.numel(), E + num_shared, block_m),
+        **launch_options(router_logits.device),
+    )  # fmt: skip
+    return weights, ids, layout
+
+
+def _route_align_meta(route_meta: dict, num_rows: int, num_experts: int, block_m: int) -> dict:
+    """_route_align_kernel's constexprs: the route kernel's and the one-chunk ordering's, as those two
+    kernels would take them (the ordering's BLOCK_E renamed BLOCK_E_ALIGN)."""
+    align = _align_meta(num_rows, num_experts, block_m)
+    align["BLOCK_E_ALIGN"] = align.pop("BLOCK_E")
+    return dict(route_meta, **align)

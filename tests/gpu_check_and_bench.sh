@@ -120,6 +120,7 @@ if [[ $what == decode-fusions ]]; then  # issue 12: fewer decode kernels; speed 
     tests/test_prefill_graphs.py tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/fusion_model_tests.log"
   timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_mla_absorb_kernel.py tests/test_mla_decode_projected.py \
     tests/test_norm_rope_kernels.py tests/test_quant_moe.py tests/test_pdl.py -k "not other_types" 2>&1 | tail -3 | tee "$out/fusion_kernel_tests.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_moe_route_align.py 2>&1 | tail -3 | tee "$out/route_align_tests.log"
   for wtype in q4_k q8_0; do  # kernel times without PDL's overlap (with it a kernel's span includes its wait)
     MLAPIPE_PDL=0 timeout 50 python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_$wtype.log" 2>&1
     grep -A 24 "decode steps of" "$out/profile_$wtype.log" | cut -c1-100

@@ -78,7 +78,10 @@ class MoEBlock:
             ops.router_logits(x, self.router) if fused else reference.router_logits(x, self.router)
         )
         shared_in_launch = self.num_shared if fused and self.shared_in_stack else 0
-        weights, ids = ops.moe_routing(
+        experts = E + shared_in_launch
+        w_gate_up, w_down = self.w_gate_up[:experts], self.w_down[:experts]
+        # the routing and the experts' row order for the grouped GEMMs: one kernel at decode sizes
+        weights, ids, layout = ops.moe_route_and_align(
             router_logits,
             self.router_bias,
             cfg.num_experts_per_token,
@@ -88,9 +91,10 @@ class MoEBlock:
             cfg.expert_weights_norm,
             cfg.expert_weights_scale,
             shared_in_launch,
+            w_gate_up,
+            w_down,
         )
-        experts = E + shared_in_launch
-        out = ops.fused_moe(x, self.w_gate_up[:experts], self.w_down[:experts], weights, ids)
+        out = ops.fused_moe(x, w_gate_up, w_down, weights, ids, layout)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp.forward(x)
         elif self.num_shared and not shared_in_launch:

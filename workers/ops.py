@@ -27,6 +27,7 @@ TRITON_MODULES = {
     "absorb_and_write_latent": "mlapipe.kernels.mla_absorb",
     "router_logits": "mlapipe.kernels.router",
     "moe_routing": "mlapipe.kernels.moe_routing",
+    "moe_route_and_align": "mlapipe.kernels.moe_routing",
     "fused_moe": "mlapipe.kernels.fused_moe",
     "rms_norm": "mlapipe.kernels.fused_norm_rope",
     "add_rms_norm": "mlapipe.kernels.fused_norm_rope",
@@ -110,17 +111,49 @@ def moe_routing(
     return impl(router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared)
 
 
-def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
+def moe_route_and_align(
+    router_logits,
+    bias,
+    top_k,
+    gating,
+    num_groups,
+    topk_groups,
+    renormalize,
+    scale,
+    num_shared,
+    w_gate_up,
+    w_down,
+):
+    """moe_routing's weights and ids, and the expert-sorted layout that fused_moe over (w_gate_up, w_down)
+    reads: one kernel for all three at decode sizes. The layout is None where the torch reference runs
+    (it needs none)."""
+    args = (router_logits, bias, top_k, gating, num_groups, topk_groups, renormalize, scale, num_shared)
+    impl = None if uses_reference(router_logits.device) else _triton_impl("moe_route_and_align")
+    if impl is None:
+        return (*moe_routing(*args), None)
+    if isinstance(w_gate_up, QuantTensor) or isinstance(w_down, QuantTensor):
+        from mlapipe.kernels.quant.fused_moe import row_tile
+    else:
+        from mlapipe.kernels.fused_moe import row_tile
+    num_rows = router_logits.shape[0] * (top_k + num_shared)
+    return impl(*args, row_tile(num_rows, w_gate_up.shape[0], router_logits.device))
+
+
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=None):
+    """layout: moe_route_and_align's, or None (the Triton kernels order the rows themselves)."""
     if isinstance(w_gate_up, QuantTensor) or isinstance(w_down, QuantTensor):
         if not uses_reference(hidden.device):
             from mlapipe.kernels.quant.fused_moe import quant_fused_moe
 
-            return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+            return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout)
         # decode only the experts the batch routes to, renumbered 0..U-1
         used = topk_ids.unique()
         topk_ids = torch.searchsorted(used, topk_ids)
         w_gate_up, w_down = (dequantize(w[used], hidden.dtype) for w in (w_gate_up, w_down))
-    return _pick("fused_moe", hidden.device)(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    impl = _pick("fused_moe", hidden.device)
+    if layout is None:  # the torch reference takes none
+        return impl(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    return impl(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout)
 
 
 # quantized weights ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ decoded in registers by the type's decoder (a tl.constexpr), the same ordering a
 Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_gate_up (E, 2I, H)
 (gate rows [0, I), up rows [I, 2I): gate and up concatenated by rows in block bytes, so one type) and
 w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
-(stable by expert, tile-padded; tile_expert -1 = skip).
+(stable by expert, tile-padded; tile_expert -1 = skip), or arrive ordered as `layout=` (moe_route_and_align:
+with the routing in one launch at decode sizes), padded to `row_tile`.
 
 1. `_gate_up_kernel`: program (tile, column block[, chunk]): BLOCK_N intermediate columns x BLOCK_M rows.
    Per BLOCK_K step it decodes the expert's gate and up rows (BLOCK_N, BLOCK_K) and multiplies them by the
@@ -49,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column
-from mlapipe.kernels.moe_routing import moe_align
+from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column, check_layout_fits
+from mlapipe.kernels.moe_routing import MoeLayout, moe_align
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
@@ -398,6 +399,12 @@ def _fused_tiles(num_rows: int, num_experts: int, device: torch.device) -> tuple
     return 16, 64, 4, 1  # stages 1: measured fastest at decode sizes (kernels/NOTES-quant.md)
 
 
+def row_tile(num_rows: int, num_experts: int, device: torch.device) -> int:
+    """BLOCK_M of quant_fused_moe's GEMMs (both paths): the tile its layout (a precomputed one too) is
+    padded to."""
+    return _fused_tiles(num_rows, num_experts, device)[0]
+
+
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids) -> None:
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if not isinstance(w, QuantTensor) or len(w.shape) != 3 or not w.data.is_contiguous():
@@ -579,6 +586,7 @@ def quant_fused_moe(
     topk_weights: torch.Tensor,  # (T, K) fp32
     topk_ids: torch.Tensor,  # (T, K)
     scratch_mib: float = DEFAULT_SCRATCH_MIB,  # bound on the bf16 scratch of the prefill path
+    layout: MoeLayout | None = None,  # the ids' order from moe_route_and_align; None: ordered here
 ) -> torch.Tensor:
     """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1."""
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids)
@@ -589,7 +597,9 @@ def quant_fused_moe(
     E, two_inter, _ = w_gate_up.shape
     K = topk_ids.shape[1]
     tiles = _fused_tiles(T * K, E, hidden.device)
-    layout = moe_align(topk_ids.contiguous(), E, tiles[0])
+    if layout is None:
+        layout = moe_align(topk_ids.contiguous(), E, tiles[0])
+    check_layout_fits(layout, T * K, E, tiles[0])
     act = torch.empty(layout.max_tiles * tiles[0], two_inter // 2, dtype=hidden.dtype, device=hidden.device)
     slot_out = torch.empty(T * K, H, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.float().contiguous()
