@@ -333,8 +333,11 @@ def fused_moe(
     return out.to(hidden.dtype)
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """x (..., 2, I): silu(x[..., 0, :]) * x[..., 1, :] (..., I), as torch computes it."""
+def silu_mul(x: torch.Tensor, partials_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (..., 2, I): silu(x[..., 0, :]) * x[..., 1, :] (..., I), as torch computes it. With partials_dtype,
+    x is (n, ..., 2, I) fp32 split partials, first summed in order and rounded to it."""
+    if partials_dtype is not None:
+        x = sum_partials(x, partials_dtype)
     return F.silu(x[..., 0, :]) * x[..., 1, :]
 
 

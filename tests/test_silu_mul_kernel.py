@@ -34,3 +34,18 @@ def test_silu_mul_refuses_a_strided_input():
     x = torch.randn(4, 2, 2, 16, device=DEVICE)[:, :, :, :8]
     with pytest.raises(ValueError, match="contiguous"):
         silu_mul.silu_mul(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, num_partials", [((1, 2, 7), 1), ((3, 2, 1408), 8), ((2, 1, 2, 40), 3)])
+def test_silu_mul_sums_a_split_linears_partials_first(shape, num_partials, dtype):
+    """x as a quantized gate|up linear's fp32 partials (n, ..., 2, I): the bits of its chunk sum, then the
+    kernel on the summed tensor."""
+    partials = torch.randn((num_partials, *shape), device=DEVICE) * 3
+    summed = reference.sum_partials(partials, dtype)
+    ours = silu_mul.silu_mul(partials, partials_dtype=dtype)
+    assert ours.dtype == dtype and ours.shape == shape[:-2] + shape[-1:]
+    assert torch.equal(ours, silu_mul.silu_mul(summed))
+    assert torch.equal(reference.silu_mul(partials, dtype), reference.silu_mul(summed))
+    with pytest.raises(ValueError, match="partials"):
+        silu_mul.silu_mul(partials.half(), partials_dtype=dtype)

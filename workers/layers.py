@@ -35,7 +35,8 @@ class MoEBlock:
 
     Quantized experts (QuantTensors) stack the same way when the shared experts have the routed ones'
     types and their down projection splits at block boundaries; otherwise (a Q2_K-class mix keeps shared
-    experts in Q6_K) the shared experts run as their own quantized MLP after the routed launch.
+    experts in Q6_K) the shared experts run as their own quantized MLP first, and the routed launch's last
+    kernel adds its output (its split partials at decode sizes: kernels/partials.py).
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict):
@@ -94,10 +95,11 @@ class MoEBlock:
             w_gate_up,
             w_down,
         )
+        if self.shared_mlp is not None:  # added by the routed launch's last kernel (its partials at decode)
+            shared = self.shared_mlp.forward(x, unsummed=True)
+            return ops.fused_moe(x, w_gate_up, w_down, weights, ids, layout, plus=shared)
         out = ops.fused_moe(x, w_gate_up, w_down, weights, ids, layout)
-        if self.shared_mlp is not None:
-            out = out + self.shared_mlp.forward(x)
-        elif self.num_shared and not shared_in_launch:
+        if self.num_shared and not shared_in_launch:
             out = self._add_shared_dense(x, out)
         return out
 
@@ -134,14 +136,18 @@ class SwiGLU:
         if self.plain:  # keep today's three matmuls (and their bits) for plain weights
             self.gate, self.up, self.gate_up = gate, up, None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, unsummed: bool = False) -> torch.Tensor:
+        """unsummed: the down projection may return its split partials (ops.linear) for a caller that
+        sums them itself. The gate|up projection's partials always go to the SiLU*up kernel, which sums them."""
         if self.plain:
             return reference.dense_mlp(h, self.gate, self.up, self.down)
         if self.gate_up is not None:  # rows [0, I) gate, [I, 2I) up: one SiLU*up kernel over the pairs
-            act = ops.silu_mul(ops.linear(h, self.gate_up).view(-1, 2, self.inter))
+            gate_up = ops.linear(h, self.gate_up, unsummed=True)
+            partials_dtype = h.dtype if gate_up.dim() == 3 else None
+            act = ops.silu_mul(gate_up.unflatten(-1, (2, self.inter)), partials_dtype)
         else:
             act = F.silu(ops.linear(h, self.gate)) * ops.linear(h, self.up)
-        return ops.linear(act, self.down)
+        return ops.linear(act, self.down, unsummed=unsummed)
 
 
 class DecoderLayer:

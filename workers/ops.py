@@ -139,21 +139,27 @@ def moe_route_and_align(
     return impl(*args, row_tile(num_rows, w_gate_up.shape[0], router_logits.device))
 
 
-def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=None):
-    """layout: moe_route_and_align's, or None (the Triton kernels order the rows themselves)."""
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=None, plus=None):
+    """layout: moe_route_and_align's, or None (the Triton kernels order the rows themselves). plus: a
+    (T, hidden) tensor added to the result (in hidden's dtype, as torch's add), or a split linear's fp32
+    partials of one (summed and rounded first): the shared experts' MLP when it cannot join the launch."""
     if isinstance(w_gate_up, QuantTensor) or isinstance(w_down, QuantTensor):
         if not uses_reference(hidden.device):
             from mlapipe.kernels.quant.fused_moe import quant_fused_moe
 
-            return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout)
+            return quant_fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout, plus=plus)
         # decode only the experts the batch routes to, renumbered 0..U-1
         used = topk_ids.unique()
         topk_ids = torch.searchsorted(used, topk_ids)
         w_gate_up, w_down = (dequantize(w[used], hidden.dtype) for w in (w_gate_up, w_down))
     impl = _pick("fused_moe", hidden.device)
     if layout is None:  # the torch reference takes none
-        return impl(hidden, w_gate_up, w_down, topk_weights, topk_ids)
-    return impl(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout)
+        out = impl(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    else:
+        out = impl(hidden, w_gate_up, w_down, topk_weights, topk_ids, layout=layout)
+    if plus is None:
+        return out
+    return out + (reference.sum_partials(plus, out.dtype) if plus.dim() == 3 else plus)
 
 
 # quantized weights ------------------------------------------------------------------------------------
@@ -207,8 +213,8 @@ def rms_norm(x, weight, eps, partials_dtype=None):
     return _pick("rms_norm", x.device)(x, weight, eps, partials_dtype)
 
 
-def silu_mul(x):
-    return _pick("silu_mul", x.device)(x)
+def silu_mul(x, partials_dtype=None):
+    return _pick("silu_mul", x.device)(x, partials_dtype)
 
 
 def add_rms_norm(x, delta, weight, eps):

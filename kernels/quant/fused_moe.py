@@ -37,8 +37,9 @@ rounded numbers, so the scratch path gives the fused path's bits: switching with
 
 Shared experts: when their type equals the routed stack's, the loader stacks them after the routed
 experts (ids E.., as kernels/moe_routing.py appends them) and they run in the same launch; a different
-type cannot share the stack (one decoder per launch): call this function a second time on the shared
-stack with every token routed to all of them at weight 1, and add the two outputs.
+type cannot share the stack (one decoder per launch): the MoE block runs them as their own quantized MLP
+first and hands its output, or at decode sizes its down projection's split partials, as `plus`, which the
+decode launch's last kernel adds (workers/layers.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import triton.language as tl
 
 from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column, check_layout_fits
 from mlapipe.kernels.moe_routing import MoeLayout, moe_align
+from mlapipe.kernels.partials import load_summed
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
@@ -65,6 +67,7 @@ from mlapipe.kernels.quant.linear import LinearPlan, _dot, decoded_dot, plan_lin
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.kernels.quant.types import QuantType
+from mlapipe.kernels.reference import sum_partials
 
 # Rows per expert (T*K/E) from which dequantizing to the scratch beats decoding in the GEMMs, per gate|up
 # type name (measured on an H200, V3 shapes: kernels/NOTES-quant.md); the decoders of 32-value blocks
@@ -352,17 +355,23 @@ def _down_combine_sum_kernel(
     row_positions_ptr,  # (R,) int32: sorted position of each row
     topk_weights_ptr,  # (R,) fp32
     out_ptr,  # (T, H) out
+    plus_ptr,  # (T, H) in out's dtype, or (NUM_PLUS_PARTIALS, T, H) fp32: added last (HAS_PLUS)
     hidden_size,
     num_positions,
+    plus_partial_stride,
     TOP_K: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    HAS_PLUS: tl.constexpr = False,
+    NUM_PLUS_PARTIALS: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
     """out[t] = sum over slots k = 0..K-1 of round((0 + chunk 0 + chunk 1 + ...) * weight): the down combine
     and the slot sum in one launch, with _down_combine_kernel's and _sum_slots_kernel's arithmetic in their
     order (each slot rounded to out's dtype, as slot_out holds it, then summed in fp32), so the same bits.
-    Every partial of the token is an independent load (slots and chunks unrolled): one memory latency."""
+    Every partial of the token is an independent load (slots and chunks unrolled): one memory latency.
+    HAS_PLUS: then out[t] = round(round(that) + plus[t]), torch's add of the two (plus's partials summed in
+    order and rounded first: kernels/partials.py), the shared experts' MLP that could not join the launch."""
     wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -376,7 +385,14 @@ def _down_combine_sum_kernel(
         for chunk in tl.static_range(NUM_CHUNKS):
             total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
         acc += (total * tl.load(topk_weights_ptr + row)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + token * hidden_size + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    routed = acc.to(out_ptr.dtype.element_ty)
+    if HAS_PLUS:
+        plus = load_summed(
+            plus_ptr + token * hidden_size, cols, mask, plus_partial_stride, NUM_PLUS_PARTIALS,
+            out_ptr.dtype.element_ty,
+        )  # fmt: skip
+        routed = (routed.to(tl.float32) + plus).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * hidden_size + cols, routed, mask=mask)
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -472,11 +488,12 @@ def moe_plan(w_gate_up: QuantTensor, w_down: QuantTensor, num_rows: int, device:
 
 
 def _run_gemms(
-    hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles, plan, out=None
+    hidden, gate_up: ExpertBlocks, down: ExpertBlocks, layout, topk_weights, act, slot_out, tiles, plan, out=None,
+    plus=None,
 ) -> bool:
     """GEMM 1 then GEMM 2 over the layout's tiles (tiles whose expert says -1 are skipped). Returns whether
     the slots are summed into `out` already (split launches given an `out`: one kernel combines the down
-    partials and sums the slots), else they are in slot_out."""
+    partials and sums the slots, then adds `plus` if given), else they are in slot_out."""
     H, inter, K = hidden.shape[1], act.shape[1], layout.num_rows // hidden.shape[0]
     block_m, block_n, warps, stages = tiles
     compute = compute_dtype(hidden.dtype)
@@ -527,9 +544,12 @@ def _run_gemms(
     )  # fmt: skip
     if plan.split and out is not None:
         block_h = min(256, triton.next_power_of_2(H))  # several programs a token: a decode step has one
+        plus_partials = plus is not None and plus.dim() == 3
         _down_combine_sum_kernel[(hidden.shape[0], triton.cdiv(H, block_h))](
-            partial, layout.row_positions, topk_weights, out, H, positions, TOP_K=K,
-            NUM_CHUNKS=two.num_chunks, BLOCK_H=block_h, **launch_options(partial.device),
+            partial, layout.row_positions, topk_weights, out, out if plus is None else plus, H, positions,
+            plus.stride(0) if plus_partials else 0, TOP_K=K, NUM_CHUNKS=two.num_chunks, BLOCK_H=block_h,
+            HAS_PLUS=plus is not None, NUM_PLUS_PARTIALS=plus.shape[0] if plus_partials else 0,
+            **launch_options(partial.device),
         )  # fmt: skip
         return True
     if plan.split:
@@ -587,9 +607,14 @@ def quant_fused_moe(
     topk_ids: torch.Tensor,  # (T, K)
     scratch_mib: float = DEFAULT_SCRATCH_MIB,  # bound on the bf16 scratch of the prefill path
     layout: MoeLayout | None = None,  # the ids' order from moe_route_and_align; None: ordered here
+    plus: torch.Tensor | None = None,  # (T, Hd) in hidden's dtype, or fp32 split partials (n, T, Hd)
 ) -> torch.Tensor:
-    """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1."""
+    """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), slots summed in order k = 0..K-1;
+    then + plus (rounded as torch's add; partials summed in order and rounded first), which a decode-sized
+    launch adds in its last kernel (the shared experts' MLP where it cannot join the stack)."""
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    if plus is not None:
+        _check_plus(plus, hidden)
     T, H = hidden.shape
     out = torch.empty_like(hidden)
     if T == 0:
@@ -608,11 +633,21 @@ def quant_fused_moe(
         _run_scratch(hidden, w_gate_up, w_down, layout, weights, act, slot_out, tiles, plan, scratch_mib)
     else:
         gate_up, down = ExpertBlocks.of(w_gate_up), ExpertBlocks.of(w_down)
-        if _run_gemms(hidden, gate_up, down, layout, weights, act, slot_out, tiles, plan, out=out):
+        if _run_gemms(hidden, gate_up, down, layout, weights, act, slot_out, tiles, plan, out=out, plus=plus):
             return out
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     _sum_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
         slot_out, out, T, H, TOP_K=K, BLOCK_T=block_t, BLOCK_H=block_h, **launch_options(slot_out.device)
     )
-    return out
+    if plus is None:
+        return out
+    return out + (sum_partials(plus, out.dtype) if plus.dim() == 3 else plus)
+
+
+def _check_plus(plus: torch.Tensor, hidden: torch.Tensor) -> None:
+    partials = plus.dim() == 3
+    if plus.shape[-2:] != hidden.shape or not plus.is_contiguous():
+        raise ValueError(f"plus {tuple(plus.shape)} must be a contiguous (T, Hd) = {tuple(hidden.shape)} or its partials")
+    if plus.dtype != (torch.float32 if partials else hidden.dtype):
+        raise ValueError(f"plus must be in hidden's dtype ({hidden.dtype}), its partials fp32; got {plus.dtype}")
