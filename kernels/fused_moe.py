@@ -1,7 +1,7 @@
 """Routed experts as two grouped GEMMs over the expert-sorted rows, and a fixed-order sum over slots.
 
 Inputs: hidden (T, H), w_gate_up (E, 2I, H) with gate rows [0, I) and up rows [I, 2I), w_down (E, H, I),
-topk_weights (T, K) fp32, topk_ids (T, K). Rows are r = t*K + k, R = T*K of them (kernels/moe_routing.py
+topk_weights (T, K) fp32, topk_ids (T, K). Rows are r = t*K + k, R = T*K of them (kernels/moe_align.py
 sorts them by expert, stable, padded per expert to BLOCK_M: sorted_row_ids (P,), P = max_tiles*BLOCK_M,
 padding = R; tile_expert (max_tiles,), -1 = unused tile).
 
@@ -22,7 +22,7 @@ neither the batch size nor autotune's timing-dependent pick changes the result. 
 allows a BLOCK_M=16 decode tile (mma.sync rather than wgmma), which the numerics do not promise to match;
 on the H200 it matched too and was no faster (kernels/NOTES-moe.md).
 
-A caller that has the rows' order already (moe_routing.moe_route_and_align, one launch with the routing at
+A caller that has the rows' order already (moe_route_align.moe_route_and_align, one launch with the routing at
 decode sizes) passes it as `layout=`, padded to `row_tile` (checked).
 
 Tiles: BLOCK_M is chosen from rows per expert (decode-sized 64, prefill-sized 128); BLOCK_N, BLOCK_K,
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlapipe.kernels.moe_routing import MoeLayout, moe_align
+from mlapipe.kernels.moe_align import MoeLayout, moe_align
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 
 CONFIG_ENV = "MLAPIPE_MOE_CONFIG"
@@ -298,7 +298,7 @@ def row_tile(num_rows: int, num_experts: int, device: torch.device) -> int:
 
 
 def check_layout_fits(layout: MoeLayout, num_rows: int, num_experts: int, block_m: int) -> None:
-    """A precomputed layout (moe_routing.moe_route_and_align) must order these rows over these experts,
+    """A precomputed layout (moe_route_align.moe_route_and_align) must order these rows over these experts,
     padded to the GEMMs' row tile."""
     got = (layout.num_rows, layout.expert_counts.shape[0], layout.block_m)
     want = (num_rows, num_experts, block_m)

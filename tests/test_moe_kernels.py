@@ -15,7 +15,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from mlapipe.kernels import reference  # noqa: E402
 from mlapipe.kernels.fused_moe import CONFIG_ENV, fused_moe  # noqa: E402
-from mlapipe.kernels.moe_routing import moe_align, moe_routing  # noqa: E402
+from mlapipe.kernels.moe_align import moe_align  # noqa: E402
+from mlapipe.kernels.moe_routing import moe_routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""Routing and the experts' row order in one kernel (kernels/moe_routing.py `moe_route_and_align`): the same
+"""Routing and the experts' row order in one kernel (kernels/moe_route_align.py `moe_route_and_align`): the same
 weights, ids and layout, bit for bit, as `moe_routing` then `moe_align`; the MoE block gives the same output
 through it; it compiles for sm_90 with the route part laid out as the route kernel's. Without a GPU the
 kernels run in the interpreter; on a GPU the same comparisons run compiled, plus a CUDA-graph replay."""
@@ -15,8 +15,9 @@ from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mlapipe.kernels import moe_routing  # noqa: E402
-from mlapipe.kernels.moe_routing import moe_align, moe_route_and_align, route_align_fits  # noqa: E402
+from mlapipe.kernels import moe_route_align, moe_routing  # noqa: E402
+from mlapipe.kernels.moe_align import moe_align  # noqa: E402
+from mlapipe.kernels.moe_route_align import moe_route_and_align, route_align_fits  # noqa: E402
 from mlapipe.runtime.shapes import SHAPES  # noqa: E402
 from mlapipe.workers import ops  # noqa: E402
 from mlapipe.workers.layers import MoEBlock  # noqa: E402
@@ -116,7 +117,7 @@ def test_moe_block_output_unchanged(shape, shared, triton_ops, monkeypatch):
     x = torch.randn(5, cfg.hidden_size, device=DEVICE)
     assert route_align_fits(5, cfg.num_experts, cfg.num_experts_per_token, shared)
     one_kernel = [block.forward(x[:T]) for T in (1, 5)]
-    monkeypatch.setattr(moe_routing, "route_align_fits", lambda *args: False)
+    monkeypatch.setattr(moe_route_align, "route_align_fits", lambda *args: False)
     two_kernels = [block.forward(x[:T]) for T in (1, 5)]
     for got, want in zip(one_kernel, two_kernels):
         assert torch.equal(got, want)
@@ -152,7 +153,7 @@ def test_quantized_moe_block_output_unchanged(triton_ops, monkeypatch):
     assert block.shared_in_stack
     x = torch.randn(3, H, device=DEVICE).to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     one_kernel = block.forward(x)
-    monkeypatch.setattr(moe_routing, "route_align_fits", lambda *args: False)
+    monkeypatch.setattr(moe_route_align, "route_align_fits", lambda *args: False)
     assert torch.equal(one_kernel, block.forward(x))
 
 
@@ -172,7 +173,7 @@ def test_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from mlapipe.kernels import moe_routing as mr
+        from mlapipe.kernels import moe_route_align as fused, moe_routing as mr
 
         ROUTE = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64",
                  "num_tokens": "i32", "num_experts": "i32", "stride_logits": "i32", "scale": "fp32"}
@@ -203,11 +204,11 @@ def test_compiles_for_hopper():
             (16, 64, 6, "softmax", 1, 1, False, False, 2, 64), (1, 256, 8, "sigmoid", 8, 4, True, True, 1, 16)
         ]:
             # the launchers' constexprs, from CPU tensors of the shapes
-            _, _, _, route = mr._prepare_routing(
+            _, _, _, route = mr.prepare_routing(
                 torch.empty(T, E), torch.empty(E) if bias else None, K, gating, groups, kept, renorm, 2.5, shared
             )
-            both = mr._route_align_meta(route, T * (K + shared), E + shared, block_m)
-            one = compiled(mr._route_align_kernel, dict(ROUTE, **LAYOUT), dict(both, PDL=True))
+            both = fused._route_align_meta(route, T * (K + shared), E + shared, block_m)
+            one = compiled(fused._route_align_kernel, dict(ROUTE, **LAYOUT), dict(both, PDL=True))
             alone = compiled(mr._route_kernel, ROUTE, dict(route, PDL=True))
             ptx = one.asm["ptx"]
             # the ids' 64-bit stores, a barrier, then the ordering's 64-bit loads of them

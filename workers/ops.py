@@ -27,7 +27,7 @@ TRITON_MODULES = {
     "absorb_and_write_latent": "mlapipe.kernels.mla_absorb",
     "router_logits": "mlapipe.kernels.router",
     "moe_routing": "mlapipe.kernels.moe_routing",
-    "moe_route_and_align": "mlapipe.kernels.moe_routing",
+    "moe_route_and_align": "mlapipe.kernels.moe_route_align",
     "fused_moe": "mlapipe.kernels.fused_moe",
     "rms_norm": "mlapipe.kernels.fused_norm_rope",
     "add_rms_norm": "mlapipe.kernels.fused_norm_rope",

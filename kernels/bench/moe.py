@@ -27,7 +27,8 @@ from mlapipe.kernels.fused_moe import (
     gate_up_silu,
     selected_configs,
 )
-from mlapipe.kernels.moe_routing import moe_align, moe_routing
+from mlapipe.kernels.moe_align import moe_align
+from mlapipe.kernels.moe_routing import moe_routing
 
 MODELS = {
     # hidden, expert ffn, experts, used, gating, groups, kept groups, renormalize, scale

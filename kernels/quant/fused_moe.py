@@ -3,7 +3,7 @@ decoded in registers by the type's decoder (a tl.constexpr), the same ordering a
 
 Inputs as kernels/fused_moe.py's `fused_moe`, with QuantTensor expert stacks: w_gate_up (E, 2I, H)
 (gate rows [0, I), up rows [I, 2I): gate and up concatenated by rows in block bytes, so one type) and
-w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_routing.py's `moe_align`
+w_down (E, H, I) (its own type). Rows r = t*K + k are ordered by kernels/moe_align.py's `moe_align`
 (stable by expert, tile-padded; tile_expert -1 = skip), or arrive ordered as `layout=` (moe_route_and_align:
 with the routing in one launch at decode sizes), padded to `row_tile`.
 
@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column, check_layout_fits
-from mlapipe.kernels.moe_routing import MoeLayout, moe_align
+from mlapipe.kernels.moe_align import MoeLayout, moe_align
 from mlapipe.kernels.partials import load_summed
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
