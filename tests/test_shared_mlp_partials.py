@@ -113,13 +113,13 @@ def test_the_partials_forms_compile_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from mlapipe.kernels.quant.fused_moe import _down_combine_sum_kernel
+        from mlapipe.kernels.quant.moe_combine import down_combine_sum_kernel
         from mlapipe.kernels.silu_mul import _silu_mul_kernel
         def compile(fn, types, constexprs):
             sig = dict(types, **{name: "constexpr" for name in constexprs})
             src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
             return "griddepcontrol.wait" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        print(compile(_down_combine_sum_kernel,
+        print(compile(down_combine_sum_kernel,
                       {"partial_ptr": "*fp32", "row_positions_ptr": "*i32", "topk_weights_ptr": "*fp32",
                        "out_ptr": "*bf16", "plus_ptr": "*fp32", "hidden_size": "i32", "num_positions": "i32",
                        "plus_partial_stride": "i32"},

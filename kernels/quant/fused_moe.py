@@ -16,14 +16,14 @@ with the routing in one launch at decode sizes), padded to `row_tile`.
 2. `_down_kernel`: decoded w_down rows (BLOCK_N hidden columns, over I) times act transposed, times the
    routing weight in fp32, to slot_out (R, H) at row r.
 3. kernels/fused_moe.py's `_sum_slots_kernel`: out[t] = sum over k = 0..K-1 in order, fp32. Split launches
-   (below) fold it into the down combine: `_down_combine_sum_kernel` finds each slot's row through the
+   (below) fold it into the down combine: `down_combine_sum_kernel` finds each slot's row through the
    layout's row_positions, and its arithmetic is the two kernels' in their order.
 
 Reduction order: the dense linear's fixed K chunks (linear.plan_linear, sized for a one-token step's
 DECODE_TILES row tiles; never from T): each chunk a chain of tl.dot steps from a zero accumulator in
 increasing k, the chunks added in order to a zero total. Up to SPLIT_MAX_ROWS rows the chunks are
-programs of their own (grid axis 1) writing fp32 partials, summed in order by `_gate_up_combine_kernel`
-(then silu(gate) * up) and `_down_combine_kernel` (then the routing weight); past it each program walks
+programs of their own (grid axis 1) writing fp32 partials, summed in order by `gate_up_combine_kernel`
+(then silu(gate) * up) and `down_combine_kernel` (then the routing weight); past it each program walks
 its chunks. Same sums, same bits, and no atomics anywhere. Values: decoded tiles rounded to the
 activations' dtype (bf16 on the GPU: what dequantize-on-load gives; fp32 with IEEE products for
 fp32/fp16 activations, exact to the fp32 reference). Tiles are chosen from rows per expert, never from
@@ -53,7 +53,6 @@ import triton.language as tl
 
 from mlapipe.kernels.fused_moe import _sum_slots_kernel, _tile_and_column, check_layout_fits
 from mlapipe.kernels.moe_align import MoeLayout, moe_align
-from mlapipe.kernels.partials import load_summed
 from mlapipe.kernels.pdl import launch_options, wait_for_previous
 from mlapipe.kernels.quant.dispatch import (
     compute_dtype,
@@ -64,6 +63,11 @@ from mlapipe.kernels.quant.dispatch import (
     table_of,
 )
 from mlapipe.kernels.quant.linear import LinearPlan, _dot, decoded_dot, plan_linear
+from mlapipe.kernels.quant.moe_combine import (
+    down_combine_kernel,
+    down_combine_sum_kernel,
+    gate_up_combine_kernel,
+)
 from mlapipe.kernels.quant.scratch import SCRATCH_DECODERS
 from mlapipe.kernels.quant.tensor import QuantTensor
 from mlapipe.kernels.quant.types import QuantType
@@ -198,43 +202,6 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _gate_up_combine_kernel(
-    partial_ptr,  # (2, num_chunks, P, I) fp32
-    sorted_row_ids_ptr,
-    tile_expert_ptr,
-    act_ptr,  # (P, I) out
-    num_rows,
-    inter_size,
-    num_positions,
-    NUM_CHUNKS: tl.constexpr,  # unrolled: every partial's load in flight at once, not one latency a chunk
-    BLOCK_M: tl.constexpr,  # the GEMMs' row tile
-    BLOCK_I: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """act = silu(g) * u with g, u = 0 + chunk 0 + chunk 1 + ... (the non-split launch's sums), at the
-    positions of real rows. A decode step has one row in most of its 16-row tiles: the padding positions'
-    act stays unwritten, and the down GEMM's columns for them (each a column of its own in the MMA) are
-    never stored."""
-    wait_for_previous(PDL)
-    position = tl.program_id(0)
-    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
-        return
-    if tl.load(sorted_row_ids_ptr + position) >= num_rows:
-        return
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = cols < inter_size
-    slab = num_positions * inter_size
-    offsets = position.to(tl.int64) * inter_size + cols
-    gate = tl.zeros((BLOCK_I,), tl.float32)
-    up = tl.zeros((BLOCK_I,), tl.float32)
-    for chunk in tl.static_range(NUM_CHUNKS):  # in order: the same sums as a loop
-        gate += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
-        up += tl.load(partial_ptr + (NUM_CHUNKS + chunk) * slab + offsets, mask=mask, other=0.0)
-    act = gate * tl.sigmoid(gate) * up
-    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _down_kernel(
     act_ptr,  # (P, I)
     w_ptr,  # (E, H, row_bytes) uint8 blocks
@@ -308,91 +275,6 @@ def _down_kernel(
         out = total * routing_weight[None, :]  # (BLOCK_N, BLOCK_M)
         out_ptrs = slot_out_ptr + rows[None, :].to(tl.int64) * stride_slot_r + cols[:, None]
         tl.store(out_ptrs, out.to(slot_out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
-
-
-@triton.jit
-def _down_combine_kernel(
-    partial_ptr,  # (num_chunks, P, H) fp32
-    sorted_row_ids_ptr,
-    tile_expert_ptr,
-    topk_weights_ptr,
-    slot_out_ptr,  # (R, H) out
-    num_rows,
-    hidden_size,
-    num_positions,
-    stride_slot_r,
-    NUM_CHUNKS: tl.constexpr,  # unrolled, as in _gate_up_combine_kernel
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """slot_out[row] = (0 + chunk 0 + chunk 1 + ...) * routing weight, for the real row at each position."""
-    wait_for_previous(PDL)
-    position = tl.program_id(0)
-    if tl.load(tile_expert_ptr + position // BLOCK_M) < 0:
-        return
-    row = tl.load(sorted_row_ids_ptr + position)
-    if row >= num_rows:
-        return
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = cols < hidden_size
-    slab = num_positions * hidden_size
-    offsets = position.to(tl.int64) * hidden_size + cols
-    total = tl.zeros((BLOCK_H,), tl.float32)
-    for chunk in tl.static_range(NUM_CHUNKS):
-        total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
-    out = total * tl.load(topk_weights_ptr + row)
-    tl.store(
-        slot_out_ptr + row.to(tl.int64) * stride_slot_r + cols,
-        out.to(slot_out_ptr.dtype.element_ty),
-        mask=mask,
-    )
-
-
-@triton.jit
-def _down_combine_sum_kernel(
-    partial_ptr,  # (NUM_CHUNKS, P, H) fp32
-    row_positions_ptr,  # (R,) int32: sorted position of each row
-    topk_weights_ptr,  # (R,) fp32
-    out_ptr,  # (T, H) out
-    plus_ptr,  # (T, H) in out's dtype, or (NUM_PLUS_PARTIALS, T, H) fp32: added last (HAS_PLUS)
-    hidden_size,
-    num_positions,
-    plus_partial_stride,
-    TOP_K: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HAS_PLUS: tl.constexpr = False,
-    NUM_PLUS_PARTIALS: tl.constexpr = 0,
-    PDL: tl.constexpr = False,
-):
-    """out[t] = sum over slots k = 0..K-1 of round((0 + chunk 0 + chunk 1 + ...) * weight): the down combine
-    and the slot sum in one launch, with _down_combine_kernel's and _sum_slots_kernel's arithmetic in their
-    order (each slot rounded to out's dtype, as slot_out holds it, then summed in fp32), so the same bits.
-    Every partial of the token is an independent load (slots and chunks unrolled): one memory latency.
-    HAS_PLUS: then out[t] = round(round(that) + plus[t]), torch's add of the two (plus's partials summed in
-    order and rounded first: kernels/partials.py), the shared experts' MLP that could not join the launch."""
-    wait_for_previous(PDL)
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = cols < hidden_size
-    slab = num_positions * hidden_size
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    for k in tl.static_range(TOP_K):
-        row = token * TOP_K + k
-        offsets = tl.load(row_positions_ptr + row).to(tl.int64) * hidden_size + cols
-        total = tl.zeros((BLOCK_H,), tl.float32)
-        for chunk in tl.static_range(NUM_CHUNKS):
-            total += tl.load(partial_ptr + chunk * slab + offsets, mask=mask, other=0.0)
-        acc += (total * tl.load(topk_weights_ptr + row)).to(out_ptr.dtype.element_ty)
-    routed = acc.to(out_ptr.dtype.element_ty)
-    if HAS_PLUS:
-        plus = load_summed(
-            plus_ptr + token * hidden_size, cols, mask, plus_partial_stride, NUM_PLUS_PARTIALS,
-            out_ptr.dtype.element_ty,
-        )  # fmt: skip
-        routed = (routed.to(tl.float32) + plus).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + token * hidden_size + cols, routed, mask=mask)
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -517,7 +399,7 @@ def _run_gemms(
     )  # fmt: skip
     if plan.split:
         block_i = min(1024, triton.next_power_of_2(inter))
-        _gate_up_combine_kernel[(positions, triton.cdiv(inter, block_i))](
+        gate_up_combine_kernel[(positions, triton.cdiv(inter, block_i))](
             partial,
             layout.sorted_row_ids,
             layout.tile_expert,
@@ -545,7 +427,7 @@ def _run_gemms(
     if plan.split and out is not None:
         block_h = min(256, triton.next_power_of_2(H))  # several programs a token: a decode step has one
         plus_partials = plus is not None and plus.dim() == 3
-        _down_combine_sum_kernel[(hidden.shape[0], triton.cdiv(H, block_h))](
+        down_combine_sum_kernel[(hidden.shape[0], triton.cdiv(H, block_h))](
             partial, layout.row_positions, topk_weights, out, out if plus is None else plus, H, positions,
             plus.stride(0) if plus_partials else 0, TOP_K=K, NUM_CHUNKS=two.num_chunks, BLOCK_H=block_h,
             HAS_PLUS=plus is not None, NUM_PLUS_PARTIALS=plus.shape[0] if plus_partials else 0,
@@ -554,7 +436,7 @@ def _run_gemms(
         return True
     if plan.split:
         block_h = min(1024, triton.next_power_of_2(H))
-        _down_combine_kernel[(positions, triton.cdiv(H, block_h))](
+        down_combine_kernel[(positions, triton.cdiv(H, block_h))](
             partial, layout.sorted_row_ids, layout.tile_expert, topk_weights, slot_out, layout.num_rows, H,
             positions, slot_out.stride(0), NUM_CHUNKS=two.num_chunks, BLOCK_M=block_m, BLOCK_H=block_h,
             **launch_options(partial.device),
