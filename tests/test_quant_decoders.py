@@ -214,7 +214,8 @@ SPLIT_TYPES = [t for t in TYPES if t.fetch is not None]
 
 @pytest.mark.parametrize("row", SPLIT_TYPES, ids=[t.name for t in SPLIT_TYPES])
 def test_split_decoder_equals_gguf(row):
-    """Every 64-value tile of every sub-block position (4 per Q4_K block), rows past one 16-row tile."""
+    """Every 64-value tile of every position in a block (4 per K-quant block), rows past one 16-row tile;
+    3 blocks a row, so Q6_K rows (210-byte blocks) start 2 bytes off a 4-byte boundary every other row."""
     raw = adversarial_rows(row.code, 20, 3, np.random.default_rng(row.code + 300))
     assert_bits_equal(split_decode(quant_tensor(raw, row.code, DEVICE)), gguf_values(raw, row.code))
 
@@ -269,13 +270,18 @@ def test_random_blocks_have_the_requested_scale(row):
 
 def test_decoders_compile_for_hopper():
     """Every decoder inside the shared dequantize kernel compiles for sm_90 (Triton's bundled ptxas; no
-    GPU needed), so a GPU run does not find a compile error first; with the PDL wait the GPU launches take."""
+    GPU needed), so a GPU run does not find a compile error first; with the PDL wait the GPU launches take.
+    Every split decoder (fetch + convert) also compiles in the fused MoE's gate|up loop, two tiles loaded
+    a step ahead, without spilling (tests/test_quant_sass.py compiles the dense split launch)."""
     script = textwrap.dedent(
         """
         import triton
+        import triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
+        from mlapipe.kernels.bench.sass import disassemble
         from mlapipe.kernels.quant import dequantize as dq
+        from mlapipe.kernels.quant.fused_moe import _gate_up_kernel
         from mlapipe.kernels.quant.types import QUANT_TYPES
         sig = {"w_ptr": "*u8", "table_ptr": "*i16", "out_ptr": "*bf16", "n_rows": "i32", "cols": "i32",
                "row_bytes": "i32", "DECODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
@@ -285,9 +291,26 @@ def test_decoders_compile_for_hopper():
                             constexprs={"DECODE": row.decoder, "BLOCK_R": 16, "BLOCK_K": 64, "PDL": True})
             triton.compile(src, target=GPUTarget("cuda", 90, 32))
             print(row.name, flush=True)
+        moe = {"hidden_ptr": "*bf16", "w_ptr": "*u8", "table_ptr": "*i16", "act_ptr": "*bf16",
+               "partial_ptr": "*fp32", "sorted_row_ids_ptr": "*i32", "tile_expert_ptr": "*i32"}
+        moe |= {name: "i32" for name in ("num_rows", "top_k", "hidden_size", "inter_size", "num_tiles",
+                                         "stride_hidden_t", "stride_w_e", "row_bytes", "stride_act_p", "chunk_k",
+                                         "num_chunks")}
+        for row in QUANT_TYPES.values():
+            if row.fetch is None:
+                continue
+            constants = {"DECODE": row.decoder, "COMPUTE": tl.bfloat16, "IEEE": False, "SPLIT": True,
+                         "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": row.fetch_block_k or 64,
+                         "BLOCK_ELEMS": row.block_elems, "BLOCK_BYTES": row.step_bytes, "GROUP_M": 8,
+                         "FETCH": row.fetch, "CONVERT": row.convert, "PDL": True}
+            src = ASTSource(_gate_up_kernel, moe | {name: "constexpr" for name in constants}, constants)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+            spills = "STL" in disassemble(compiled.asm["cubin"])
+            print(row.name + ("-spills" if spills else "-split"), flush=True)
         """
     )
-    assert compile_script_output(script) == TYPE_IDS
+    split = [f"{t.name}-split" for t in TYPES if t.fetch is not None]
+    assert compile_script_output(script) == TYPE_IDS + split
 
 
 @pytest.mark.gpu

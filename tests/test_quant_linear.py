@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from mlapipe.kernels import reference  # noqa: E402
-from mlapipe.kernels.quant.dispatch import dequantize, kernel_type, kernel_types  # noqa: E402
+from mlapipe.kernels.quant.dispatch import dequantize, kernel_type, kernel_types, split_decoder  # noqa: E402
 from mlapipe.kernels.quant.linear import (  # noqa: E402
     PROGRAMS_PER_SM,
     SPLIT_MAX_TOKENS,
@@ -113,14 +113,23 @@ def test_unsummed_partials_summed_by_add_rms_norm_give_the_summed_bits(dtype):
     assert linear_split(x, w, one_chunk, unsummed=True).shape == (2, 37)
 
 
-def test_split_decoder_chunks_of_one_block():
-    """A split decoder (Q4_K's, 64-value tiles of a 256-value block) may take chunks of one block: 4 loop
+# the K-quants with a split decoder (kernels/quant/split_decoders.py): 64-value tiles of 256-value blocks
+SPLIT_K_QUANTS = [pytest.param(t, id=kernel_type(t).name) for t in (12, 13, 10, 14)]  # Q4_K Q5_K Q2_K Q6_K
+
+
+@pytest.mark.parametrize("qtype", SPLIT_K_QUANTS)
+def test_split_decoder_chunks_of_one_block(qtype):
+    """A split decoder (64-value tiles of a 256-value block) may take chunks of one block: 4 loop
     iterations. Its plans do (8 chunks at K = 2048 where a whole-block decoder gets 2), and such chunks
-    give the split and tiled launches the same sums, within rounding of the reference."""
+    give the split and tiled launches the same sums, within rounding of the reference; the type's plan
+    and launches take the split decoder (the prefetched loop), at every tile position of a block."""
     assert plan_linear(3648, 2048, 256, 132, prefetched=True).num_chunks == 8
     assert plan_linear(3648, 2048, 256, 132).num_chunks == 2
     assert plan_linear(2048, 2048, 32, 132, prefetched=True) == plan_linear(2048, 2048, 32, 132)
-    w = weight(12, 70, 3)  # K = 768: three Q4_K blocks
+    kind = kernel_type(qtype)
+    assert kind.fetch is not None and split_decoder(kind, 64) == (kind.fetch, kind.convert)
+    w = weight(qtype, 70, 3)  # K = 768: three blocks; N past one 64-row tile
+    assert linear_plan(w, w.device).block_k == 64
     plan = LinearPlan(64, 256, 3)
     x = torch.randn(3, w.shape[1], device=DEVICE)
     split = linear_split(x, w, plan)

@@ -1,5 +1,6 @@
 """SASS of the quantized split-launch GEMM loop, without a GPU:
-`python -m mlapipe.kernels.bench sass [--types q8_0,q8_0_planes,q4_k] [--stages 1] [--no-prefetch]`.
+`python -m mlapipe.kernels.bench sass [--types q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k] [--stages 1]
+[--no-prefetch]`.
 
 Compiles kernels/quant/linear.py's `_linear_split_kernel` for sm_90 with Triton's bundled ptxas (the
 decode launch's tiles: BLOCK 16 x 64 x 64, 4 warps), disassembles it with the bundled nvdisasm and
@@ -48,13 +49,18 @@ def compile_sass(kind, stages: int, prefetch: bool, block_k: int = 64) -> str:
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": stages}
     )
+    return disassemble(compiled.asm["cubin"])
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a compiled kernel's cubin (the bundled nvdisasm)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
 
 
 def main_loop(sass: str) -> list[str]:
@@ -75,7 +81,7 @@ def main_loop(sass: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlapipe.kernels.bench sass")
-    parser.add_argument("--types", default="q8_0,q8_0_planes,q4_k")
+    parser.add_argument("--types", default="q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k")
     parser.add_argument("--stages", type=int, default=1)
     parser.add_argument("--no-prefetch", action="store_true", help="split decoders run whole")
     args = parser.parse_args(argv)

@@ -8,7 +8,10 @@ loop) and keep a step of loads in flight per warp. kernels/NOTES-quant.md (v4, v
 Quants stay packed in int32 words while they wait in registers (carried as uint8 they would take a
 register a byte), and int -> float goes by the magic number in PTX (no I2F, a quarter-rate instruction):
 a byte b as the low mantissa bits of 2^23 is the float 2^23 + b. The interpreter runs no PTX: it takes
-the same arithmetic in Triton ops. QuantType.fetch / .convert find these by name.
+the same arithmetic in Triton ops. QuantType.fetch / .convert find these by name. Each K-quant fetch
+takes 64-value tiles (QuantType.fetch_block_k) and loads the widest words its block alignment allows:
+16 bytes (Q4_K, Q5_K), 4 (Q2_K), 2 (Q6_K). k0 >= 0 in every caller, so tile positions are shifts and
+masks of k0 (signed // and % cost about 40 uniform instructions a step).
 """
 
 from __future__ import annotations
@@ -147,6 +150,37 @@ def _q4_word_to_fp32(words):
 
 
 @triton.jit
+def _u8_word_to_fp32(words):
+    """int32 words of 4 unsigned bytes -> their 4 fp32 values (0..255), exactly, by the magic number alone
+    (the caller has masked the bits it wants into each byte): bytes 0, 1, 2, 3, each shaped like `words`."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            """{
+            prmt.b32 $0, $4, 0x4B000000, 0x7650;
+            prmt.b32 $1, $4, 0x4B000000, 0x7651;
+            prmt.b32 $2, $4, 0x4B000000, 0x7652;
+            prmt.b32 $3, $4, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000000;
+            sub.f32 $1, $1, 0f4B000000;
+            sub.f32 $2, $2, 0f4B000000;
+            sub.f32 $3, $3, 0f4B000000;
+            }""",
+            "=r,=r,=r,=r,r",
+            [words],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        bits = words.to(tl.uint32, bitcast=True)
+        b0 = (bits & 0xFF).to(tl.float32)
+        b1 = ((bits >> 8) & 0xFF).to(tl.float32)
+        b2 = ((bits >> 16) & 0xFF).to(tl.float32)
+        b3 = (bits >> 24).to(tl.float32)
+        return b0, b1, b2, b3
+
+
+@triton.jit
 def _interleave4(v0, v1, v2, v3):
     """Four [R, W] tensors -> [R, 4W] with value 4w + j from v_j[:, w]."""
     R: tl.constexpr = v0.shape[0]
@@ -161,22 +195,23 @@ def fetch_q4_k(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
     its 8 qs words [R, 8] and the block's 16-byte head (d | dmin | 12 scale bytes) as 4 words [R, 4].
     144-byte blocks keep rows 16-byte aligned, so both are 16-byte loads without a repack."""
     tl.static_assert(BLOCK_K == 64)
-    start = rows.to(tl.int64) * row_bytes + (k0 // 256) * 144
+    start = rows.to(tl.int64) * row_bytes + (k0 >> 8) * 144
     words = (w_ptr + start).to(tl.pointer_type(tl.int32))
-    q = tl.load(words[:, None] + (4 + ((k0 % 256) // 64) * 8 + tl.arange(0, 8))[None, :])
+    q = tl.load(words[:, None] + (4 + ((k0 >> 6) & 3) * 8 + tl.arange(0, 8))[None, :])
     return q, tl.load(words[:, None] + tl.arange(0, 4)[None, :])
 
 
 @triton.jit
-def convert_q4_k(q, head, k0):
-    """fetch_q4_k's words -> fp32 [R, 64]: x = (d * sc) * q - dmin * min per sub-block, gguf's operations."""
-    R: tl.constexpr = q.shape[0]
+def _k_scales(head, chunk):
+    """Q4_K / Q5_K: a block's 4 head words (d | dmin | 12 scale bytes) -> d, dmin (fp32 [R]) and the 6-bit
+    scale and min of sub-blocks 2 * chunk and 2 * chunk + 1 (int32 [R]; decoders._k_scale_min's packing).
+    The shifts are by the tile's position in the block, the same for every row: uniform registers."""
+    R: tl.constexpr = head.shape[0]
     even, odd = tl.split(tl.reshape(head, (R, 2, 2)))  # words (0, 2), (1, 3)
     w0, w2 = tl.split(even)
     w1, w3 = tl.split(odd)
     d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    chunk = (k0 % 256) // 64  # sub-blocks 2 * chunk and 2 * chunk + 1
     shift = 16 * (chunk % 2)
     a, b, c = w1 >> shift, w2 >> shift, w3 >> shift  # scale bytes 4+i, 8+i, 12+i in bits 0-7 and 8-15
     if chunk < 2:  # sub-blocks 0-3: the low 6 bits of bytes 4+i (scale) and 8+i (min)
@@ -186,13 +221,196 @@ def convert_q4_k(q, head, k0):
         sc1 = ((c >> 8) & 0xF) | ((a >> 10) & 0x30)
         mn0 = ((c >> 4) & 0xF) | ((b >> 2) & 0x30)
         mn1 = ((c >> 12) & 0xF) | ((b >> 10) & 0x30)
-    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _q4_word_to_fp32(q)
-    first = (
-        _interleave4(lo0, lo1, lo2, lo3) * (d * sc0.to(tl.float32))[:, None]
-        - (dmin * mn0.to(tl.float32))[:, None]
-    )
-    second = (
-        _interleave4(hi0, hi1, hi2, hi3) * (d * sc1.to(tl.float32))[:, None]
-        - (dmin * mn1.to(tl.float32))[:, None]
-    )
+    return d, dmin, sc0, sc1, mn0, mn1
+
+
+@triton.jit
+def _k_tile(first, second, d, dmin, sc0, sc1, mn0, mn1):
+    """Two sub-blocks' quants (fp32 [R, 32] each) -> the tile [R, 64]: gguf's (d * sc) * q - dmin * m. The
+    product is exact in fp32 (fp16 x 6 bits x 5 bits), so the fused multiply-add gives gguf's bits."""
+    R: tl.constexpr = first.shape[0]
+    first = first * (d * sc0.to(tl.float32))[:, None] - (dmin * mn0.to(tl.float32))[:, None]
+    second = second * (d * sc1.to(tl.float32))[:, None] - (dmin * mn1.to(tl.float32))[:, None]
     return tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (R, 64))
+
+
+@triton.jit
+def convert_q4_k(q, head, k0):
+    """fetch_q4_k's words -> fp32 [R, 64]: x = (d * sc) * q - dmin * min per sub-block, gguf's operations."""
+    d, dmin, sc0, sc1, mn0, mn1 = _k_scales(head, (k0 >> 6) & 3)  # sub-blocks 2 * chunk, 2 * chunk + 1
+    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _q4_word_to_fp32(q)
+    first = _interleave4(lo0, lo1, lo2, lo3)
+    second = _interleave4(hi0, hi1, hi2, hi3)
+    return _k_tile(first, second, d, dmin, sc0, sc1, mn0, mn1)
+
+
+@triton.jit
+def fetch_q5_k(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q5_K tile of 64 values at k0 (sub-blocks 2c, 2c+1 of its block): the 8 qs words of the
+    tile's 32-byte run and the block's 8 qh words (all 32 bytes: value j of every sub-block takes its fifth
+    bit from qh[j]), joined as [R, 8, 2], and the 16-byte head (d | dmin | 12 scale bytes) as 4 words [R, 4].
+    176-byte blocks keep rows 16-byte aligned, as Q4_K's: 16-byte loads without a repack."""
+    tl.static_assert(BLOCK_K == 64)
+    start = rows.to(tl.int64) * row_bytes + (k0 >> 8) * 176
+    words = (w_ptr + start).to(tl.pointer_type(tl.int32))
+    qs = tl.load(words[:, None] + (12 + ((k0 >> 6) & 3) * 8 + tl.arange(0, 8))[None, :])
+    qh = tl.load(words[:, None] + (4 + tl.arange(0, 8))[None, :])
+    return tl.join(qs, qh), tl.load(words[:, None] + tl.arange(0, 4)[None, :])
+
+
+@triton.jit
+def convert_q5_k(q, head, k0):
+    """fetch_q5_k's words -> fp32 [R, 64]: q = nibble | fifth bit << 4, then Q4_K's (d * sc) * q - dmin * min.
+    The fifth bits of sub-blocks 2c and 2c+1 are bits 2c and 2c+1 of each qh byte: one uniform shift of the
+    word brings them to bits 0 and 1 of every byte, then each goes to bit 4 of its byte beside the nibble."""
+    chunk = (k0 >> 6) & 3
+    d, dmin, sc0, sc1, mn0, mn1 = _k_scales(head, chunk)
+    qs, qh = tl.split(q)
+    qs = qs.to(tl.uint32, bitcast=True)
+    high = qh.to(tl.uint32, bitcast=True) >> tl.cast(2 * chunk, tl.uint32)  # k0 may be an int here
+    lo0, lo1, lo2, lo3 = _u8_word_to_fp32((qs & 0x0F0F0F0F) | ((high << 4) & 0x10101010))
+    hi0, hi1, hi2, hi3 = _u8_word_to_fp32(((qs >> 4) & 0x0F0F0F0F) | ((high << 3) & 0x10101010))
+    first = _interleave4(lo0, lo1, lo2, lo3)
+    second = _interleave4(hi0, hi1, hi2, hi3)
+    return _k_tile(first, second, d, dmin, sc0, sc1, mn0, mn1)
+
+
+@triton.jit
+def fetch_q2_k(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q2_K tile of 64 values at k0 (groups 4c..4c+3 of 16 values, c = the tile's place in
+    its block): the 8 qs words of the block half it reads (all 32 bytes: each byte holds a 2-bit field of
+    4 tiles) as [2, R, 4] (word 4j + t at [j, r, t]), and the head as 2 words [R, 2]: the tile's 4 scale
+    bytes, d | dmin. 84-byte blocks keep every field 4-byte aligned (rows are whole blocks): int32 word
+    loads, no repack; not 16-byte aligned, so one LDG.E a word. As [j, R, t] 4 lanes share a row and each
+    thread takes 2 rows x 2 words, both fields of each used; as [R, 8] a thread loaded 2 rows x 4 words and
+    used one field of each (287 SASS instructions a step, 13 LDG, against 265 and 9)."""
+    tl.static_assert(BLOCK_K == 64)
+    chunk = (k0 >> 6) & 3
+    start = rows.to(tl.int64) * row_bytes + (k0 >> 8) * 84
+    words = (w_ptr + start).to(tl.pointer_type(tl.int32))
+    w = (4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :])[:, None, :]  # [j, 1, t]: word 4j + t
+    q = tl.load(words[None, :, None] + (4 + (chunk // 2) * 8) + w)
+    return q, tl.join(tl.load(words + chunk), tl.load(words + 20))
+
+
+@triton.jit
+def convert_q2_k(q, head, k0):
+    """fetch_q2_k's words -> fp32 [R, 64]: x = (d * scale) * q - dmin * min per 16 values, gguf's operations
+    (the product is exact in fp32: fp16 x 4 bits x 2 bits, so the fused multiply-add gives gguf's bits).
+    The tile's first 32 values are 2-bit field 2 * (c % 2) of the 32 bytes, the next 32 field
+    2 * (c % 2) + 1: one uniform shift, then a mask a field. The scales come from the scale word broadcast
+    to [R, a, j] (joined from per-row scalars they cost a shared-memory round trip and 12 barriers a step)."""
+    R: tl.constexpr = q.shape[1]
+    scales, dd = tl.split(head)
+    d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    # [R, a, j]: byte 2a + j of the scale word, group 4c + 2a + j: the scale in its low nibble, the min high
+    at = (8 * (2 * tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :])).to(tl.uint32)
+    sc = scales.to(tl.uint32, bitcast=True)[:, None, None] >> at[None, :, :]
+    dl = d[:, None, None] * (sc & 0xF).to(tl.float32)
+    ml = dmin[:, None, None] * ((sc >> 4) & 0xF).to(tl.float32)
+    bits = q.to(tl.uint32, bitcast=True) >> tl.cast(4 * ((k0 >> 6) & 1), tl.uint32)  # k0 may be an int
+    lo0, lo1, lo2, lo3 = _u8_word_to_fp32(bits & 0x03030303)
+    hi0, hi1, hi2, hi3 = _u8_word_to_fp32((bits >> 2) & 0x03030303)
+    first = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))  # [j, R, t, b1, b0]: byte b = 2 b1 + b0
+    second = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    v = tl.permute(tl.join(first, second), (1, 5, 0, 2, 3, 4))  # [R, a, j, t, b1, b0]: 32a + 16j + 4t + b
+    return tl.reshape(v * dl[:, :, :, None, None, None] - ml[:, :, :, None, None, None], (R, 64))
+
+
+@triton.jit
+def _q6_halves_to_fp32(ql_a, ql_b, qh, shift):
+    """Q6_K: uint16 ql halfwords of values (2v, 2v+1) and (32+2v, 33+2v) of a tile, the qh halfword of both,
+    the nibble shift 4n (n: the tile's nibble of ql) -> q - 32 of the 4 values, fp32, exactly: one word
+    [ql_a | ql_b] of low nibbles, the qh pair as [qh | qh >> 2] shifted so its 2-bit fields of this tile
+    land on bits 4-5 of each byte, then the magic number (2^23 + q - (2^23 + 32) = q - 32)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b16 h2;
+            .reg .b32 w, hh, s;
+            mov.b32 w, {$4, $5};
+            shr.u16 h2, $6, 2;
+            mov.b32 hh, {$6, h2};
+            shr.u32 w, w, $7;
+            sub.u32 s, 4, $7;
+            shl.b32 hh, hh, s;
+            and.b32 w, w, 0x0F0F0F0F;
+            and.b32 hh, hh, 0x30303030;
+            or.b32 w, w, hh;
+            prmt.b32 $0, w, 0x4B000000, 0x7650;
+            prmt.b32 $1, w, 0x4B000000, 0x7651;
+            prmt.b32 $2, w, 0x4B000000, 0x7652;
+            prmt.b32 $3, w, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000020;
+            sub.f32 $1, $1, 0f4B000020;
+            sub.f32 $2, $2, 0f4B000020;
+            sub.f32 $3, $3, 0f4B000020;
+            }""",
+            "=r,=r,=r,=r,h,h,h,r",
+            [ql_a, ql_b, qh, shift],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        s = tl.cast(shift, tl.uint32)
+        a = ((ql_a.to(tl.uint32) >> s) & 0xF0F) | (((qh.to(tl.uint32) >> s) << 4) & 0x3030)
+        b = ((ql_b.to(tl.uint32) >> s) & 0xF0F) | (((qh.to(tl.uint32) >> s) << 2) & 0x3030)
+        return (
+            (a & 0xFF).to(tl.float32) - 32.0,
+            (a >> 8).to(tl.float32) - 32.0,
+            (b & 0xFF).to(tl.float32) - 32.0,
+            (b >> 8).to(tl.float32) - 32.0,
+        )
+
+
+@triton.jit
+def fetch_q6_k(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q6_K tile of 64 values at k0 (c = its place in the block, h = c // 2 its half, n = c % 2
+    its nibble): ql halfwords of values (2v, 2v+1) and (32+2v, 33+2v), the qh halfwords of both (each qh
+    byte holds a 2-bit field of 4 tiles), uint16 [4, R, 4] each (v = 4j + t at [j, r, t]: 4 lanes share a
+    row, a thread takes 2 rows x 4 halfwords of each), joined as [4, R, 4, 2, 2]; the head: the tile's 4
+    int8 scales (two halfwords) and the fp16 d, uint16 [R], joined as [R, 2, 2]. 210-byte blocks keep a
+    row only 2-byte aligned, so 16-bit loads: one LDG.U16 per 2 quant bytes, 31 a thread a step (the whole
+    decoder's byte loads came to 36 per 64 values: the saving is in the conversion); wider loads would
+    need a repack at load."""
+    tl.static_assert(BLOCK_K == 64)
+    chunk = (k0 >> 6) & 3
+    start = rows.to(tl.int64) * row_bytes + (k0 >> 8) * 210
+    half = (w_ptr + start).to(tl.pointer_type(tl.uint16))
+    v = (4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :])[:, None, :]  # [j, 1, t]: halfword 4j + t
+    ql = half[None, :, None] + (chunk // 2) * 32 + v
+    qh = half[None, :, None] + (64 + (chunk // 2) * 16) + v
+    qh = tl.load(qh)
+    d = tl.load(half + 104)
+    # joined, not tuples (jit tuples need a newer Triton than the project's >= 3.1); qh and d twice to
+    # match shapes: 2 PRMT a step
+    quants = tl.join(tl.join(tl.load(ql), tl.load(ql + 16)), tl.join(qh, qh))
+    scales = tl.join(tl.load(half + 96 + 2 * chunk), tl.load(half + 97 + 2 * chunk))
+    return quants, tl.join(scales, tl.join(d, d))
+
+
+@triton.jit
+def convert_q6_k(q, head, k0):
+    """fetch_q6_k's halfwords -> fp32 [R, 64]: x = (d * scale) * (q - 32) per 16 values, gguf's operations
+    (q - 32 comes exactly from the magic number; the int8 scale goes by the magic number too: converted
+    as a signed byte it cost 8 I2F a step). A product, no sum: no fused multiply-add question."""
+    ql, qh = tl.split(q)
+    ql_a, ql_b = tl.split(ql)
+    qh, _ = tl.split(qh)
+    scales, d16 = tl.split(head)
+    s01, s23 = tl.split(scales)
+    d16, _ = tl.split(d16)
+    R: tl.constexpr = qh.shape[1]
+    d = d16.to(tl.float16, bitcast=True).to(tl.float32)
+    sw = s01.to(tl.uint32) | (s23.to(tl.uint32) << 16)
+    # [R, a, g]: scale byte 2a + g; (b ^ 0x80) as the low bits of 2^23 is 2^23 + 128 + the int8 value
+    at = (8 * (2 * tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :])).to(tl.uint32)
+    sc = ((sw[:, None, None] >> at[None, :, :]) & 0xFF) ^ 0x4B000080
+    dl = d[:, None, None] * (sc.to(tl.float32, bitcast=True) - 8388736.0)
+    v0, v1, v2, v3 = _q6_halves_to_fp32(ql_a, ql_b, qh, tl.cast(4 * ((k0 >> 6) & 1), tl.int32))
+    t = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [j, R, t, a, b]
+    t = tl.permute(t, (1, 3, 0, 2, 4))  # [R, a, j, t, b]: value 32a + 8j + 2t + b
+    t = tl.reshape(t, (R, 2, 2, 2, 4, 2))  # [R, a, g, j % 2, t, b]: group 2a + g
+    return tl.reshape(dl[:, :, :, None, None, None] * t, (R, 64))
