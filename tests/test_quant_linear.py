@@ -114,7 +114,7 @@ def test_unsummed_partials_summed_by_add_rms_norm_give_the_summed_bits(dtype):
 
 
 # the K-quants with a split decoder (kernels/quant/split_decoders.py): 64-value tiles of 256-value blocks
-SPLIT_K_QUANTS = [pytest.param(t, id=kernel_type(t).name) for t in (12, 13, 10, 14)]  # Q4_K Q5_K Q2_K Q6_K
+SPLIT_K_QUANTS = [pytest.param(t, id=kernel_type(t).name) for t in (12, 13, 10, 14, 11)]  # Q4_K Q5_K Q2_K Q6_K Q3_K
 
 
 @pytest.mark.parametrize("qtype", SPLIT_K_QUANTS)

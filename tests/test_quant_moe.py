@@ -26,12 +26,12 @@ from mlapipe.kernels.quant.fused_moe import (  # noqa: E402
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-Q8_0, Q2_K, Q4_K, Q5_K, Q6_K = 8, 10, 12, 13, 14
+Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 8, 10, 11, 12, 13, 14
 FIRST_TYPES = [Q8_0, Q4_K]  # both paths, every T and dtype; the other types once
 TYPES = [pytest.param(t, id=kernel_type(t).name) for t in FIRST_TYPES]
 # the other K-quants with a split decoder (the prefetched gate|up and down loops), one table (grid) type,
 # a plain float type; the linear tests take them all
-OTHER_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in (Q6_K, Q5_K, Q2_K, 16, 30)]
+OTHER_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in (Q6_K, Q5_K, Q2_K, Q3_K, 16, 30)]
 
 
 def experts(gate_up_type: int, down_type: int, E: int, H: int, inter: int, seed: int = 0):

@@ -13,14 +13,14 @@ PROBE = """
 import json
 from mlapipe.kernels.bench.sass import compile_sass, main_loop
 from mlapipe.kernels.quant.types import Q8_0_PLANES, quant_type
-codes = {"q8_0": 8, "planes": Q8_0_PLANES, "q4_k": 12, "q5_k": 13, "q2_k": 10, "q6_k": 14}
+codes = {"q8_0": 8, "planes": Q8_0_PLANES, "q4_k": 12, "q5_k": 13, "q2_k": 10, "q6_k": 14, "q3_k": 11}
 loops = {name: main_loop(compile_sass(quant_type(code), stages=1, prefetch=True)) for name, code in codes.items()}
 whole = {name: main_loop(compile_sass(quant_type(codes[name]), stages=1, prefetch=False))
-         for name in ("q5_k", "q2_k", "q6_k")}
+         for name in ("q5_k", "q2_k", "q6_k", "q3_k")}
 print(json.dumps({name: {"len": len(body), "i2f": body.count("I2F")} for name, body in loops.items()}))
 print(json.dumps({name: {"len": len(body), "i2f": body.count("I2F")} for name, body in whole.items()}))
 """
-SPLIT_K_QUANTS = ("q4_k", "q5_k", "q2_k", "q6_k")
+SPLIT_K_QUANTS = ("q4_k", "q5_k", "q2_k", "q6_k", "q3_k")
 
 
 def test_the_split_decoders_loops_convert_without_i2f():

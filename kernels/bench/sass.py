@@ -1,5 +1,5 @@
 """SASS of the quantized split-launch GEMM loop, without a GPU:
-`python -m mlapipe.kernels.bench sass [--types q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k] [--stages 1]
+`python -m mlapipe.kernels.bench sass [--types q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k,q3_k] [--stages 1]
 [--no-prefetch]`.
 
 Compiles kernels/quant/linear.py's `_linear_split_kernel` for sm_90 with Triton's bundled ptxas (the
@@ -81,7 +81,7 @@ def main_loop(sass: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlapipe.kernels.bench sass")
-    parser.add_argument("--types", default="q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k")
+    parser.add_argument("--types", default="q8_0,q8_0_planes,q4_k,q5_k,q2_k,q6_k,q3_k")
     parser.add_argument("--stages", type=int, default=1)
     parser.add_argument("--no-prefetch", action="store_true", help="split decoders run whole")
     args = parser.parse_args(argv)

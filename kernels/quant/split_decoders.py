@@ -10,7 +10,7 @@ register a byte), and int -> float goes by the magic number in PTX (no I2F, a qu
 a byte b as the low mantissa bits of 2^23 is the float 2^23 + b. The interpreter runs no PTX: it takes
 the same arithmetic in Triton ops. QuantType.fetch / .convert find these by name. Each K-quant fetch
 takes 64-value tiles (QuantType.fetch_block_k) and loads the widest words its block alignment allows:
-16 bytes (Q4_K, Q5_K), 4 (Q2_K), 2 (Q6_K). k0 >= 0 in every caller, so tile positions are shifts and
+16 bytes (Q4_K, Q5_K), 4 (Q2_K), 2 (Q6_K, Q3_K). k0 >= 0 in every caller, so tile positions are shifts and
 masks of k0 (signed // and % cost about 40 uniform instructions a step).
 """
 
@@ -410,6 +410,110 @@ def convert_q6_k(q, head, k0):
     sc = ((sw[:, None, None] >> at[None, :, :]) & 0xFF) ^ 0x4B000080
     dl = d[:, None, None] * (sc.to(tl.float32, bitcast=True) - 8388736.0)
     v0, v1, v2, v3 = _q6_halves_to_fp32(ql_a, ql_b, qh, tl.cast(4 * ((k0 >> 6) & 1), tl.int32))
+    t = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [j, R, t, a, b]
+    t = tl.permute(t, (1, 3, 0, 2, 4))  # [R, a, j, t, b]: value 32a + 8j + 2t + b
+    t = tl.reshape(t, (R, 2, 2, 2, 4, 2))  # [R, a, g, j % 2, t, b]: group 2a + g
+    return tl.reshape(dl[:, :, :, None, None, None] * t, (R, 64))
+
+
+@triton.jit
+def _q3_halves_to_fp32(qs, hmask, qshift, hshift):
+    """Q3_K: the uint16 qs halfword of values (2v, 2v+1) and (32+2v, 33+2v) of a tile (their 2-bit fields
+    at bits qshift and qshift + 2 of each byte), the hmask halfword of both (their high bits at bits hshift
+    and hshift + 1) -> q of the 4 values, fp32, exactly: q = low 2 bits - 4 where the high bit is clear,
+    i.e. (low | high << 2) - 4, as the magic number (2^23 + byte - (2^23 + 4))."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b16 q2, h1;
+            .reg .b32 w, h;
+            shr.u16 q2, $4, 2;
+            mov.b32 w, {$4, q2};
+            shr.u16 h1, $5, 1;
+            mov.b32 h, {$5, h1};
+            shr.u32 w, w, $6;
+            shr.u32 h, h, $7;
+            and.b32 w, w, 0x03030303;
+            and.b32 h, h, 0x01010101;
+            shl.b32 h, h, 2;
+            or.b32 w, w, h;
+            prmt.b32 $0, w, 0x4B000000, 0x7650;
+            prmt.b32 $1, w, 0x4B000000, 0x7651;
+            prmt.b32 $2, w, 0x4B000000, 0x7652;
+            prmt.b32 $3, w, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000004;
+            sub.f32 $1, $1, 0f4B000004;
+            sub.f32 $2, $2, 0f4B000004;
+            sub.f32 $3, $3, 0f4B000004;
+            }""",
+            "=r,=r,=r,=r,h,h,r,r",
+            [qs, hmask, qshift, hshift],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        q = qs.to(tl.uint32) >> tl.cast(qshift, tl.uint32)
+        h = hmask.to(tl.uint32) >> tl.cast(hshift, tl.uint32)
+        a = (q & 0x303) | ((h & 0x101) << 2)  # bytes: values 2v, 2v+1
+        b = ((q >> 2) & 0x303) | (((h >> 1) & 0x101) << 2)  # values 32+2v, 33+2v
+        return (
+            (a & 0xFF).to(tl.float32) - 4.0,
+            (a >> 8).to(tl.float32) - 4.0,
+            (b & 0xFF).to(tl.float32) - 4.0,
+            (b >> 8).to(tl.float32) - 4.0,
+        )
+
+
+@triton.jit
+def fetch_q3_k(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q3_K tile of 64 values at k0 (groups 4c..4c+3 of 16 values): the qs halfwords of values
+    (2v, 2v+1) and (32+2v, 33+2v) (the 32 bytes of the block half c // 2: each holds a 2-bit field of 4 tiles)
+    and the hmask halfwords of both (all 32 bytes: each holds the high bit of every tile's values), uint16
+    [4, R, 4] each as Q6_K's (v = 4j + t at [j, r, t]), joined as [4, R, 4, 2]; the head: the 4 scale bytes
+    whose nibble c // 2 holds the low 4 bits of the tile's 4 scales (bytes 4 (c % 2) ..), the 4 bytes whose
+    field c holds their top 2 bits (bytes 8-11), the fp16 d; uint16 [R], joined as [R, 2, 2, 2]. 110-byte
+    blocks keep a row only 2-byte aligned, as Q6_K's: 16-bit loads, 37 a row a step."""
+    tl.static_assert(BLOCK_K == 64)
+    chunk = (k0 >> 6) & 3
+    start = rows.to(tl.int64) * row_bytes + (k0 >> 8) * 110
+    half = (w_ptr + start).to(tl.pointer_type(tl.uint16))
+    v = (4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :])[:, None, :]  # [j, 1, t]: halfword 4j + t
+    qs = tl.load(half[None, :, None] + (16 + (chunk // 2) * 16) + v)
+    hmask = tl.load(half[None, :, None] + v)
+    low = tl.join(tl.load(half + 48 + 2 * (chunk % 2)), tl.load(half + 49 + 2 * (chunk % 2)))
+    high = tl.join(tl.load(half + 52), tl.load(half + 53))
+    d = tl.load(half + 54)
+    # joined, not tuples (see fetch_q6_k); d four times to match shapes
+    return tl.join(qs, hmask), tl.join(tl.join(low, high), tl.join(tl.join(d, d), tl.join(d, d)))
+
+
+@triton.jit
+def convert_q3_k(q, head, k0):
+    """fetch_q3_k's halfwords -> fp32 [R, 64]: x = (d * (scale - 32)) * q per 16 values, gguf's operations
+    (scale - 32 and q exact from the magic number; a product, no sum)."""
+    qs, hmask = tl.split(q)
+    scales, d16 = tl.split(head)
+    low, high = tl.split(scales)
+    lo01, lo23 = tl.split(low)
+    hi01, hi23 = tl.split(high)
+    d16, _ = tl.split(d16)
+    d16, _ = tl.split(d16)
+    R: tl.constexpr = qs.shape[1]
+    chunk = (k0 >> 6) & 3
+    d = d16.to(tl.float16, bitcast=True).to(tl.float32)
+    lw = lo01.to(tl.uint32) | (lo23.to(tl.uint32) << 16)
+    hw = hi01.to(tl.uint32) | (hi23.to(tl.uint32) << 16)
+    # byte g' of sw: scale 4c + g' (6 bits): nibble c // 2 of byte g' of lw, field c of byte g' of hw
+    low = (lw >> tl.cast(4 * (chunk // 2), tl.uint32)) & 0x0F0F0F0F
+    sw = low | (((hw >> tl.cast(2 * chunk, tl.uint32)) & 0x03030303) << 4)
+    # [R, a, g]: byte 2a + g as the low bits of 2^23, minus 2^23 + 32 (the 6-bit word a row first: 332
+    # SASS instructions a step, against 365 with two shifts and masks a scale)
+    at = (8 * (2 * tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :])).to(tl.uint32)
+    sc = ((sw[:, None, None] >> at[None, :, :]) & 0xFF) | 0x4B000000
+    dl = d[:, None, None] * (sc.to(tl.float32, bitcast=True) - 8388640.0)
+    qshift = tl.cast(4 * (chunk % 2), tl.int32)
+    v0, v1, v2, v3 = _q3_halves_to_fp32(qs, hmask, qshift, tl.cast(2 * chunk, tl.int32))
     t = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [j, R, t, a, b]
     t = tl.permute(t, (1, 3, 0, 2, 4))  # [R, a, j, t, b]: value 32a + 8j + 2t + b
     t = tl.reshape(t, (R, 2, 2, 2, 4, 2))  # [R, a, g, j % 2, t, b]: group 2a + g

@@ -86,7 +86,7 @@ QUANT_TYPES: dict[int, QuantType] = {
         _row("Q6_K", (208,), fetch_block_k=64),
         _row("Q5_K", (0, 2), fetch_block_k=64),
         _row("Q2_K", (80, 82), fetch_block_k=64),
-        _row("Q3_K", (108,)),
+        _row("Q3_K", (108,), fetch_block_k=64),
         _row("Q4_0", (0,)),
         _row("IQ4_XS", (0,), has_table=True),
         _row("IQ2_XXS", (0,), has_table=True),
