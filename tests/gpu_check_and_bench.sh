@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: GPU/multi-GPU tests, then the pipeline benchmarks; short tables last.
 # Run from the repository root of a GPU machine (README, "GPU runs"); wheels in .whl/ are installed first.
-#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|pdl|decode-fusions|v3-2gpu|v3-4gpu|load]
+#   bash tests/gpu_check_and_bench.sh [tests|single|pipeline|decode|rounds|two-stage|profile|tests+profile|benches|all|quant|planes-kernels|planes-model|prefill-graphs|prefill-profile|quant-tests|moe-tiles|pdl|decode-fusions|fusion-kernels|quant-decode-kernels|v3-2gpu|v3-4gpu|load]
 set -u
 if compgen -G ".whl/*.whl" > /dev/null; then  # an offline GPU machine: wheels carried in .whl/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -118,17 +118,28 @@ if [[ $what == decode-fusions ]]; then  # issue 12: fewer decode kernels; speed 
     > "$out/bench_fusions.log" 2>&1; grep "^| v2" "$out/bench_fusions.log"
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/test_gpu_model.py \
     tests/test_prefill_graphs.py tests/test_quant_model.py 2>&1 | tail -3 | tee "$out/fusion_model_tests.log"
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_mla_absorb_kernel.py tests/test_mla_decode_projected.py \
-    tests/test_norm_rope_kernels.py tests/test_quant_moe.py tests/test_pdl.py -k "not other_types" 2>&1 | tail -3 | tee "$out/fusion_kernel_tests.log"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_moe_route_align.py 2>&1 | tail -3 | tee "$out/route_align_tests.log"
   for wtype in q4_k q8_0; do  # kernel times without PDL's overlap (with it a kernel's span includes its wait)
     MLAPIPE_PDL=0 timeout 50 python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype $wtype > "$out/profile_$wtype.log" 2>&1
     grep -A 24 "decode steps of" "$out/profile_$wtype.log" | cut -c1-100
   done
+  # the MoE's walked launch at decode (no partials, no combine kernels) against the split one above
+  MLAPIPE_PDL=0 MLAPIPE_QUANT_MOE_SPLIT=0 timeout 50 python -m mlapipe.workers.bench.profile_decode --seqs 1 --wtype q8_0 \
+    > "$out/profile_q8_0_walked.log" 2>&1; grep -A 12 "decode steps of" "$out/profile_q8_0_walked.log" | cut -c1-100
+fi
+if [[ $what == fusion-kernels ]]; then  # the fused decode kernels' GPU tests (bits against the kernels they replace)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_mla_absorb_kernel.py tests/test_mla_decode_projected.py \
+    tests/test_norm_rope_kernels.py tests/test_quant_moe.py tests/test_pdl.py tests/test_moe_route_align.py \
+    tests/test_shared_mlp_partials.py tests/test_silu_mul_kernel.py tests/test_attention_partials.py \
+    tests/test_quant_decoders.py tests/test_quant_linear.py -k "not other_types" 2>&1 | tail -4 | tee "$out/fusion_kernel_tests.log"
   for tokens in 512 2048; do  # where a quantized prompt's GPU time goes (the pp gap to bf16)
     timeout 60 python -m mlapipe.workers.bench.profile_prefill --tokens $tokens --wtype q8_0 > "$out/profile_prefill_q8_0_$tokens.log" 2>&1
     grep -A 25 "GPU time per" "$out/profile_prefill_q8_0_$tokens.log" | cut -c1-110
   done
+fi
+if [[ $what == quant-decode-kernels ]]; then  # issue 12's kernel bars at decode sizes, every type with a split decoder
+  timeout 480 python3 -m mlapipe.kernels.bench quant --types q8_0,q4_k,q5_k,q2_k,q6_k --models v2-lite,v3 \
+    --dense-prefill "" --moe-prefill "" --layouts planes > "$out/bench_quant_decode.log" 2>&1
+  grep -v "^\['" "$out/bench_quant_decode.log" | tail -60
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)
