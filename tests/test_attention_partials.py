@@ -19,7 +19,8 @@ from mlapipe.kernels import norm_rope, reference  # noqa: E402
 from mlapipe.kernels.quant import linear  # noqa: E402
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 from mlapipe.runtime.shapes import SHAPES  # noqa: E402
-from mlapipe.workers import attention, ops  # noqa: E402
+from mlapipe.workers import attention  # noqa: E402
+from tests.kernel_paths import take_path  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the interpreter's dots want fp32
@@ -77,15 +78,7 @@ def _decode_step(cfg):
 def _run(layer, x, meta, cache, monkeypatch, kernels: str):
     """The layer's output (summed) and the cache it wrote, through the Triton kernels ('partials': as the
     model runs; 'summed': every split linear sums its own partials) or the torch references."""
-    monkeypatch.setattr(ops, "uses_reference", lambda device: kernels == "torch")
-    linear, ranks = ops.linear, []
-
-    def recording_linear(x, w, unsummed=False):
-        out = linear(x, w, unsummed and kernels == "partials")
-        ranks.append(out.dim())
-        return out
-
-    monkeypatch.setattr(ops, "linear", recording_linear)
+    ranks = take_path(monkeypatch, kernels)
     cache = cache.clone()
     out = layer.forward(x, meta, cache)
     if out.dim() == 3:

@@ -21,8 +21,8 @@ from mlapipe.kernels.quant import linear  # noqa: E402
 from mlapipe.kernels.quant.fused_moe import quant_fused_moe  # noqa: E402
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 from mlapipe.runtime.shapes import SHAPES  # noqa: E402
-from mlapipe.workers import ops  # noqa: E402
 from mlapipe.workers.layers import MoEBlock  # noqa: E402
+from tests.kernel_paths import take_path  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -53,15 +53,7 @@ def _block(routed=Q.Q8_0, shared=Q.Q4_0):
 def _forward(block, x, monkeypatch, kernels: str):
     """The block's output through the Triton kernels ('partials': as the model runs; 'summed': every split
     linear sums its own partials) or the torch references, and the ranks the linears returned."""
-    monkeypatch.setattr(ops, "uses_reference", lambda device: kernels == "torch")
-    linear, ranks = ops.linear, []
-
-    def recording_linear(x, w, unsummed=False):
-        out = linear(x, w, unsummed and kernels == "partials")
-        ranks.append(out.dim())
-        return out
-
-    monkeypatch.setattr(ops, "linear", recording_linear)
+    ranks = take_path(monkeypatch, kernels)
     return block.forward(x), ranks
 
 
