@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from mlapipe.kernels.quant import random_blocks, reference, tables  # noqa: E402
+from mlapipe.kernels.quant import random_blocks, reference, split_decoders, tables  # noqa: E402
 from mlapipe.kernels.quant.dequantize import (  # noqa: E402
     dequantize,
     dequantize_reference,
@@ -35,6 +35,7 @@ from mlapipe.kernels.quant.dequantize import (  # noqa: E402
 from mlapipe.kernels.quant.tensor import QuantTensor  # noqa: E402
 from mlapipe.kernels.quant.types import QUANT_TYPES, has_kernel, nbytes, quant_type, row_bytes  # noqa: E402
 from tests.hopper_compile import compile_script_output  # noqa: E402
+from tests.ptx_emulator import run_ptx  # noqa: E402
 
 # MXFP4's huge e8m0 scales overflow fp32 (inf, in gguf too), huge fp16 scales overflow fp16 outputs
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered")
@@ -215,9 +216,38 @@ SPLIT_TYPES = [t for t in TYPES if t.fetch is not None]
 @pytest.mark.parametrize("row", SPLIT_TYPES, ids=[t.name for t in SPLIT_TYPES])
 def test_split_decoder_equals_gguf(row):
     """Every 64-value tile of every position in a block (4 per K-quant block), rows past one 16-row tile;
-    3 blocks a row, so Q6_K rows (210-byte blocks) start 2 bytes off a 4-byte boundary every other row."""
-    raw = adversarial_rows(row.code, 20, 3, np.random.default_rng(row.code + 300))
+    3 blocks a row, so Q6_K rows (210-byte blocks) start 2 bytes off a 4-byte boundary every other row; 32-value
+    types 6 blocks a row (3 tiles of two blocks), so Q5_0 rows (132 bytes) start 4 bytes off an 8-byte one."""
+    blocks = 3 if row.block_elems == 256 else 6
+    raw = adversarial_rows(row.code, 20, blocks, np.random.default_rng(row.code + 300))
     assert_bits_equal(split_decode(quant_tensor(raw, row.code, DEVICE)), gguf_values(raw, row.code))
+
+
+def test_split_converts_ptx_equals_their_twins():
+    """The 32-value types' converts run PTX on a GPU and Triton ops in the interpreter (the test above): the
+    PTX, run by tests/ptx_emulator.py on every input pattern that matters (random words, all 4 lanes), gives
+    the twins' values: nibbles (- 8), Q5 quants (- 16, fifth bits from qh >> 2t), kvalues_iq4nl, the halves
+    prmt."""
+    rng = np.random.default_rng(5)
+    w, qh = (rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32) for _ in range(2))
+    t = np.arange(4096, dtype=np.uint32) % 4
+    nib = np.stack([(w >> np.uint32(4 * i)) & 0xF for i in range(8)])  # low, high nibble of byte 0, ...
+    lo_hi = np.concatenate([nib[0::2], nib[1::2]]).astype(np.int64)  # the converts' order: low nibbles first
+    fifth = np.stack([(qh >> (2 * t + e)) & 1 for e in (0, 1, 8, 9, 16, 17, 24, 25)]).astype(np.int64)
+    kv = tables.kvalues().astype(np.int64)
+    cases = [
+        (split_decoders._NIBBLES_PTX_0, {8: w}, lo_hi),
+        (split_decoders._NIBBLES_PTX_8, {8: w}, lo_hi - 8),
+        (split_decoders._Q5_PTX_0, {8: w, 9: qh, 10: 2 * t}, lo_hi | fifth << 4),
+        (split_decoders._Q5_PTX_16, {8: w, 9: qh, 10: 2 * t}, (lo_hi | fifth << 4) - 16),
+        (split_decoders._IQ4_NL_PTX, {8: w}, kv[lo_hi]),
+    ]
+    for asm, inputs, want in cases:
+        got = np.stack(run_ptx(asm.value, inputs, 8)).view(np.float32)
+        assert np.array_equal(got, want.astype(np.float32)), asm.value
+    odd = t & 1
+    (got,) = run_ptx("prmt.b32 $0, $1, $2, $3;", {1: w, 2: qh, 3: np.where(odd, 0x7632, 0x5410)}, 1)
+    assert np.array_equal(got, ((w >> 16 * odd) & 0xFFFF) | (((qh >> 16 * odd) & 0xFFFF) << 16))
 
 
 # ---- embedding gather ----------------------------------------------------------------------------

@@ -113,22 +113,25 @@ def test_unsummed_partials_summed_by_add_rms_norm_give_the_summed_bits(dtype):
     assert linear_split(x, w, one_chunk, unsummed=True).shape == (2, 37)
 
 
-# the K-quants with a split decoder (kernels/quant/split_decoders.py): 64-value tiles of 256-value blocks
-SPLIT_K_QUANTS = [pytest.param(t, id=kernel_type(t).name) for t in (12, 13, 10, 14, 11)]  # Q4_K Q5_K Q2_K Q6_K Q3_K
+# the types with a split decoder (kernels/quant/split_decoders.py): 64-value tiles of 256-value blocks (the
+# K-quants Q4_K Q5_K Q2_K Q6_K Q3_K), or of two 32-value blocks (Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL)
+SPLIT_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in (12, 13, 10, 14, 11, 2, 3, 6, 7, 20)]
 
 
-@pytest.mark.parametrize("qtype", SPLIT_K_QUANTS)
+@pytest.mark.parametrize("qtype", SPLIT_TYPES)
 def test_split_decoder_chunks_of_one_block(qtype):
     """A split decoder (64-value tiles of a 256-value block) may take chunks of one block: 4 loop
     iterations. Its plans do (8 chunks at K = 2048 where a whole-block decoder gets 2), and such chunks
     give the split and tiled launches the same sums, within rounding of the reference; the type's plan
-    and launches take the split decoder (the prefetched loop), at every tile position of a block."""
+    and launches take the split decoder (the prefetched loop), at every tile position of a block. A 32-value
+    type's plan is the same either way (a loop iteration is BLOCK_K values with or without the split)."""
     assert plan_linear(3648, 2048, 256, 132, prefetched=True).num_chunks == 8
     assert plan_linear(3648, 2048, 256, 132).num_chunks == 2
-    assert plan_linear(2048, 2048, 32, 132, prefetched=True) == plan_linear(2048, 2048, 32, 132)
+    for K in (1408, 2048, 10944):  # V2-Lite's expert intermediate, hidden and dense intermediate sizes
+        assert plan_linear(2048, K, 32, 132, prefetched=True) == plan_linear(2048, K, 32, 132)
     kind = kernel_type(qtype)
     assert kind.fetch is not None and split_decoder(kind, 64) == (kind.fetch, kind.convert)
-    w = weight(qtype, 70, 3)  # K = 768: three blocks; N past one 64-row tile
+    w = weight(qtype, 70, 768 // kind.block_elems)  # K = 768: three K-quant blocks; N past one 64-row tile
     assert linear_plan(w, w.device).block_k == 64
     plan = LinearPlan(64, 256, 3)
     x = torch.randn(3, w.shape[1], device=DEVICE)

@@ -26,12 +26,13 @@ from mlapipe.kernels.quant.fused_moe import (  # noqa: E402
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 8, 10, 11, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20
 FIRST_TYPES = [Q8_0, Q4_K]  # both paths, every T and dtype; the other types once
 TYPES = [pytest.param(t, id=kernel_type(t).name) for t in FIRST_TYPES]
-# the other K-quants with a split decoder (the prefetched gate|up and down loops), one table (grid) type,
-# a plain float type; the linear tests take them all
-OTHER_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in (Q6_K, Q5_K, Q2_K, Q3_K, 16, 30)]
+# the other types with a split decoder (the prefetched gate|up and down loops: K-quants, then 32-value
+# types), one table (grid) type, a plain float type; the linear tests take them all
+SPLIT_TYPES = (Q6_K, Q5_K, Q2_K, Q3_K, Q5_0, IQ4_NL, Q4_0, Q5_1, Q4_1)
+OTHER_TYPES = [pytest.param(t, id=kernel_type(t).name) for t in (*SPLIT_TYPES, 16, 30)]
 
 
 def experts(gate_up_type: int, down_type: int, E: int, H: int, inter: int, seed: int = 0):
@@ -75,9 +76,10 @@ class _env:
 
 def dims(qtype: int, down_qtype: int) -> tuple[int, int]:
     """(H, I): H over the gate|up type's blocks (GEMM 1 reduces over H: two 32-value blocks, or one
-    256-value super-block), I one block of the down type (GEMM 2 reduces over I: K = one block)."""
+    256-value super-block), I one block of the down type (GEMM 2 reduces over I: K = one block), or the
+    tile of its split decoder where that is wider (two 32-value blocks), so the down loop takes it too."""
     h_block, i_block = (max(32, kernel_type(t).block_elems) for t in (qtype, down_qtype))
-    return max(64, h_block), i_block
+    return max(64, h_block), max(kernel_type(down_qtype).fetch_block_k, i_block)
 
 
 MOE_CASES = [
@@ -116,9 +118,11 @@ def test_moe_other_types(qtype):
     assert_close_to_reference(out, hidden, gate_up, down, weights, ids)
 
 
-def test_moe_gate_up_and_down_of_different_types():
-    """V2-Lite's case: K-quant gate|up over H, 32-value blocks for down over I = 1408."""
-    gate_up_type, down_type = Q4_K, Q8_0
+@pytest.mark.parametrize("down_type", [pytest.param(t, id=kernel_type(t).name) for t in (Q8_0, Q5_0)])
+def test_moe_gate_up_and_down_of_different_types(down_type):
+    """V2-Lite's case: K-quant gate|up over H, 32-value blocks for down over I = 1408 (llama.cpp's Q4_K
+    files fall back to Q5_0 there, its Q6_K ones to Q8_0)."""
+    gate_up_type = Q4_K
     H, inter = dims(gate_up_type, down_type)
     gate_up, down = experts(gate_up_type, down_type, 3, H, inter)
     weights, ids = routing(4, 2, 3)

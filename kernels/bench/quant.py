@@ -32,7 +32,8 @@ from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
 from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor
 
-TYPE_CODES = {"q8_0": 8, "q4_k": 12, "q6_k": 14, "q5_k": 13, "q2_k": 10, "q3_k": 11, "q4_0": 2}
+TYPE_CODES = {"q8_0": 8, "q4_k": 12, "q6_k": 14, "q5_k": 13, "q2_k": 10, "q3_k": 11, "q4_0": 2, "q5_0": 6}
+TYPE_CODES |= {"iq4_nl": 20, "q5_1": 7, "q4_1": 3}
 Q8_0 = 8
 
 # (name, N, K) of each model's dense projections (torch order: out features, in features)

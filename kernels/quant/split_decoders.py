@@ -10,8 +10,9 @@ register a byte), and int -> float goes by the magic number in PTX (no I2F, a qu
 a byte b as the low mantissa bits of 2^23 is the float 2^23 + b. The interpreter runs no PTX: it takes
 the same arithmetic in Triton ops. QuantType.fetch / .convert find these by name. Each K-quant fetch
 takes 64-value tiles (QuantType.fetch_block_k) and loads the widest words its block alignment allows:
-16 bytes (Q4_K, Q5_K), 4 (Q2_K), 2 (Q6_K, Q3_K). k0 >= 0 in every caller, so tile positions are shifts and
-masks of k0 (signed // and % cost about 40 uniform instructions a step).
+16 bytes (Q4_K, Q5_K), 4 (Q2_K), 2 (Q6_K, Q3_K); a tile of a 32-value type is two blocks: 2-byte quants
+and 4-byte heads (Q4_0, IQ4_NL, Q5_0), 4-byte words (Q4_1, Q5_1). k0 >= 0 in every caller, so tile positions
+are shifts and masks of k0 (signed // and % cost about 40 uniform instructions a step).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 
 import triton
 import triton.language as tl
+
+from mlapipe.kernels.quant.tables import kvalues
 
 # int8 quants: one xor a word, one prmt and one sub a value.
 COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -518,3 +521,334 @@ def convert_q3_k(q, head, k0):
     t = tl.permute(t, (1, 3, 0, 2, 4))  # [R, a, j, t, b]: value 32a + 8j + 2t + b
     t = tl.reshape(t, (R, 2, 2, 2, 4, 2))  # [R, a, g, j % 2, t, b]: group 2a + g
     return tl.reshape(dl[:, :, :, None, None, None] * t, (R, 64))
+
+
+# ---- 32-value blocks: Q4_0, IQ4_NL (18 bytes), Q5_0 (22), Q4_1 (20), Q5_1 (24) --------------------------
+# A 64-value tile is two blocks. At K % 64 == 0 (the only K a 64-value tile serves) every tile starts 4-byte
+# aligned (36, 44, 40, 48 bytes a tile), so head fields at 4-byte offsets come as int32 words. The quants:
+# the 4 lanes that share a row take, lane t, qs halfwords t and t + 4 of each block, whose nibbles are the
+# lane's own values in the tensor-core A fragment (k = 2t, 2t+1, 2t+8, 2t+9 of each 16): no lane needs
+# another lane's bytes. uint16 loads where the qs sit 2 bytes off a word (Q4_0, IQ4_NL, Q5_0); where they are
+# 4-byte aligned (Q4_1, Q5_1) the two int32 words holding the lane's halfwords, then one prmt (uint16 loads
+# there were vectorized across the row's lanes: shuffles or shared memory, 226 / 271 SASS instructions a
+# step against 191 / 221).
+
+
+def _magic_ptx(src: str, outs: tuple[int, ...], bias: int) -> str:
+    """PTX: bytes 0-3 of register `src` -> operands $outs as fp32 byte - bias, exactly: the byte as the low
+    mantissa bits of 2^23 (prmt), minus 2^23 + bias."""
+    prmt = "".join(f"prmt.b32 ${o}, {src}, 0x4B000000, 0x765{j};\n" for j, o in enumerate(outs))
+    return prmt + "".join(f"sub.f32 ${o}, ${o}, 0f{0x4B000000 + bias:08X};\n" for o in outs)
+
+
+def _nibbles_ptx(bias: int) -> str:
+    """$8: a word of 8 nibbles -> $0-$3 its low nibbles (bytes 0-3) - bias, $4-$7 its high nibbles - bias."""
+    return (
+        "{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.b32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+        + _magic_ptx("lo", (0, 1, 2, 3), bias)
+        + _magic_ptx("hi", (4, 5, 6, 7), bias)
+        + "}"
+    )
+
+
+def _q5_ptx(bias: int) -> str:
+    """_nibbles_ptx with fifth bits: $9 the block's qh word, $10 = 2t. Bits 2t + (0, 1, 8, 9) of qh (16 more
+    for the high nibbles) go to bit 4 of bytes 0-3: s = qh >> 2t shifted left by 4 (bits 0, 8, 16, 24 to bit
+    4 of a byte) and by 3 (bits 1, 9, 17, 25), the bytes interleaved by prmt, masked and or-ed in."""
+    return (
+        "{\n.reg .b32 s, a, b, lo, hi, n;\nshr.b32 s, $9, $10;\nshl.b32 a, s, 4;\nshl.b32 b, s, 3;\n"
+        "prmt.b32 lo, a, b, 0x5140;\nprmt.b32 hi, a, b, 0x7362;\nand.b32 lo, lo, 0x10101010;\n"
+        "and.b32 n, $8, 0x0F0F0F0F;\nor.b32 lo, lo, n;\nand.b32 hi, hi, 0x10101010;\nshr.b32 n, $8, 4;\n"
+        "and.b32 n, n, 0x0F0F0F0F;\nor.b32 hi, hi, n;\n"
+        + _magic_ptx("lo", (0, 1, 2, 3), bias)
+        + _magic_ptx("hi", (4, 5, 6, 7), bias)
+        + "}"
+    )
+
+
+def _kvalue_words() -> list[int]:
+    """gguf's kvalues_iq4nl (tables.kvalues), each + 128 (the int8 with its sign bit flipped), as 4
+    little-endian words: table bytes 0-3, 4-7, 8-11, 12-15."""
+    biased = [int(v) + 128 for v in kvalues()]
+    return [sum(biased[4 * i + j] << (8 * j) for j in range(4)) for i in range(4)]
+
+
+def _iq4_nl_ptx() -> str:
+    """$8 as _nibbles_ptx's -> $0-$3 the kvalues of its low nibbles, $4-$7 of its high ones. A selector's
+    nibbles 0-3 (w, then w >> 16: byte 0's low and high nibble, byte 1's ...) pick byte n & 7 of table words
+    0-1 (la) and of words 2-3 (ha), a third prmt la's or ha's byte by bit 3 (selector 0x3210 | 4 * bit 3);
+    then the magic number minus 2^23 + 128."""
+    t0, t1, t2, t3 = (f"0x{w:08X}" for w in _kvalue_words())
+    pick = f"prmt.b32 la, {t0}, {t1}, x;\nprmt.b32 ha, {t2}, {t3}, x;\nprmt.b32 %s, la, ha, y;\n"
+    return (
+        "{\n.reg .b32 x, y, la, ha, r0, r1;\nand.b32 x, $8, 0x77777777;\nshr.b32 y, $8, 1;\n"
+        "and.b32 y, y, 0x44444444;\nor.b32 y, y, 0x32103210;\n"
+        + pick % "r0"
+        + "shr.b32 x, x, 16;\nshr.b32 y, y, 16;\n"
+        + pick % "r1"
+        + _magic_ptx("r0", (0, 4, 1, 5), 128)
+        + _magic_ptx("r1", (2, 6, 3, 7), 128)
+        + "}"
+    )
+
+
+_NIBBLES_PTX_0 = tl.constexpr(_nibbles_ptx(0))
+_NIBBLES_PTX_8 = tl.constexpr(_nibbles_ptx(8))
+_Q5_PTX_0 = tl.constexpr(_q5_ptx(0))
+_Q5_PTX_16 = tl.constexpr(_q5_ptx(16))
+_IQ4_NL_PTX = tl.constexpr(_iq4_nl_ptx())
+_KV0, _KV1, _KV2, _KV3 = (tl.constexpr(w) for w in _kvalue_words())
+
+
+@triton.jit
+def _nibbles_to_fp32(w, BIAS: tl.constexpr):
+    """uint32 words of a block's qs bytes 2t, 2t+1, 2t+8, 2t+9 (their low nibbles are values 2t + (0, 1, 8, 9),
+    the high nibbles 16 more) -> nibble - BIAS (0 or 8) of the 8 values, fp32, exactly: low nibbles first."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            _NIBBLES_PTX_8 if BIAS == 8 else _NIBBLES_PTX_0,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [w],
+            dtype=(tl.float32,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        w = w.to(tl.uint32, bitcast=True)
+        return (
+            (w & 0xF).to(tl.float32) - BIAS,
+            ((w >> 8) & 0xF).to(tl.float32) - BIAS,
+            ((w >> 16) & 0xF).to(tl.float32) - BIAS,
+            ((w >> 24) & 0xF).to(tl.float32) - BIAS,
+            ((w >> 4) & 0xF).to(tl.float32) - BIAS,
+            ((w >> 12) & 0xF).to(tl.float32) - BIAS,
+            ((w >> 20) & 0xF).to(tl.float32) - BIAS,
+            (w >> 28).to(tl.float32) - BIAS,
+        )
+
+
+@triton.jit
+def _q5_to_fp32(w, qh, shift, BIAS: tl.constexpr):
+    """_nibbles_to_fp32 with fifth bits (Q5_0, Q5_1): qh the block's qh word (bit i: value i's fifth bit),
+    shift = 2t -> q - BIAS (16 or 0) of the 8 values, q = nibble | fifth bit << 4, as gguf builds it."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            _Q5_PTX_16 if BIAS == 16 else _Q5_PTX_0,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+            [w, qh, shift],
+            dtype=(tl.float32,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        w = w.to(tl.uint32, bitcast=True)
+        s = qh.to(tl.uint32, bitcast=True) >> tl.cast(shift, tl.uint32)
+        return (
+            ((w & 0xF) | ((s << 4) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 8) & 0xF) | ((s << 3) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 16) & 0xF) | ((s >> 4) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 24) & 0xF) | ((s >> 5) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 4) & 0xF) | ((s >> 12) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 12) & 0xF) | ((s >> 13) & 0x10)).to(tl.float32) - BIAS,
+            (((w >> 20) & 0xF) | ((s >> 20) & 0x10)).to(tl.float32) - BIAS,
+            ((w >> 28) | ((s >> 21) & 0x10)).to(tl.float32) - BIAS,
+        )
+
+
+@triton.jit
+def _kvalue(n):
+    """kvalues_iq4nl[n] for nibbles n (uint32), fp32: byte n % 4 of _kvalue_words()[n // 4], minus 128."""
+    word = tl.where(n < 8, tl.where(n < 4, _KV0, _KV1), tl.where(n < 12, _KV2, _KV3)).to(tl.uint32)
+    return ((word >> ((n & 3) * 8)) & 0xFF).to(tl.float32) - 128.0
+
+
+@triton.jit
+def _iq4_nl_to_fp32(w):
+    """_nibbles_to_fp32's words -> kvalues_iq4nl of the 8 nibbles (fp32, exact), low nibbles first. No table
+    pointer reaches a split convert (the loops call CONVERT(quants, scales, k0)): the 16 values are gguf's
+    constants, 4 words in the PTX."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            _IQ4_NL_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+        )
+    else:
+        w = w.to(tl.uint32, bitcast=True)
+        return (
+            _kvalue(w & 0xF),
+            _kvalue((w >> 8) & 0xF),
+            _kvalue((w >> 16) & 0xF),
+            _kvalue((w >> 24) & 0xF),
+            _kvalue((w >> 4) & 0xF),
+            _kvalue((w >> 12) & 0xF),
+            _kvalue((w >> 20) & 0xF),
+            _kvalue(w >> 28),
+        )
+
+
+@triton.jit
+def _pair(q):
+    """[2, R, 4, 2] uint16 qs halfwords (t, t + 4) -> [2, R, 4] uint32 words of them."""
+    a, c = tl.split(q)
+    return a.to(tl.uint32) | (c.to(tl.uint32) << 16)
+
+
+@triton.jit
+def _pick_halves(q):
+    """[2, R, 4, 2] int32 qs words holding lane t's halfwords t and t + 4 (half t % 2 of each) -> _pair's
+    words: one prmt (selector 0x5410 for an even lane, 0x7632 for an odd one)."""
+    a, c = tl.split(q)
+    odd = tl.broadcast_to((tl.arange(0, 4) & 1)[None, None, :], a.shape)
+    if COMPILED:
+        sel = tl.where(odd == 0, 0x5410, 0x7632)
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, c, sel], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        s = (16 * odd).to(tl.uint32)
+        return ((a.to(tl.uint32, bitcast=True) >> s) & 0xFFFF) | ((c.to(tl.uint32, bitcast=True) >> s) << 16)
+
+
+@triton.jit
+def _lane_shift(like):
+    """2t for lane t of [2, R, 4] (Q5's qh shift), int32."""
+    return tl.broadcast_to(2 * tl.arange(0, 4)[None, None, :], like.shape)
+
+
+@triton.jit
+def _tile_ptr(w_ptr, rows, row_bytes, k0, TILE_BYTES: tl.constexpr, dtype: tl.constexpr):
+    """[R] pointers (of dtype) to the rows' tile at k0: two blocks, TILE_BYTES in all."""
+    return (w_ptr + (rows.to(tl.int64) * row_bytes + (k0 >> 6) * TILE_BYTES)).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _per_block(ptr, stride, lane_offset):
+    """[2, R, 4] (block b, row, lane t): ptr[r][stride * b + lane_offset[t]]."""
+    b = tl.arange(0, 2)[:, None, None]
+    return tl.load(ptr[None, :, None] + (stride * b + lane_offset[None, None, :]))
+
+
+@triton.jit
+def _f16(bits):
+    """The low 16 bits of uint/int words as fp16 -> fp32 (exact)."""
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pairs_tile(lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3):
+    """The 8 values of each [block b, row, lane t] (low nibbles of bytes 0-3, then the high nibbles) -> the
+    tile [R, 64]: byte 2m + e of the lane's halfword pair is value 8m + 2t + e of its block (16 more for a
+    high nibble): k = 32b + 16c + 8m + 2t + e."""
+    R: tl.constexpr = lo0.shape[1]
+    lo = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))  # [b, R, t, m, e]
+    hi = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 5, 3, 2, 4)), (R, 64))  # [R, b, c, m, t, e]
+
+
+@triton.jit
+def _scaled_tile(v, d):
+    """gguf's d * q of _nibbles_to_fp32's 8 values (Q4_0, IQ4_NL, Q5_0) -> [R, 64]."""
+    return _pairs_tile(d * v[0], d * v[1], d * v[2], d * v[3], d * v[4], d * v[5], d * v[6], d * v[7])
+
+
+@triton.jit
+def _offset_tile(v, d, m):
+    """gguf's (d * q) + m (Q4_1, Q5_1) -> [R, 64]. The product is exact in fp32 (fp16 x 5 bits), so the
+    fused multiply-add gives gguf's bits."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = v
+    return _pairs_tile(
+        d * v0 + m, d * v1 + m, d * v2 + m, d * v3 + m, d * v4 + m, d * v5 + m, d * v6 + m, d * v7 + m
+    )
+
+
+@triton.jit
+def fetch_q4_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q4_0 tile of 64 values at k0 (blocks of 18 bytes: fp16 d | qs[16]): lane t's qs
+    halfwords t and t + 4 of each block, uint16 [2, R, 4, 2], and the blocks' d, uint16 [2, R, 4] (each lane
+    of a row loads it: one LDG.U16 against a shared-memory round trip). The qs sit 2 bytes off a word: 16-bit
+    loads, 12 a thread a step. IQ4_NL's blocks are laid out alike (fetch_iq4_nl)."""
+    tl.static_assert(BLOCK_K == 64)
+    half = _tile_ptr(w_ptr, rows, row_bytes, k0, 36, tl.uint16)
+    t = tl.arange(0, 4)
+    return tl.join(_per_block(half, 9, 1 + t), _per_block(half, 9, 5 + t)), _per_block(half, 9, 0 * t)
+
+
+@triton.jit
+def convert_q4_0(q, d, k0):
+    """fetch_q4_0's halfwords -> fp32 [R, 64]: gguf's d * (q - 8) (q - 8 exact from the magic number)."""
+    return _scaled_tile(_nibbles_to_fp32(_pair(q), 8), _f16(d))
+
+
+fetch_iq4_nl = fetch_q4_0  # block_iq4_nl: fp16 d | qs[16], as Q4_0's
+
+
+@triton.jit
+def convert_iq4_nl(q, d, k0):
+    """fetch_iq4_nl's halfwords -> fp32 [R, 64]: gguf's d * kvalues_iq4nl[q]."""
+    return _scaled_tile(_iq4_nl_to_fp32(_pair(q)), _f16(d))
+
+
+@triton.jit
+def fetch_q5_0(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q5_0 tile of 64 values at k0 (blocks of 22 bytes: fp16 d | qh[4] | qs[16]): lane t's qs
+    halfwords as fetch_q4_0's (uint16 [2, R, 4, 2]), and the head as two int32 words of each block, [2, R, 4,
+    2]: words 0, 1 of the tile (d0 | qh0 low half, qh0 high half | qs), words 5, 6 (qs | d1, qh1)."""
+    tl.static_assert(BLOCK_K == 64)
+    half = _tile_ptr(w_ptr, rows, row_bytes, k0, 44, tl.uint16)
+    words = _tile_ptr(w_ptr, rows, row_bytes, k0, 44, tl.int32)
+    t = tl.arange(0, 4)
+    qs = tl.join(_per_block(half, 11, 3 + t), _per_block(half, 11, 7 + t))
+    return qs, tl.join(_per_block(words, 5, 0 * t), _per_block(words, 5, 1 + 0 * t))
+
+
+@triton.jit
+def convert_q5_0(q, head, k0):
+    """fetch_q5_0's halfwords and words -> fp32 [R, 64]: gguf's d * (q - 16), q = nibble | fifth bit << 4."""
+    a, c = tl.split(head)
+    a = a.to(tl.uint32, bitcast=True)
+    c = c.to(tl.uint32, bitcast=True)
+    first = (tl.arange(0, 2) == 0)[:, None, None]  # block 0's fields sit 2 bytes earlier in their words
+    d = _f16(tl.where(first, a, a >> 16))
+    qh = tl.where(first, (a >> 16) | (c << 16), c)
+    return _scaled_tile(_q5_to_fp32(_pair(q), qh, _lane_shift(qh), 16), d)
+
+
+@triton.jit
+def fetch_q4_1(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q4_1 tile of 64 values at k0 (blocks of 20 bytes: fp16 d | fp16 m | qs[16]): the int32
+    qs words holding lane t's halfwords t and t + 4 of each block (words t // 2 and t // 2 + 2 of its qs),
+    [2, R, 4, 2], and each block's d | m word, [2, R, 4]."""
+    tl.static_assert(BLOCK_K == 64)
+    words = _tile_ptr(w_ptr, rows, row_bytes, k0, 40, tl.int32)
+    t = tl.arange(0, 4)
+    qs = tl.join(_per_block(words, 5, 1 + (t >> 1)), _per_block(words, 5, 3 + (t >> 1)))
+    return qs, _per_block(words, 5, 0 * t)
+
+
+@triton.jit
+def convert_q4_1(q, dm, k0):
+    """fetch_q4_1's words -> fp32 [R, 64]: gguf's (d * q) + m."""
+    dm = dm.to(tl.uint32, bitcast=True)
+    return _offset_tile(_nibbles_to_fp32(_pick_halves(q), 0), _f16(dm), _f16(dm >> 16))
+
+
+@triton.jit
+def fetch_q5_1(w_ptr, rows, row_bytes, k0, BLOCK_K: tl.constexpr):
+    """The loads of a Q5_1 tile of 64 values at k0 (blocks of 24 bytes: fp16 d | fp16 m | qh[4] | qs[16]): qs
+    words as fetch_q4_1's, and each block's d | m and qh words, [2, R, 4, 2] (a tile is 48 bytes, so rows and
+    tiles are 16-byte aligned and the two words one 8-byte load)."""
+    tl.static_assert(BLOCK_K == 64)
+    words = _tile_ptr(w_ptr, rows, row_bytes, k0, 48, tl.int32)
+    t = tl.arange(0, 4)
+    qs = tl.join(_per_block(words, 6, 2 + (t >> 1)), _per_block(words, 6, 4 + (t >> 1)))
+    b = tl.arange(0, 2)[:, None, None, None]
+    j = tl.arange(0, 2)[None, None, None, :]
+    head = words[None, :, None, None] + (6 * b + j + 0 * t[None, None, :, None])
+    return qs, tl.load(head)
+
+
+@triton.jit
+def convert_q5_1(q, head, k0):
+    """fetch_q5_1's words -> fp32 [R, 64]: gguf's (d * q) + m, q = nibble | fifth bit << 4."""
+    dm, qh = tl.split(head)
+    dm = dm.to(tl.uint32, bitcast=True)
+    return _offset_tile(_q5_to_fp32(_pick_halves(q), qh, _lane_shift(qh), 0), _f16(dm), _f16(dm >> 16))
