@@ -137,9 +137,12 @@ if [[ $what == fusion-kernels ]]; then  # the fused decode kernels' GPU tests (b
   done
 fi
 if [[ $what == quant-decode-kernels ]]; then  # issue 12's kernel bars at decode sizes, every type with a split decoder
-  timeout 480 python3 -m mlapipe.kernels.bench quant --types q8_0,q4_k,q5_k,q2_k,q6_k --models v2-lite,v3 \
-    --dense-prefill "" --moe-prefill "" --layouts planes > "$out/bench_quant_decode.log" 2>&1
-  grep -v "^\['" "$out/bench_quant_decode.log" | tail -60
+  # (the whole decoders' baseline: the same bench with MLAPIPE_QUANT_PREFETCH=0, a call of its own)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_quant_decoders.py -k split_decoder 2>&1 | tail -2  # compiled PTX = gguf
+  types=q8_0,q4_k,q5_k,q2_k,q6_k,q3_k,q5_0,iq4_nl,q4_0
+  timeout 420 python3 -m mlapipe.kernels.bench quant --types $types --models v2-lite,v3 --dense-prefill "" --moe-prefill "" \
+    --layouts planes > "$out/bench_quant_decode.log" 2>&1
+  grep -v "^\['" "$out/bench_quant_decode.log" | tail -70
 fi
 v3() { python -m mlapipe.runtime.cli bench --shape v3 -r 1 "$@" 2>&1 | grep -v -i "token authentication"; }
 if [[ $what == v3-2gpu ]]; then  # nvidia-h200-x2: the UD-Q2_K_XL-like mix over 2 stages (issue 13)

@@ -21,6 +21,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
 
 from mlapipe.kernels import reference
 from mlapipe.kernels.bench.common import copy_bandwidth_gbs, markdown_table, matmul_tflops, median_ms
@@ -31,6 +32,7 @@ from mlapipe.kernels.quant.dispatch import BLOCK_K_ENV, PREFETCH_ENV, dequantize
 from mlapipe.kernels.quant.fused_moe import PATH_ENV, quant_fused_moe
 from mlapipe.kernels.quant.linear import SPLIT_CONFIG_ENV, quant_linear
 from mlapipe.kernels.quant.random_blocks import random_quant_tensor
+from mlapipe.runtime.recipes import FALLBACK
 
 TYPE_CODES = {"q8_0": 8, "q4_k": 12, "q6_k": 14, "q5_k": 13, "q2_k": 10, "q3_k": 11, "q4_0": 2, "q5_0": 6}
 TYPE_CODES |= {"iq4_nl": 20, "q5_1": 7, "q4_1": 3}
@@ -52,9 +54,12 @@ def random_quant(shape, qtype: int, std: float, name: str, layout: str = "file")
 
 
 def fitting_type(qtype: int, cols: int) -> int:
-    """qtype when rows of `cols` values are whole blocks of it, else Q8_0 (as llama.cpp falls back for
-    V2-Lite's 1408-wide expert rows)."""
-    return qtype if cols % kernel_type(qtype).block_elems == 0 else Q8_0
+    """qtype when rows of `cols` values are whole blocks of it, else llama.cpp's fallback (the recipes'
+    table: V2-Lite's 1408-wide expert down rows take Q5_0 under Q4_K, Q8_0 under Q6_K), so the bench times
+    what the files and `--wtype` models hold."""
+    if cols % kernel_type(qtype).block_elems == 0:
+        return qtype
+    return int(FALLBACK.get(Q(qtype), Q.Q8_0))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
