@@ -28,6 +28,7 @@ def _sub_f32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 _OPS = {
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
+    "xor.b32": lambda a, b: a ^ b,
     "shr.b32": lambda a, b: np.where(b < 32, a >> np.minimum(b, 31), 0).astype(np.uint32),
     "shl.b32": lambda a, b: np.where(b < 32, a << np.minimum(b, 31), 0).astype(np.uint32),
     "prmt.b32": _prmt,

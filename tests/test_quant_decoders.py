@@ -227,7 +227,7 @@ def test_split_converts_ptx_equals_their_twins():
     """The 32-value types' converts run PTX on a GPU and Triton ops in the interpreter (the test above): the
     PTX, run by tests/ptx_emulator.py on every input pattern that matters (random words, all 4 lanes), gives
     the twins' values: nibbles (- 8), Q5 quants (- 16, fifth bits from qh >> 2t), kvalues_iq4nl, the halves
-    prmt."""
+    prmt, Q8_0's signed bytes and the K-quants' masked unsigned ones."""
     rng = np.random.default_rng(5)
     w, qh = (rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32) for _ in range(2))
     t = np.arange(4096, dtype=np.uint32) % 4
@@ -244,6 +244,11 @@ def test_split_converts_ptx_equals_their_twins():
     ]
     for asm, inputs, want in cases:
         got = np.stack(run_ptx(asm.value, inputs, 8)).view(np.float32)
+        assert np.array_equal(got, want.astype(np.float32)), asm.value
+    byte_values = np.stack([(w >> np.uint32(8 * i)) & 0xFF for i in range(4)]).astype(np.int64)
+    signed = np.where(byte_values >= 128, byte_values - 256, byte_values)
+    for asm, want in ((split_decoders._Q8_WORD_PTX, signed), (split_decoders._U8_WORD_PTX, byte_values)):
+        got = np.stack(run_ptx(asm.value, {4: w}, 4)).view(np.float32)
         assert np.array_equal(got, want.astype(np.float32)), asm.value
     odd = t & 1
     (got,) = run_ptx("prmt.b32 $0, $1, $2, $3;", {1: w, 2: qh, 3: np.where(odd, 0x7632, 0x5410)}, 1)

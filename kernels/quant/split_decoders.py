@@ -24,8 +24,44 @@ import triton.language as tl
 
 from mlapipe.kernels.quant.tables import kvalues
 
-# int8 quants: one xor a word, one prmt and one sub a value.
 COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _magic_ptx(src: str, outs: tuple[int, ...], bias: int) -> str:
+    """PTX: bytes 0-3 of register `src` -> operands $outs as fp32 byte - bias, exactly: the byte as the low
+    mantissa bits of 2^23 (prmt), minus 2^23 + bias."""
+    prmt = "".join(f"prmt.b32 ${o}, {src}, 0x4B000000, 0x765{j};\n" for j, o in enumerate(outs))
+    return prmt + "".join(f"sub.f32 ${o}, ${o}, 0f{0x4B000000 + bias:08X};\n" for o in outs)
+
+
+def _nibbles_ptx(bias: int) -> str:
+    """$8: a word of 8 nibbles -> $0-$3 its low nibbles (bytes 0-3) - bias, $4-$7 its high nibbles - bias."""
+    return (
+        "{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.b32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+        + _magic_ptx("lo", (0, 1, 2, 3), bias)
+        + _magic_ptx("hi", (4, 5, 6, 7), bias)
+        + "}"
+    )
+
+
+_NIBBLES_PTX_0 = tl.constexpr(_nibbles_ptx(0))
+_NIBBLES_PTX_8 = tl.constexpr(_nibbles_ptx(8))
+# int8 quants (Q8_0): the sign bits flipped (q + 128), then the magic number
+_Q8_WORD_PTX = tl.constexpr("{\n.reg .b32 t;\nxor.b32 t, $4, 0x80808080;\n" + _magic_ptx("t", (0, 1, 2, 3), 128) + "}")
+# bytes the caller has masked (0..255)
+_U8_WORD_PTX = tl.constexpr("{\n" + _magic_ptx("$4", (0, 1, 2, 3), 0) + "}")
+# Q6_K: [ql_a | ql_b] low nibbles and the [qh | qh >> 2] pair shifted onto bits 4-5 of each byte, q - 32
+_Q6_HALVES_PTX = tl.constexpr(
+    "{\n.reg .b16 h2;\n.reg .b32 w, hh, s;\nmov.b32 w, {$4, $5};\nshr.u16 h2, $6, 2;\nmov.b32 hh, {$6, h2};\n"
+    "shr.u32 w, w, $7;\nsub.u32 s, 4, $7;\nshl.b32 hh, hh, s;\nand.b32 w, w, 0x0F0F0F0F;\n"
+    "and.b32 hh, hh, 0x30303030;\nor.b32 w, w, hh;\n" + _magic_ptx("w", (0, 1, 2, 3), 32) + "}"
+)
+# Q3_K: the 2-bit fields and their high bits (<< 2) in each byte, q = byte - 4
+_Q3_HALVES_PTX = tl.constexpr(
+    "{\n.reg .b16 q2, h1;\n.reg .b32 w, h;\nshr.u16 q2, $4, 2;\nmov.b32 w, {$4, q2};\nshr.u16 h1, $5, 1;\n"
+    "mov.b32 h, {$5, h1};\nshr.u32 w, w, $6;\nshr.u32 h, h, $7;\nand.b32 w, w, 0x03030303;\n"
+    "and.b32 h, h, 0x01010101;\nshl.b32 h, h, 2;\nor.b32 w, w, h;\n" + _magic_ptx("w", (0, 1, 2, 3), 4) + "}"
+)
 
 
 @triton.jit
@@ -35,18 +71,7 @@ def _q8_word_to_fp32(words):
     minus 2^23 + 128 leaves q. Returns the values of bytes 0, 1, 2, 3, each shaped like `words`."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            xor.b32 t, $4, 0x80808080;
-            prmt.b32 $0, t, 0x4B000000, 0x7650;
-            prmt.b32 $1, t, 0x4B000000, 0x7651;
-            prmt.b32 $2, t, 0x4B000000, 0x7652;
-            prmt.b32 $3, t, 0x4B000000, 0x7653;
-            sub.f32 $0, $0, 0f4B000080;
-            sub.f32 $1, $1, 0f4B000080;
-            sub.f32 $2, $2, 0f4B000080;
-            sub.f32 $3, $3, 0f4B000080;
-            }""",
+            _Q8_WORD_PTX,
             "=r,=r,=r,=r,r",
             [words],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
@@ -111,28 +136,7 @@ def _q4_word_to_fp32(words):
     nibbles of bytes 0-3, then the high nibbles of bytes 0-3, each shaped like `words`."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 lo, hi;
-            and.b32 lo, $8, 0x0F0F0F0F;
-            shr.u32 hi, $8, 4;
-            and.b32 hi, hi, 0x0F0F0F0F;
-            prmt.b32 $0, lo, 0x4B000000, 0x7650;
-            prmt.b32 $1, lo, 0x4B000000, 0x7651;
-            prmt.b32 $2, lo, 0x4B000000, 0x7652;
-            prmt.b32 $3, lo, 0x4B000000, 0x7653;
-            prmt.b32 $4, hi, 0x4B000000, 0x7650;
-            prmt.b32 $5, hi, 0x4B000000, 0x7651;
-            prmt.b32 $6, hi, 0x4B000000, 0x7652;
-            prmt.b32 $7, hi, 0x4B000000, 0x7653;
-            sub.f32 $0, $0, 0f4B000000;
-            sub.f32 $1, $1, 0f4B000000;
-            sub.f32 $2, $2, 0f4B000000;
-            sub.f32 $3, $3, 0f4B000000;
-            sub.f32 $4, $4, 0f4B000000;
-            sub.f32 $5, $5, 0f4B000000;
-            sub.f32 $6, $6, 0f4B000000;
-            sub.f32 $7, $7, 0f4B000000;
-            }""",
+            _NIBBLES_PTX_0,
             "=r,=r,=r,=r,=r,=r,=r,=r,r",
             [words],
             dtype=(tl.float32,) * 8,
@@ -158,16 +162,7 @@ def _u8_word_to_fp32(words):
     (the caller has masked the bits it wants into each byte): bytes 0, 1, 2, 3, each shaped like `words`."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            """{
-            prmt.b32 $0, $4, 0x4B000000, 0x7650;
-            prmt.b32 $1, $4, 0x4B000000, 0x7651;
-            prmt.b32 $2, $4, 0x4B000000, 0x7652;
-            prmt.b32 $3, $4, 0x4B000000, 0x7653;
-            sub.f32 $0, $0, 0f4B000000;
-            sub.f32 $1, $1, 0f4B000000;
-            sub.f32 $2, $2, 0f4B000000;
-            sub.f32 $3, $3, 0f4B000000;
-            }""",
+            _U8_WORD_PTX,
             "=r,=r,=r,=r,r",
             [words],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
@@ -329,27 +324,7 @@ def _q6_halves_to_fp32(ql_a, ql_b, qh, shift):
     land on bits 4-5 of each byte, then the magic number (2^23 + q - (2^23 + 32) = q - 32)."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b16 h2;
-            .reg .b32 w, hh, s;
-            mov.b32 w, {$4, $5};
-            shr.u16 h2, $6, 2;
-            mov.b32 hh, {$6, h2};
-            shr.u32 w, w, $7;
-            sub.u32 s, 4, $7;
-            shl.b32 hh, hh, s;
-            and.b32 w, w, 0x0F0F0F0F;
-            and.b32 hh, hh, 0x30303030;
-            or.b32 w, w, hh;
-            prmt.b32 $0, w, 0x4B000000, 0x7650;
-            prmt.b32 $1, w, 0x4B000000, 0x7651;
-            prmt.b32 $2, w, 0x4B000000, 0x7652;
-            prmt.b32 $3, w, 0x4B000000, 0x7653;
-            sub.f32 $0, $0, 0f4B000020;
-            sub.f32 $1, $1, 0f4B000020;
-            sub.f32 $2, $2, 0f4B000020;
-            sub.f32 $3, $3, 0f4B000020;
-            }""",
+            _Q6_HALVES_PTX,
             "=r,=r,=r,=r,h,h,h,r",
             [ql_a, ql_b, qh, shift],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
@@ -427,28 +402,7 @@ def _q3_halves_to_fp32(qs, hmask, qshift, hshift):
     i.e. (low | high << 2) - 4, as the magic number (2^23 + byte - (2^23 + 4))."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b16 q2, h1;
-            .reg .b32 w, h;
-            shr.u16 q2, $4, 2;
-            mov.b32 w, {$4, q2};
-            shr.u16 h1, $5, 1;
-            mov.b32 h, {$5, h1};
-            shr.u32 w, w, $6;
-            shr.u32 h, h, $7;
-            and.b32 w, w, 0x03030303;
-            and.b32 h, h, 0x01010101;
-            shl.b32 h, h, 2;
-            or.b32 w, w, h;
-            prmt.b32 $0, w, 0x4B000000, 0x7650;
-            prmt.b32 $1, w, 0x4B000000, 0x7651;
-            prmt.b32 $2, w, 0x4B000000, 0x7652;
-            prmt.b32 $3, w, 0x4B000000, 0x7653;
-            sub.f32 $0, $0, 0f4B000004;
-            sub.f32 $1, $1, 0f4B000004;
-            sub.f32 $2, $2, 0f4B000004;
-            sub.f32 $3, $3, 0f4B000004;
-            }""",
+            _Q3_HALVES_PTX,
             "=r,=r,=r,=r,h,h,r,r",
             [qs, hmask, qshift, hshift],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
@@ -534,23 +488,6 @@ def convert_q3_k(q, head, k0):
 # step against 191 / 221).
 
 
-def _magic_ptx(src: str, outs: tuple[int, ...], bias: int) -> str:
-    """PTX: bytes 0-3 of register `src` -> operands $outs as fp32 byte - bias, exactly: the byte as the low
-    mantissa bits of 2^23 (prmt), minus 2^23 + bias."""
-    prmt = "".join(f"prmt.b32 ${o}, {src}, 0x4B000000, 0x765{j};\n" for j, o in enumerate(outs))
-    return prmt + "".join(f"sub.f32 ${o}, ${o}, 0f{0x4B000000 + bias:08X};\n" for o in outs)
-
-
-def _nibbles_ptx(bias: int) -> str:
-    """$8: a word of 8 nibbles -> $0-$3 its low nibbles (bytes 0-3) - bias, $4-$7 its high nibbles - bias."""
-    return (
-        "{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.b32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
-        + _magic_ptx("lo", (0, 1, 2, 3), bias)
-        + _magic_ptx("hi", (4, 5, 6, 7), bias)
-        + "}"
-    )
-
-
 def _q5_ptx(bias: int) -> str:
     """_nibbles_ptx with fifth bits: $9 the block's qh word, $10 = 2t. Bits 2t + (0, 1, 8, 9) of qh (16 more
     for the high nibbles) go to bit 4 of bytes 0-3: s = qh >> 2t shifted left by 4 (bits 0, 8, 16, 24 to bit
@@ -592,8 +529,6 @@ def _iq4_nl_ptx() -> str:
     )
 
 
-_NIBBLES_PTX_0 = tl.constexpr(_nibbles_ptx(0))
-_NIBBLES_PTX_8 = tl.constexpr(_nibbles_ptx(8))
 _Q5_PTX_0 = tl.constexpr(_q5_ptx(0))
 _Q5_PTX_16 = tl.constexpr(_q5_ptx(16))
 _IQ4_NL_PTX = tl.constexpr(_iq4_nl_ptx())
